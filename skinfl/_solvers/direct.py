@@ -1,0 +1,192 @@
+"""DirectInfluence: the explicit curvature matrix, factorised once."""
+
+from __future__ import annotations
+
+import warnings
+from numbers import Integral
+
+import torch
+
+from .._validation import Interval, StrOptions
+from ..base import BaseInfluence
+from ..exceptions import NotPositiveDefiniteWarning
+
+_BYTES_PER_FLOAT64 = 8
+
+
+def _factorize_cholesky(matrix):
+    factor, info = torch.linalg.cholesky_ex(matrix)
+    return factor if int(info) == 0 else None
+
+
+def _factorize_eigh(matrix):
+    eigenvalues, eigenvectors = torch.linalg.eigh(matrix)
+    return eigenvalues, eigenvectors
+
+
+class DirectInfluence(BaseInfluence):
+    """Influence with the explicit curvature matrix, factorised once in ``fit``.
+
+    Builds ``C``, the ``(n_params, n_params)`` Hessian or Gauss-Newton matrix
+    of the mean training loss, from batched curvature products, adds
+    ``regularization * I`` and factorises it in float64. Exact up to
+    floating point; affordable for models up to some ten thousand parameters.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        The trained model. It is copied in ``fit`` and evaluated in eval mode;
+        influence is taken with respect to its parameters that require gradients.
+    loss : {"cross_entropy", "mse", "bce_with_logits"}, torch.nn loss module or callable, default="cross_entropy"
+        The training loss. A callable takes ``(output, target)`` and returns the
+        scalar mean loss of a batch, and must be picklable to save the estimator.
+    regularization : float, default=1e-3
+        ``lambda >= 0`` added as ``lambda * I`` to the curvature.
+    second_order : {"hessian", "gauss_newton"}, default="hessian"
+        Which curvature to invert.
+    solver : {"auto", "cholesky", "eigh"}, default="auto"
+        ``"cholesky"`` is fastest and requires ``C + lambda I`` positive
+        definite. ``"eigh"`` also gives ``eigenvalues_`` and handles indefinite
+        matrices. ``"auto"`` tries Cholesky and falls back to ``"eigh"`` with a
+        :class:`~skinfl.exceptions.NotPositiveDefiniteWarning`.
+    max_params : int, default=10000
+        Largest model (in trainable parameters) for which the matrix is built;
+        it takes ``8 * n_params**2`` bytes.
+    batch_size : int, default=512
+        Samples per batched pass over the data.
+    device : str or torch.device, default=None
+        Where the work runs; None uses the model's device.
+    progress : bool, default=False
+        Show tqdm progress bars.
+
+    Attributes
+    ----------
+    n_params_ : int
+        Number of trainable parameters.
+    n_samples_fit_ : int
+        Number of fitted training samples.
+    n_features_in_ : int
+        Number of input values per sample.
+    input_shape_ : tuple of int
+        Per-sample input shape.
+    output_shape_ : tuple of int
+        Per-sample output shape of the model.
+    device_ : torch.device
+        Device the estimator computes on.
+    model_ : torch.nn.Module
+        The evaluation copy of the model.
+    loss_ : object
+        The resolved loss.
+    trainable_parameters_ : list of str
+        Names of the parameters influence is taken with respect to.
+    solver_ : {"cholesky", "eigh"}
+        The factorisation used.
+    eigenvalues_ : torch.Tensor of shape (n_params_,) or None
+        Eigenvalues of the curvature ``C`` (without regularization), in
+        descending order, when ``solver_ == "eigh"``; None otherwise.
+
+    See Also
+    --------
+    CgInfluence : Matrix-free conjugate gradient, for models too large here.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from skinfl import DirectInfluence
+    >>> _ = torch.manual_seed(0)
+    >>> model = torch.nn.Linear(3, 2)
+    >>> X, y = torch.randn(20, 3), torch.randint(0, 2, (20,))
+    >>> est = DirectInfluence(model, loss="cross_entropy", regularization=0.1).fit(X, y)
+    >>> est.influences(X[:2], y[:2]).shape
+    torch.Size([2, 20])
+    """
+
+    _parameter_constraints = {
+        **BaseInfluence._parameter_constraints,
+        "solver": [StrOptions({"auto", "cholesky", "eigh"})],
+        "max_params": [Interval(Integral, 1, None, closed="left")],
+    }
+
+    def __init__(
+        self,
+        model,
+        *,
+        loss="cross_entropy",
+        regularization=1e-3,
+        second_order="hessian",
+        solver="auto",
+        max_params=10_000,
+        batch_size=512,
+        device=None,
+        progress=False,
+    ):
+        self.model = model
+        self.loss = loss
+        self.regularization = regularization
+        self.second_order = second_order
+        self.solver = solver
+        self.max_params = max_params
+        self.batch_size = batch_size
+        self.device = device
+        self.progress = progress
+
+    def _fit_curvature(self, curvature):
+        n_params = curvature.n_params
+        if n_params > self.max_params:
+            gigabytes = _BYTES_PER_FLOAT64 * n_params**2 / 1e9
+            raise ValueError(
+                f"DirectInfluence would build a {n_params:,} x {n_params:,} curvature matrix "
+                f"({gigabytes:.1f} GB in float64), above max_params={self.max_params:,}. "
+                "Use CgInfluence, which never forms the matrix, for this model, or raise "
+                "max_params if the memory is there."
+            )
+        matrix = curvature.dense().to(torch.float64)
+        matrix.diagonal().add_(self.regularization)
+        self.eigenvalues_ = None
+        factor = None if self.solver == "eigh" else _factorize_cholesky(matrix)
+        if factor is not None:
+            self.solver_ = "cholesky"
+            self._factor = factor
+            return
+        if self.solver == "cholesky":
+            raise ValueError(
+                "The curvature plus regularization is not positive definite, so solver='cholesky' "
+                "cannot factorise it. Raise regularization, use second_order='gauss_newton', "
+                "or solver='eigh' to invert it as it is."
+            )
+        eigenvalues, eigenvectors = _factorize_eigh(matrix)
+        self.solver_ = "eigh"
+        self._factor = (eigenvalues, eigenvectors)
+        self.eigenvalues_ = (eigenvalues - self.regularization).flip(0)
+        self._warn_about_spectrum(eigenvalues, warn_indefinite=self.solver == "auto" or eigenvalues[0] <= 0)
+
+    def _warn_about_spectrum(self, eigenvalues, warn_indefinite):
+        smallest = float(eigenvalues[0])
+        if smallest <= 0 and warn_indefinite:
+            n_negative = int((eigenvalues <= 0).sum())
+            warnings.warn(
+                f"The {self.second_order} plus regularization has {n_negative} non-positive "
+                f"eigenvalue(s) (smallest {smallest:.3g}): the model is not at a minimum of the "
+                "training loss, so influences invert an indefinite matrix. Use "
+                f"regularization > {-(smallest - self.regularization):.3g}, or "
+                "second_order='gauss_newton' (always positive semi-definite).",
+                NotPositiveDefiniteWarning,
+                stacklevel=4,
+            )
+        largest = float(eigenvalues.abs().max())
+        if float(eigenvalues.abs().min()) <= largest * torch.finfo(torch.float64).eps * len(eigenvalues):
+            warnings.warn(
+                "The curvature plus regularization is numerically singular; influences are "
+                "dominated by rounding. Raise regularization.",
+                NotPositiveDefiniteWarning,
+                stacklevel=4,
+            )
+
+    def _solve(self, gradients):
+        rhs = gradients.to(torch.float64).T
+        if self.solver_ == "cholesky":
+            solution = torch.cholesky_solve(rhs, self._factor)
+        else:
+            eigenvalues, eigenvectors = self._factor
+            solution = eigenvectors @ ((eigenvectors.T @ rhs) / eigenvalues[:, None])
+        return solution.T.to(gradients.dtype)

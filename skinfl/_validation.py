@@ -1,0 +1,162 @@
+"""Input checks and conversions shared by every estimator.
+
+scikit-learn's declarative parameter constraints are private API; they are
+imported here and nowhere else, so a scikit-learn release that moves them
+breaks one import, not every estimator.
+"""
+
+from __future__ import annotations
+
+import numbers
+
+import numpy as np
+import torch
+from sklearn.utils._param_validation import Interval, StrOptions  # noqa: F401  (re-exported)
+
+__all__ = ["Interval", "StrOptions", "as_input_tensor", "as_target_tensor", "returns_torch", "to_output"]
+
+
+def returns_torch(data):
+    """Whether results for ``data`` are returned as torch tensors."""
+    return isinstance(data, torch.Tensor)
+
+
+def to_output(result, like_torch):
+    """``result`` as a torch tensor (``like_torch``) or a numpy array."""
+    if like_torch:
+        return result
+    return result.detach().cpu().numpy()
+
+
+def _as_tensor(data, name):
+    if isinstance(data, torch.Tensor):
+        return data.detach()
+    if hasattr(data, "to_numpy"):  # pandas
+        data = data.to_numpy()
+    array = np.asarray(data)
+    if array.dtype == object or array.dtype.kind in "USV":
+        raise ValueError(
+            f"{name} must hold numbers, got an array of dtype {array.dtype}"
+            + (" (encode string labels with sklearn.preprocessing.LabelEncoder)" if name == "y" else "")
+            + "."
+        )
+    if array.dtype.kind == "c":
+        raise ValueError(f"{name} is complex; influence functions need real-valued data.")
+    return torch.as_tensor(np.ascontiguousarray(array))
+
+
+def as_input_tensor(X, dtype, device, name="X"):
+    """Check and convert model inputs: samples on axis 0, finite values.
+
+    Floating inputs are cast to the model's ``dtype``; integer inputs (token
+    ids, say) keep their integer type.
+    """
+    if X is None:
+        raise ValueError(f"{name} is None; pass the model inputs as an array or tensor.")
+    tensor = _as_tensor(X, name)
+    if tensor.ndim == 0:
+        raise ValueError(f"{name} is a scalar; pass samples along the first axis, e.g. shape (n_samples, n_features).")
+    if tensor.shape[0] == 0:
+        raise ValueError(
+            f"Found array with 0 sample(s) (shape={tuple(tensor.shape)}) while a minimum of 1 is required: {name} is empty."
+        )
+    if tensor.dtype == torch.bool:
+        tensor = tensor.to(dtype)
+    if tensor.is_floating_point():
+        if not bool(torch.isfinite(tensor).all()):
+            raise ValueError(
+                f"Input {name} contains NaN or infinity; remove or impute those samples "
+                "before computing influences."
+            )
+        tensor = tensor.to(dtype)
+    return tensor.to(device)
+
+
+def check_same_length(X, y, names=("X", "y")):
+    if y is not None and len(X) != len(y):
+        raise ValueError(
+            f"{names[0]} and {names[1]} have different numbers of samples: {len(X)} and {len(y)}."
+        )
+
+
+def _reshape_to_outputs(target, output_shape, name, loss_kind):
+    """Give regression/binary targets the per-sample shape of the model output.
+
+    Without this, an output of shape (n, 1) against targets of shape (n,)
+    would broadcast to (n, n) inside the loss: silently wrong.
+    """
+    expected = (target.shape[0], *output_shape)
+    if tuple(target.shape) == expected:
+        return target
+    if target[0].numel() == int(np.prod(output_shape, dtype=int)):
+        return target.reshape(expected)
+    raise ValueError(
+        f"{name} has shape {tuple(target.shape)} but the model outputs shape "
+        f"{expected} per batch; for loss='{loss_kind}' the targets must match the "
+        "model's outputs sample by sample."
+    )
+
+
+def as_target_tensor(y, loss, output_shape, dtype, device, name="y"):
+    """Check and convert targets for ``loss`` given the model's output shape."""
+    tensor = _as_tensor(y, name)
+    if tensor.ndim == 0:
+        raise ValueError(f"{name} is a scalar; pass one target per sample.")
+    if tensor.shape[0] == 0:
+        raise ValueError(f"Found array with 0 sample(s) while a minimum of 1 is required: {name} is empty.")
+    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        raise ValueError(f"Input {name} contains NaN or infinity; every target must be finite.")
+
+    if loss.kind == "cross_entropy":
+        return _class_labels(tensor, output_shape, name, device)
+    if loss.kind in ("mse", "bce_with_logits"):
+        tensor = _reshape_to_outputs(tensor.to(dtype), output_shape, name, loss.kind)
+        if loss.kind == "bce_with_logits" and bool(((tensor < 0) | (tensor > 1)).any()):
+            raise ValueError(
+                f"{name} must lie in [0, 1] for loss='bce_with_logits' (probabilities or 0/1 labels); "
+                f"got values from {tensor.min().item():g} to {tensor.max().item():g}."
+            )
+        return tensor.to(device)
+    if tensor.is_floating_point():
+        tensor = tensor.to(dtype)
+    return tensor.to(device)
+
+
+def _class_labels(tensor, output_shape, name, device):
+    if tensor.ndim != 1:
+        raise ValueError(
+            f"{name} must be a 1-D array of class indices for loss='cross_entropy', "
+            f"got shape {tuple(tensor.shape)}."
+        )
+    if tensor.is_floating_point():
+        if not bool((tensor == tensor.round()).all()):
+            raise ValueError(
+                f"{name} must hold integer class indices for loss='cross_entropy', got "
+                "non-integer values; for regression targets use loss='mse'."
+            )
+    labels = tensor.to(torch.long)
+    n_classes = output_shape[0] if len(output_shape) else 1
+    low, high = int(labels.min()), int(labels.max())
+    if low < 0 or high >= n_classes:
+        raise ValueError(
+            f"{name} holds class labels from {low} to {high}, but the model has {n_classes} "
+            f"outputs, so labels must lie in 0..{n_classes - 1}. Encode labels with "
+            "sklearn.preprocessing.LabelEncoder, or check that this is the model trained on them."
+        )
+    return labels.to(device)
+
+
+def check_regularization_finite(value):
+    if not (isinstance(value, numbers.Real) and np.isfinite(value)):
+        raise ValueError(f"regularization must be a finite number >= 0, got {value!r}.")
+
+
+def validate_estimator_params(estimator):
+    """Check ``estimator.get_params()`` against its ``_parameter_constraints``."""
+    from sklearn.utils._param_validation import validate_parameter_constraints
+
+    validate_parameter_constraints(
+        estimator._parameter_constraints,
+        estimator.get_params(deep=False),
+        caller_name=type(estimator).__name__,
+    )

@@ -1,0 +1,23 @@
+"""Warnings and errors raised by skinfl estimators."""
+
+from sklearn.exceptions import ConvergenceWarning, NotFittedError
+
+__all__ = ["CgConvergenceWarning", "NotFittedError", "NotPositiveDefiniteWarning"]
+
+
+class CgConvergenceWarning(ConvergenceWarning):
+    """Some conjugate-gradient systems stopped before reaching the tolerance.
+
+    The message says how many, the worst relative residual, and what to
+    change (``max_iter``, ``regularization``, ``preconditioner``).
+    """
+
+
+class NotPositiveDefiniteWarning(UserWarning):
+    """The curvature plus regularization is not positive definite.
+
+    Happens with ``second_order="hessian"`` when the model is not at a
+    minimum of the training loss. Influences are then not those of a
+    minimiser; raise ``regularization`` above the most negative eigenvalue
+    or use ``second_order="gauss_newton"``.
+    """

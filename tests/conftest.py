@@ -1,0 +1,84 @@
+"""Shared fixtures: small float64 problems with exact references."""
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.func import functional_call, hessian
+
+
+def mlp(n_in=4, n_hidden=5, n_out=3, seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(n_in, n_hidden), nn.Tanh(), nn.Linear(n_hidden, n_out)).double()
+
+
+def train(model, X, y, loss_fn, steps=300, lr=0.05, weight_decay=0.0):
+    """Full-batch LBFGS to a tight minimum (so the Hessian is positive definite)."""
+    optimizer = torch.optim.LBFGS(model.parameters(), lr=lr, max_iter=steps, tolerance_grad=1e-12,
+                                  tolerance_change=1e-14, line_search_fn="strong_wolfe")
+
+    def closure():
+        optimizer.zero_grad()
+        value = loss_fn(model(X), y)
+        if weight_decay:
+            value = value + weight_decay * sum((p**2).sum() for p in model.parameters())
+        value.backward()
+        return value
+
+    optimizer.step(closure)
+    return model
+
+
+def flat_params(model):
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+
+def unflatten(model, flat):
+    out, start = {}, 0
+    for name, p in model.named_parameters():
+        out[name] = flat[start:start + p.numel()].reshape(p.shape)
+        start += p.numel()
+    return out
+
+
+def reference_hessian(model, X, y, loss_fn):
+    """Explicit Hessian of the mean loss, independent of skinfl's code paths."""
+    def mean_loss(flat):
+        return loss_fn(functional_call(model, unflatten(model, flat), (X,)), y)
+
+    return hessian(mean_loss)(flat_params(model))
+
+
+def reference_gradients(model, X, y, loss_fn):
+    """Per-sample gradients by a plain Python loop over samples with autograd."""
+    rows = []
+    for i in range(len(X)):
+        model.zero_grad()
+        loss_fn(model(X[i:i + 1]), y[i:i + 1]).backward()
+        rows.append(torch.cat([p.grad.reshape(-1) for p in model.parameters()]).clone())
+    model.zero_grad()
+    return torch.stack(rows)
+
+
+@pytest.fixture
+def classification_problem():
+    """A trained float64 MLP on 3-class data, with an L2 penalty so H is positive definite."""
+    generator = torch.Generator().manual_seed(1)
+    X = torch.randn(60, 4, generator=generator, dtype=torch.float64)
+    y = (X[:, 0] + X[:, 1] ** 2 > 1).long() + (X[:, 2] > 0.5).long()
+    model = train(mlp(), X, y, torch.nn.functional.cross_entropy, weight_decay=1e-3)
+    return model, X, y
+
+
+@pytest.fixture
+def linear_regression():
+    """Least squares with a known closed-form Hessian H = 2 X^T X / n (torch's MSE)."""
+    rng = np.random.default_rng(0)
+    n, d = 80, 4
+    X = rng.normal(size=(n, d))
+    y = X @ rng.normal(size=(d, 1)) + 0.3 * rng.normal(size=(n, 1))
+    weights = np.linalg.lstsq(X, y, rcond=None)[0]
+    model = nn.Linear(d, 1, bias=False).double()
+    with torch.no_grad():
+        model.weight.copy_(torch.tensor(weights.T))
+    return model, X, y, weights
