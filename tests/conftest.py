@@ -60,17 +60,19 @@ def reference_gradients(model, X, y, loss_fn):
     return torch.stack(rows)
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def classification_problem():
     """A trained float64 MLP on 3-class data, with an L2 penalty so H is positive definite."""
     generator = torch.Generator().manual_seed(1)
     X = torch.randn(60, 4, generator=generator, dtype=torch.float64)
     y = (X[:, 0] + X[:, 1] ** 2 > 1).long() + (X[:, 2] > 0.5).long()
-    model = train(mlp(), X, y, torch.nn.functional.cross_entropy, weight_decay=1e-3)
+    model = train(mlp(), X, y, torch.nn.functional.cross_entropy, steps=100, weight_decay=1e-3)
+    for parameter in model.parameters():
+        parameter.requires_grad_(True)
     return model, X, y
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def linear_regression():
     """Least squares with a known closed-form Hessian H = 2 X^T X / n (torch's MSE)."""
     rng = np.random.default_rng(0)

@@ -1,0 +1,247 @@
+"""One benchmark run in a fresh process (started by bench_speed.py).
+
+    python benchmarks/_worker.py prepare --size SIZE --problems P1,P2
+    python benchmarks/_worker.py run --size SIZE --problem P --lib {skinfl,pydvl} --method M [...]
+
+``prepare`` writes the data split and trains/caches the models. ``run``
+loads them, times ``fit`` and the (n_test x n_train) influence matrix
+separately, saves the matrix, and prints one line ``RESULT {json}`` with the
+timings and the peak resident memory of this process
+(``getrusage(RUSAGE_SELF).ru_maxrss``). The ``skinfl`` runs need skinfl on
+``sys.path``; the ``pydvl`` runs need pyDVL's virtual environment.
+"""
+
+from __future__ import annotations
+
+import resource
+import sys
+
+
+def _maxrss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
+
+
+RSS_START_MB = _maxrss_mb()  # before numpy/torch: the bare interpreter
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import logging  # noqa: E402
+import re  # noqa: E402
+import time  # noqa: E402
+import warnings  # noqa: E402
+
+import _problems as P  # noqa: E402
+
+REGULARIZATION = 0.01
+SKINFL_BATCH_SIZE = 512
+CG_RTOL = 1e-4  # ||r|| <= rtol ||b||
+CG_MAX_ITER = 1000
+REF_RTOL = 1e-7
+REF_MAX_ITER = 5000
+# pyDVL's CG stops at ||r|| < max(rtol**2 ||b||, atol**2): rtol=1e-2 asks for
+# the same relative tolerance as CG_RTOL; atol**2 = 1e-20 disables the floor.
+PYDVL_CG_RTOL = CG_RTOL**0.5
+PYDVL_CG_ATOL = 1e-10
+
+METHODS = {"skinfl": ("direct", "cg", "cg_ref"), "pydvl": ("direct", "cg", "cg_block")}
+
+
+class _Collect(logging.Handler):
+    """Keeps log records: pyDVL reports CG iterations and problems through logging."""
+
+    def __init__(self):
+        super().__init__(level=logging.DEBUG)
+        self.records = []
+
+    def emit(self, record):
+        self.records.append((record.levelno, record.name, record.getMessage()))
+
+
+def _summarise_messages(messages, limit=3, width=300):
+    unique = {}
+    for message in messages:
+        key = re.sub(r"[-+]?\d[\d.e+-]*", "#", message)[:120]  # group messages differing only in numbers
+        unique.setdefault(key, [message, 0])[1] += 1
+    return [f"{count}x {message[:width]}" for message, count in list(unique.values())[:limit]]
+
+
+def prepare(args):
+    size = {"full": P.FULL, "quick": P.QUICK}[args.size]
+    P.prepare_data(size)
+    import torch
+
+    torch.set_num_threads(P.cpu_count())
+    summaries = {name: P.prepare_model(name, size) for name in args.problems.split(",")}
+    print("RESULT " + json.dumps(summaries), flush=True)
+
+
+def run(args):
+    size = {"full": P.FULL, "quick": P.QUICK}[args.size]
+    if args.method not in METHODS[args.lib]:
+        raise SystemExit(f"unknown method {args.method!r} for {args.lib}")
+
+    import numpy as np
+    import torch
+
+    threads = P.cpu_count()
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+
+    data = P.load_data(size)
+    model = P.load_model(args.problem, size)
+    dtype = torch.float32
+    if args.method == "cg_ref":  # the reference solve runs in float64
+        model = model.double()
+        dtype = torch.float64
+    X_train = torch.from_numpy(data["X_train"]).to(dtype)
+    y_train = torch.from_numpy(data["y_train"])
+    X_test = torch.from_numpy(data["X_test"]).to(dtype)
+    y_test = torch.from_numpy(data["y_test"])
+    n_params = sum(p.numel() for p in model.parameters())
+
+    if args.lib == "skinfl":
+        import skinfl
+
+        version = skinfl.__version__
+        if args.method == "direct":
+            estimator = skinfl.DirectInfluence(
+                model, loss="cross_entropy", regularization=REGULARIZATION, batch_size=SKINFL_BATCH_SIZE
+            )
+        else:
+            rtol, max_iter = (REF_RTOL, REF_MAX_ITER) if args.method == "cg_ref" else (CG_RTOL, CG_MAX_ITER)
+            estimator = skinfl.CgInfluence(
+                model,
+                loss="cross_entropy",
+                regularization=REGULARIZATION,
+                rtol=rtol,
+                max_iter=max_iter,
+                batch_size=SKINFL_BATCH_SIZE,
+            )
+
+        def fit():
+            estimator.fit(X_train, y_train)
+
+        def influences():
+            return estimator.influences(X_test, y_test, X_train, y_train)
+
+        settings = {k: v for k, v in estimator.get_params().items() if k != "model"}
+    else:
+        import pydvl
+        import torch.nn.functional as F
+        from pydvl.influence import InfluenceMode
+        from pydvl.influence.torch import CgInfluence, DirectInfluence
+        from torch.utils.data import DataLoader, TensorDataset
+
+        version = pydvl.__version__
+        batch_size = args.pydvl_batch_size or len(X_train)
+        if len(X_train) % batch_size:
+            raise SystemExit(
+                f"pyDVL batch size {batch_size} must divide n_train={len(X_train)}: pyDVL's CG averages "
+                "per-batch mean Hessians without weights, so an uneven last batch changes the Hessian."
+            )
+        loader = DataLoader(TensorDataset(X_train, y_train), batch_size=batch_size, shuffle=False)
+        if args.method == "direct":
+            estimator = DirectInfluence(model, F.cross_entropy, regularization=REGULARIZATION)
+            settings = {"regularization": REGULARIZATION}
+        else:
+            settings = {
+                "regularization": REGULARIZATION,
+                "rtol": PYDVL_CG_RTOL,
+                "atol": PYDVL_CG_ATOL,
+                "maxiter": CG_MAX_ITER,
+                "solve_simultaneously": args.method == "cg_block",
+            }
+            estimator = CgInfluence(model, F.cross_entropy, **settings)
+        settings["dataloader_batch_size"] = batch_size
+
+        def fit():
+            estimator.fit(loader)
+
+        def influences():
+            return estimator.influences(X_test, y_test, X_train, y_train, mode=InfluenceMode.Up)
+
+    rss_import_mb = _maxrss_mb()  # torch + library imported, data and model loaded
+
+    collector = _Collect()
+    logging.getLogger().addHandler(collector)
+    logging.getLogger().setLevel(logging.WARNING)
+    logging.getLogger("pydvl.influence.torch.operator").setLevel(logging.DEBUG)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        start = time.perf_counter()
+        fit()
+        fitted = time.perf_counter()
+        result = influences()
+        done = time.perf_counter()
+    peak_mb = _maxrss_mb()
+
+    matrix = result.detach().cpu().numpy() if isinstance(result, torch.Tensor) else np.asarray(result)
+    out = P.matrix_path(args.problem, args.lib, args.method, size)
+    np.save(out, matrix)
+
+    # CG iteration counts: skinfl keeps a report of its last solve; pyDVL logs them at DEBUG.
+    cg_iterations = None
+    if args.lib == "skinfl" and hasattr(estimator, "_last_report"):
+        cg_iterations = {"iterations": int(estimator._last_report.n_iter),
+                         "converged": int(estimator._last_report.converged.sum()),
+                         "systems": int(estimator._last_report.n_systems)}
+    elif args.lib == "pydvl" and args.method != "direct":
+        counts = [int(m.group(1)) for _, _, msg in collector.records
+                  if (m := re.search(r"Terminated (?:block )?cg after (\d+) iterations", msg))]
+        cg_iterations = {"runs": len(counts), "iterations_total": sum(counts),
+                         "iterations_max": max(counts, default=None)}
+
+    log_messages = [f"{logging.getLevelName(level)} {name}: {msg}" for level, name, msg in collector.records
+                    if level >= logging.WARNING]
+    warning_messages = [f"{w.category.__name__}: {w.message}" for w in caught]
+    record = {
+        "problem": args.problem,
+        "lib": args.lib,
+        "method": args.method,
+        "library_version": version,
+        "torch_version": torch.__version__,
+        "numpy_version": np.__version__,
+        "python": sys.version.split()[0],
+        "threads": threads,
+        "n_params": n_params,
+        "n_train": len(X_train),
+        "n_test": len(X_test),
+        "dtype": str(dtype).replace("torch.", ""),
+        "settings": {k: (v if isinstance(v, (int, float, str, bool, type(None))) else repr(v))
+                     for k, v in settings.items()},
+        "fit_s": fitted - start,
+        "influences_s": done - fitted,
+        "total_s": done - start,
+        "rss_start_mb": RSS_START_MB,
+        "rss_import_mb": rss_import_mb,
+        "peak_mb": peak_mb,
+        "matrix": str(out.relative_to(P.REPO_ROOT)),
+        "matrix_shape": list(matrix.shape),
+        "finite": bool(np.isfinite(matrix).all()),
+        "cg": cg_iterations,
+        "n_warnings": len(warning_messages),
+        "warnings": _summarise_messages(warning_messages),
+        "n_log_warnings": len(log_messages),
+        "log_warnings": _summarise_messages(log_messages),
+    }
+    print("RESULT " + json.dumps(record), flush=True)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    prep = sub.add_parser("prepare")
+    prep.add_argument("--size", choices=("full", "quick"), required=True)
+    prep.add_argument("--problems", required=True)
+    one = sub.add_parser("run")
+    one.add_argument("--size", choices=("full", "quick"), required=True)
+    one.add_argument("--problem", choices=sorted(P.PROBLEMS), required=True)
+    one.add_argument("--lib", choices=sorted(METHODS), required=True)
+    one.add_argument("--method", required=True)
+    one.add_argument("--pydvl-batch-size", type=int, default=None)
+    args = parser.parse_args(argv)
+    (prepare if args.command == "prepare" else run)(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,410 @@
+"""Speed, memory and accuracy of skinfl against pyDVL 0.10.0 on three digits models.
+
+Usage::
+
+    /work/venv/bin/python benchmarks/bench_speed.py [--quick] [--only PROBLEM[,PROBLEM]] [--skip-pydvl]
+
+Problems (scikit-learn ``load_digits``, 1400 training and 100 test points,
+cross-entropy, trained once and cached under ``benchmarks/.work/``):
+
+* ``mlp``      Linear(64,32)-Tanh-Linear(32,10)                      (2,410 parameters)
+* ``cnn``      Conv2d(1,8,3)-Tanh-Conv2d(8,16,3)-Tanh-Linear(256,10) (3,818 parameters)
+* ``wide_mlp`` 64-256-256-10 with Tanh                               (85,002 parameters)
+
+Every (problem, library, method) runs in its own process, so the peak
+resident memory reported is that run's alone. Each run times ``fit`` and the
+(test x training) influence matrix separately. Accuracy is measured against
+skinfl's DirectInfluence (mlp, cnn) or a float64 skinfl CgInfluence with
+rtol=1e-7 (wide_mlp, computed once and cached).
+
+Results: a table on stdout, ``benchmarks/results/<name>.json`` and
+``benchmarks/results/<name>.md`` where ``<name>`` is ``speed`` for the full run,
+with ``_quick`` / ``_<problems>`` / ``_skinfl`` appended for partial runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import platform
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _problems as P  # noqa: E402
+import _worker as W  # noqa: E402  (constants only; it imports nothing heavy at module level)
+
+WORKER = Path(__file__).resolve().parent / "_worker.py"
+DEFAULT_PYDVL_PYTHON = P.HERE / ".venv-pydvl" / "bin" / "python"
+
+
+# ------------------------------------------------------------------ running
+def _launch(python, args, env, timeout):
+    """Run the worker; returns (record or None, status, seconds, stderr tail).
+
+    The worker is started through ``sh`` as a grandchild: on Linux a process
+    started directly by exec inherits the high-water RSS of the process it
+    was forked or vforked from, which would put this process's memory into
+    the worker's ``ru_maxrss``. A new session lets a timeout kill the whole
+    process group.
+    """
+    command = ["/bin/sh", "-c", '"$@"; exit $?', "sh", str(python), str(WORKER), *args]
+    start = time.perf_counter()
+    proc = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True
+    )
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        return None, f"timeout ({timeout:.0f} s)", time.perf_counter() - start, stderr[-2000:]
+    wall = time.perf_counter() - start
+    record = None
+    for line in stdout.splitlines():
+        if line.startswith("RESULT "):
+            record = json.loads(line[len("RESULT "):])
+    if proc.returncode != 0 or record is None:
+        return None, f"failed (exit {proc.returncode})", wall, (stderr or stdout)[-2000:]
+    return record, "ok", wall, stderr[-2000:]
+
+
+def _env(lib, threads):
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONWARNINGS", "PYTHONSTARTUP")}
+    if lib == "skinfl":
+        env["PYTHONPATH"] = str(P.REPO_ROOT)
+    # Same thread settings for both libraries (torch.set_num_threads is also called in the worker).
+    env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def _plan(problems, skip_pydvl):
+    runs = []
+    for problem in problems:
+        direct = P.PROBLEMS[problem].direct
+        runs += [(problem, "skinfl", m) for m in (("direct", "cg") if direct else ("cg",))]
+        if not skip_pydvl:
+            runs += [(problem, "pydvl", m) for m in (("direct", "cg", "cg_block") if direct else ("cg", "cg_block"))]
+    return runs
+
+
+# ----------------------------------------------------------------- accuracy
+def _compare(matrix, reference):
+    a = np.asarray(matrix, dtype=np.float64)
+    r = np.asarray(reference, dtype=np.float64)
+    if a.shape != r.shape:
+        return {"max_rel_diff": None, "pearson": None, "note": f"shape {a.shape} != reference {r.shape}"}
+    if not np.isfinite(a).all():
+        return {"max_rel_diff": float("nan"), "pearson": float("nan"), "note": "non-finite values"}
+    return {
+        "max_rel_diff": float(np.abs(a - r).max() / np.abs(r).max()),
+        "pearson": float(np.corrcoef(a.ravel(), r.ravel())[0, 1]),
+    }
+
+
+# ------------------------------------------------------------------- output
+def _fmt(value, spec):
+    if value is None:
+        return "-"
+    if isinstance(value, str):
+        return value
+    return format(value, spec)
+
+
+COLUMNS = (
+    ("problem", "problem", "s"),
+    ("params", "n_params", ","),
+    ("library", "lib", "s"),
+    ("method", "method", "s"),
+    ("fit s", "fit_s", ".2f"),
+    ("influences s", "influences_s", ".2f"),
+    ("total s", "total_s", ".2f"),
+    ("skinfl speedup", "speedup", ".1fx"),
+    ("peak MB", "peak_mb", ".0f"),
+    ("+MB over import", "work_mb", ".0f"),
+    ("max rel diff", "max_rel_diff", ".2e"),
+    ("pearson", "pearson", ".6f"),
+    ("status", "status", "s"),
+)
+
+
+def _cells(row):
+    cells = []
+    for _, key, spec in COLUMNS:
+        value = row.get(key)
+        if spec == ".1fx":
+            cells.append("-" if value is None else f"{value:.1f}x")
+        elif key == "max_rel_diff" and row.get("is_reference"):
+            cells.append("(reference)")
+        elif key == "pearson" and row.get("is_reference"):
+            cells.append("(reference)")
+        else:
+            cells.append(_fmt(value, spec))
+    return cells
+
+
+def _text_table(rows):
+    header = [name for name, _, _ in COLUMNS]
+    body = [_cells(row) for row in rows]
+    widths = [max(len(h), *(len(b[i]) for b in body)) if body else len(h) for i, h in enumerate(header)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths))]
+    lines.append("  ".join("-" * w for w in widths))
+    lines += ["  ".join(c.rjust(w) if i >= 4 else c.ljust(w) for i, (c, w) in enumerate(zip(b, widths))) for b in body]
+    return "\n".join(lines)
+
+
+def _markdown_table(rows):
+    header = [name for name, _, _ in COLUMNS]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * 4 + ["---:"] * (len(header) - 4)) + "|"]
+    lines += ["| " + " | ".join(_cells(row)) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _machine(threads, versions):
+    cpu = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    memory = None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal"):
+                memory = f"{int(line.split()[1]) / 1024**2:.1f} GiB"
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": threads, "memory": memory, "platform": platform.platform(), **versions}
+
+
+def _git_state():
+    def git(*args):
+        try:
+            return subprocess.run(["git", *args], cwd=P.REPO_ROOT, capture_output=True, text=True, timeout=30).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return ""
+
+    commit = git("rev-parse", "--short", "HEAD")
+    dirty = bool(git("status", "--porcelain", "--", "skinfl"))
+    return f"{commit or 'unknown'}{' (skinfl/ has uncommitted changes)' if dirty else ''}"
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true",
+                        help="280 training / 20 test points, mlp and a small wide model: checks the harness (~2 min)")
+    parser.add_argument("--only", help="comma-separated problems to run (default: all of the size)")
+    parser.add_argument("--skip-pydvl", action="store_true", help="run skinfl only")
+    parser.add_argument("--timeout", type=float, default=1200.0, help="seconds per worker (default 1200)")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="run each configuration this many times (fresh process each) and keep the fastest")
+    parser.add_argument("--pydvl-batch-size", type=int, default=None,
+                        help="pyDVL DataLoader batch size; must divide n_train (default n_train / 2)")
+    parser.add_argument("--skinfl-python", default=sys.executable, help="interpreter with skinfl's dependencies")
+    parser.add_argument("--pydvl-python", default=str(DEFAULT_PYDVL_PYTHON),
+                        help="interpreter of pyDVL's venv (bash benchmarks/setup_pydvl_env.sh)")
+    parser.add_argument("--output", help="results basename in benchmarks/results/ (default derived from the options)")
+    args = parser.parse_args(argv)
+
+    size = P.QUICK if args.quick else P.FULL
+    available = P.PROBLEMS_BY_SIZE[size.name]
+    problems = list(available)
+    if args.only:
+        problems = [p.strip() for p in args.only.split(",") if p.strip()]
+        unknown = [p for p in problems if p not in available]
+        if unknown:
+            parser.error(f"--only: {unknown} not among the {size.name} problems {list(available)}")
+    if not args.skip_pydvl and not Path(args.pydvl_python).exists():
+        parser.error(f"{args.pydvl_python} not found: run `bash benchmarks/setup_pydvl_env.sh` or pass --skip-pydvl")
+    pydvl_batch = args.pydvl_batch_size or size.n_train // 2
+    if size.n_train % pydvl_batch:
+        parser.error(f"--pydvl-batch-size {pydvl_batch} does not divide n_train={size.n_train}")
+    name = args.output or "speed" + ("_quick" if args.quick else "") + (
+        "_" + "-".join(problems) if args.only else "") + ("_skinfl" if args.skip_pydvl else "")
+    command = " ".join(shlex.quote(a) for a in [sys.executable, os.path.relpath(__file__, P.REPO_ROOT),
+                                                 *(sys.argv[1:] if argv is None else argv)])
+    threads = P.cpu_count()
+    started = _dt.datetime.now().astimezone()
+    print(f"[{size.name}] {size.n_train} train / {size.n_test} test points, problems {problems}, "
+          f"{threads} threads, pyDVL DataLoader batch {pydvl_batch}", flush=True)
+
+    # 1. data + models (once, cached), in a worker so that this process stays small.
+    record, status, wall, err = _launch(args.skinfl_python, ["prepare", "--size", size.name,
+                                                             "--problems", ",".join(problems)],
+                                        _env("skinfl", threads), args.timeout)
+    if record is None:
+        sys.exit(f"preparing data/models {status}:\n{err}")
+    models = record
+    for problem, summary in models.items():
+        print(f"  {problem}: {summary['n_params']:,} params, train loss {summary['train_loss']:.4f}, "
+              f"train acc {summary['train_accuracy']:.3f}, test acc {summary['test_accuracy']:.3f}", flush=True)
+
+    def launch(problem, lib, method):
+        worker_args = ["run", "--size", size.name, "--problem", problem, "--lib", lib, "--method", method]
+        if lib == "pydvl":
+            worker_args += ["--pydvl-batch-size", str(pydvl_batch)]
+        python = args.pydvl_python if lib == "pydvl" else args.skinfl_python
+        return _launch(python, worker_args, _env(lib, threads), args.timeout)
+
+    # 2. references that are not a benchmark row: float64 CG (rtol=1e-7) for the CG-only problems.
+    references = {}
+    for problem in problems:
+        if P.PROBLEMS[problem].direct:
+            references[problem] = {"lib": "skinfl", "method": "direct",
+                                   "path": P.matrix_path(problem, "skinfl", "direct", size)}
+            continue
+        path = P.matrix_path(problem, "skinfl", "cg_ref", size)
+        meta_path = path.with_suffix(".json")
+        fingerprint = P.fingerprint(P.model_path(problem, size))
+        meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+        if not (path.exists() and meta.get("state_dict_sha1") == fingerprint):
+            print(f"  computing the {problem} reference (skinfl CG, float64, rtol={W.REF_RTOL:g}) ...", flush=True)
+            record, status, wall, err = launch(problem, "skinfl", "cg_ref")
+            if record is None:
+                print(f"    reference {status}:\n{err}", flush=True)
+                meta = {"status": status}
+            else:
+                meta = {**record, "state_dict_sha1": fingerprint}
+                meta_path.write_text(json.dumps(meta, indent=2))
+                print(f"    done in {record['total_s']:.1f} s ({record['cg']})", flush=True)
+        references[problem] = {"lib": "skinfl", "method": "cg_ref", "path": path, "run": meta}
+
+    # 3. benchmark runs, each in a fresh process.
+    rows = []
+    for problem, lib, method in _plan(problems, args.skip_pydvl):
+        attempts = []
+        for _ in range(args.repeat):
+            record, status, wall, err = launch(problem, lib, method)
+            attempts.append((record, status, wall, err))
+            if record is None:
+                break
+        good = [a for a in attempts if a[0] is not None]
+        if good:
+            record, status, wall, err = min(good, key=lambda a: a[0]["total_s"])
+            row = dict(record)
+            row["peak_mb"] = max(a[0]["peak_mb"] for a in good)
+            row["work_mb"] = row["peak_mb"] - row["rss_import_mb"]
+            row["all_total_s"] = [a[0]["total_s"] for a in good]
+        else:
+            record, status, wall, err = attempts[-1]
+            row = {"problem": problem, "lib": lib, "method": method,
+                   "n_params": models[problem]["n_params"], "stderr_tail": err}
+        row["status"] = status
+        row["worker_wall_s"] = wall
+        rows.append(row)
+        line = (f"  {problem:9s} {lib:6s} {method:9s} {status:8s}"
+                + (f" fit {row['fit_s']:8.2f} s  influences {row['influences_s']:8.2f} s  "
+                   f"peak {row['peak_mb']:6.0f} MB" if "fit_s" in row else ""))
+        print(line, flush=True)
+        if row.get("n_warnings") or row.get("n_log_warnings"):
+            for message in row.get("warnings", []) + row.get("log_warnings", []):
+                print(f"      warning: {message[:200]}", flush=True)
+        if status != "ok":
+            print("      " + err.strip().replace("\n", "\n      ")[-1500:], flush=True)
+
+    # 4. accuracy and speedups.
+    for row in rows:
+        ref = references[row["problem"]]
+        row["reference"] = f"{ref['lib']} {ref['method']}"
+        row["is_reference"] = (row["lib"], row["method"]) == (ref["lib"], ref["method"])
+        if row["status"] == "ok" and ref["path"].exists() and not row["is_reference"]:
+            row.update(_compare(np.load(P.REPO_ROOT / row["matrix"]), np.load(ref["path"])))
+        elif row["is_reference"]:
+            row.update({"max_rel_diff": 0.0, "pearson": 1.0})
+        skinfl_method = {"direct": "direct", "cg": "cg", "cg_block": "cg"}[row["method"]]
+        if row["lib"] == "pydvl" and row["status"] == "ok":
+            mine = next((r for r in rows if r["problem"] == row["problem"] and r["lib"] == "skinfl"
+                         and r["method"] == skinfl_method and r["status"] == "ok"), None)
+            if mine is not None:
+                row["speedup"] = row["total_s"] / mine["total_s"]
+                row["speedup_vs"] = f"skinfl {skinfl_method}"
+
+    versions = {}
+    for lib in ("skinfl", "pydvl"):
+        first = next((r for r in rows if r["lib"] == lib and r["status"] == "ok"), None)
+        if first:
+            versions[f"{lib}_version"] = first["library_version"]
+            versions[f"{lib}_env_torch"] = first["torch_version"]
+            versions[f"{lib}_env_numpy"] = first["numpy_version"]
+            versions["python"] = first["python"]
+    machine = _machine(threads, versions)
+    rss_start = [r["rss_start_mb"] for r in rows if "rss_start_mb" in r]
+
+    table = _text_table(rows)
+    print()
+    print(table)
+    notes = [
+        f"speedup = pyDVL total / skinfl total for the same problem and method (pyDVL cg and cg_block are "
+        f"compared with skinfl cg); > 1 means skinfl is faster.",
+        "max rel diff = max|A - R| / max|R|, pearson = correlation of all entries with the reference R: "
+        "skinfl direct for problems with a Direct row, else skinfl CG in float64 with rtol=1e-7 (cached).",
+        "peak MB = ru_maxrss of the worker process; '+MB over import' subtracts its ru_maxrss once torch, the "
+        f"library, the data and the model are loaded. A bare interpreter (before numpy/torch) is "
+        f"{min(rss_start, default=0):.0f}-{max(rss_start, default=0):.0f} MB.",
+        f"Settings: regularization={W.REGULARIZATION}, skinfl batch_size={W.SKINFL_BATCH_SIZE}, CG rtol={W.CG_RTOL:g} "
+        f"(pyDVL rtol={W.PYDVL_CG_RTOL:g}, atol={W.PYDVL_CG_ATOL:g}: same ||r|| <= {W.CG_RTOL:g} ||b||), "
+        f"max_iter={W.CG_MAX_ITER}, pyDVL DataLoader batch {pydvl_batch}, {threads} torch threads.",
+    ]
+    for note in notes:
+        print("  " + note)
+
+    P.RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    json_path = P.RESULTS_DIR / f"{name}.json"
+    md_path = P.RESULTS_DIR / f"{name}.md"
+    payload = {
+        "command": command,
+        "date": started.isoformat(timespec="seconds"),
+        "size": {"name": size.name, "n_train": size.n_train, "n_test": size.n_test},
+        "skinfl_commit": _git_state(),
+        "machine": machine,
+        "settings": {
+            "regularization": W.REGULARIZATION, "skinfl_batch_size": W.SKINFL_BATCH_SIZE,
+            "cg_rtol": W.CG_RTOL, "cg_max_iter": W.CG_MAX_ITER, "pydvl_cg_rtol": W.PYDVL_CG_RTOL,
+            "pydvl_cg_atol": W.PYDVL_CG_ATOL, "pydvl_dataloader_batch_size": pydvl_batch,
+            "reference_rtol": W.REF_RTOL, "timeout_s": args.timeout, "repeat": args.repeat,
+        },
+        "models": models,
+        "references": {p: {k: (str(v) if isinstance(v, Path) else v) for k, v in r.items()}
+                       for p, r in references.items()},
+        "rows": rows,
+        "notes": notes,
+    }
+    json_path.write_text(json.dumps(payload, indent=2, default=str) + "\n")
+
+    md = [
+        f"# Speed benchmark ({size.name}: {size.n_train} training / {size.n_test} test points)",
+        "",
+        f"- Command: `{command}`",
+        f"- Date: {started.strftime('%Y-%m-%d %H:%M %Z')}",
+        f"- Machine: {machine['cpu']}, {threads} cores, {machine['memory']} RAM, {machine['platform']}",
+        f"- skinfl {versions.get('skinfl_version', '?')} (commit {_git_state()}), "
+        f"torch {versions.get('skinfl_env_torch', '?')}, numpy {versions.get('skinfl_env_numpy', '?')}",
+    ]
+    if "pydvl_version" in versions:
+        md.append(f"- pyDVL {versions['pydvl_version']} (own venv): torch {versions['pydvl_env_torch']}, "
+                  f"numpy {versions['pydvl_env_numpy']}")
+    md.append(f"- Python {versions.get('python', platform.python_version())}")
+    md += ["", _markdown_table(rows), ""]
+    md += [f"- {note}" for note in notes]
+    odd = [f"{r['problem']} {r['lib']} {r['method']}: {m}" for r in rows
+           for m in r.get("warnings", []) + r.get("log_warnings", [])]
+    if odd:
+        md += ["", "Warnings raised during the runs:", ""] + [f"- {m[:300]}" for m in odd]
+    md_path.write_text("\n".join(md) + "\n")
+    print(f"\nwrote {json_path.relative_to(P.REPO_ROOT)} and {md_path.relative_to(P.REPO_ROOT)}")
+    return 0 if all(r["status"] == "ok" for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,189 @@
+"""
+Finding mislabelled digits with influence functions
+===================================================
+
+A small neural network is trained on scikit-learn's handwritten digits after
+5% of the training labels have been replaced by wrong ones. An influence
+estimator then explains individual test predictions (which training points
+helped, which hurt) and ranks the training points by self-influence, which
+brings most of the corrupted labels to the top of the list. The estimator's
+``regularization`` is chosen with an ordinary ``GridSearchCV``, and the fitted
+estimator is saved and reloaded with ``joblib``.
+
+Everything runs on the CPU in a few seconds (on a GPU when one is available).
+"""
+
+# %%
+# Setup
+# -----
+# Every source of randomness is seeded so that the printed numbers are the
+# same from run to run.
+
+import tempfile
+import time
+from pathlib import Path
+
+import joblib
+import numpy as np
+import torch
+from sklearn.datasets import load_digits
+from sklearn.metrics import roc_auc_score
+from sklearn.model_selection import GridSearchCV, train_test_split
+
+from skinfl import DirectInfluence
+
+start = time.perf_counter()
+SEED = 0
+rng = np.random.default_rng(SEED)
+torch.manual_seed(SEED)
+device = "cuda" if torch.cuda.is_available() else "cpu"
+
+# %%
+# Data with corrupted labels
+# --------------------------
+# The 8x8 digit images hold pixel intensities from 0 to 16; dividing by 16
+# puts them in [0, 1]. A fixed 5% of the training labels are moved to another
+# class, chosen at random, and we remember which ones so that we can check
+# later how well influence finds them. The test labels stay clean.
+
+X, y = load_digits(return_X_y=True)
+X = (X / 16.0).astype(np.float32)
+X_train, X_test, y_train_clean, y_test = train_test_split(
+    X, y, test_size=0.2, random_state=SEED, stratify=y
+)
+
+n_train = len(X_train)
+flipped = np.zeros(n_train, dtype=bool)
+flipped[rng.choice(n_train, size=round(0.05 * n_train), replace=False)] = True
+y_train = y_train_clean.copy()
+# Adding 1..9 modulo 10 always lands on a different class.
+y_train[flipped] = (y_train[flipped] + rng.integers(1, 10, size=flipped.sum())) % 10
+print(f"{n_train} training points, {flipped.sum()} of them with a wrong label; {len(X_test)} test points.")
+
+# %%
+# Train a small network on the noisy labels
+# -----------------------------------------
+# A 64-32-10 tanh MLP, trained full batch with Adam. The weight decay is kept
+# small and the training long enough for the network to memorise the wrong
+# labels: a memorised outlier is exactly what self-influence detects, because
+# the model depends strongly on that one point to fit it.
+
+model = torch.nn.Sequential(
+    torch.nn.Linear(64, 16),
+    torch.nn.Tanh(),
+    torch.nn.Linear(16, 10),
+).to(device)
+
+inputs = torch.as_tensor(X_train, device=device)
+targets = torch.as_tensor(y_train, device=device)
+optimizer = torch.optim.Adam(model.parameters(), lr=1e-2, weight_decay=1e-4)
+for epoch in range(1500):
+    optimizer.zero_grad()
+    loss = torch.nn.functional.cross_entropy(model(inputs), targets)
+    loss.backward()
+    optimizer.step()
+
+
+def accuracy(X_eval, y_eval):
+    with torch.no_grad():
+        predictions = model(torch.as_tensor(X_eval, device=device)).argmax(dim=1).cpu().numpy()
+    return (predictions == y_eval).mean()
+
+
+n_params = sum(p.numel() for p in model.parameters())
+print(f"MLP with {n_params} parameters, final training loss {loss.item():.4f}")
+print(f"train accuracy (noisy labels): {accuracy(X_train, y_train):.3f}")
+print(f"train accuracy (true labels):  {accuracy(X_train, y_train_clean):.3f}")
+print(f"test accuracy:                 {accuracy(X_test, y_test):.3f}")
+
+# %%
+# Choose the regularization with a grid search
+# --------------------------------------------
+# With about 2,400 parameters the Hessian fits in memory, so
+# :class:`~skinfl.DirectInfluence` builds it explicitly and factorises it
+# once: influences are then exact. The one choice left is ``regularization``,
+# the ``lambda`` added to the Hessian before it is inverted.
+#
+# ``GridSearchCV`` uses the estimator's own ``score``, which needs no
+# retraining: each fold builds ``(H_fit + lambda I)^-1`` from two thirds of
+# the training data, then checks how well it inverts the *unregularized*
+# Hessian of the held-out third, on that third's loss gradients ``g``:
+# ``score = -mean ||H_val u - g||^2 / ||g||^2`` with ``u = (H_fit + lambda I)^-1 g``.
+# It is at most 0 (a perfect inverse). A very large ``lambda`` gives ``u -> 0``
+# and a score near -1; a too small one amplifies directions the fitted data
+# barely determine, and the score drops far below -1. The best ``lambda``
+# balances the two.
+
+search = GridSearchCV(
+    DirectInfluence(model, loss="cross_entropy"),
+    {"regularization": [1e-3, 1e-2, 1e-1, 1.0, 10.0]},
+    cv=3,
+)
+search.fit(X_train, y_train)
+estimator = search.best_estimator_
+
+print("regularization   mean score")
+for value, score in zip(search.cv_results_["param_regularization"], search.cv_results_["mean_test_score"]):
+    print(f"{value:>14g}   {score:10.4f}")
+print(f"selected regularization: {search.best_params_['regularization']:g}")
+
+# %%
+# Explain test predictions
+# ------------------------
+# ``influences[i, j]`` is positive when training point ``j`` *helps* test
+# point ``i`` (up-weighting it lowers the test loss) and negative when it
+# harms it. Mislabelled training points of the same digit tend to show up
+# among the most harmful ones.
+
+n_show = 3
+influences = estimator.influences(X_test[:n_show], y_test[:n_show])
+
+
+def describe(j):
+    note = f"flipped, truly {y_train_clean[j]}" if flipped[j] else "correct"
+    return f"#{j:<5d} label {y_train[j]}  ({note:>17s})  influence {influences[i, j]:+10.3f}"
+
+
+for i in range(n_show):
+    order = np.argsort(influences[i])
+    print(f"\ntest point {i} (label {y_test[i]})")
+    print("  most helpful:")
+    for j in order[::-1][:3]:
+        print("    " + describe(j))
+    print("  most harmful:")
+    for j in order[:3]:
+        print("    " + describe(j))
+
+# %%
+# Find the mislabelled training points
+# ------------------------------------
+# The self-influence ``<H^-1 g_j, g_j>`` of a training point measures how much
+# the model's loss on that point depends on the point itself. Points the
+# network could only fit by memorising them, as wrong labels must be, score
+# high. We inspect the top 10% and count the flips found there; picking 10%
+# of the points at random would find 10% of the flips.
+
+self_influence = estimator.self_influence(X_train, y_train)
+n_inspect = round(0.1 * n_train)
+top = np.argsort(self_influence)[::-1][:n_inspect]
+found = flipped[top].sum()
+print(f"\ninspecting the {n_inspect} training points with the largest self-influence:")
+print(f"  {found} of {flipped.sum()} flipped labels found ({found / flipped.sum():.0%})")
+print(f"  random inspection would find about {0.1 * flipped.sum():.1f} (10%)")
+print(f"  ROC AUC of self-influence for detecting flips: {roc_auc_score(flipped, self_influence):.3f}")
+
+# %%
+# Save and reload the estimator
+# -----------------------------
+# A fitted estimator pickles with ``joblib`` together with its model copy and
+# factorised Hessian, so influences can be computed later, or on a machine
+# without the GPU it was fitted on, with identical results.
+
+with tempfile.TemporaryDirectory() as directory:
+    path = Path(directory) / "digits_influence.joblib"
+    joblib.dump(estimator, path)
+    reloaded = joblib.load(path)
+
+same = np.array_equal(reloaded.influences(X_test[:n_show], y_test[:n_show]), influences)
+print(f"\nreloaded estimator gives identical influences: {same}")
+print(f"total run time: {time.perf_counter() - start:.1f} s")

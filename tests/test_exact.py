@@ -1,0 +1,159 @@
+"""Every estimator against closed forms and independently computed references."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import reference_gradients, reference_hessian
+from torch.func import functional_call, jacrev
+
+from skinfl import CgInfluence, DirectInfluence
+
+TIGHT_CG = dict(rtol=1e-12, max_iter=5000)
+
+
+def estimators(**common):
+    """Each estimator, configured to be exact up to rounding."""
+    return [DirectInfluence(None, **common), CgInfluence(None, **common, **TIGHT_CG)]
+
+
+def ids(estimator):
+    return type(estimator).__name__
+
+
+# ---------------------------------------------------------------- linear regression
+def linear_gradients(X, y, weights):
+    """Per-sample gradients of (x^T w - y)^2: 2 (x^T w - y) x."""
+    return 2 * (X @ weights - y) * X
+
+
+@pytest.mark.parametrize("second_order", ["hessian", "gauss_newton"])
+@pytest.mark.parametrize("make", [DirectInfluence, lambda **kw: CgInfluence(**kw, **TIGHT_CG)], ids=["direct", "cg"])
+def test_linear_regression_closed_form(linear_regression, make, second_order):
+    model, X, y, weights = linear_regression
+    n, d = X.shape
+    regularization = 0.05
+    hessian = 2 * X.T @ X / n + regularization * np.eye(d)
+    G = linear_gradients(X, y, weights)
+    inverse = np.linalg.inv(hessian)
+
+    est = make(model=model, loss="mse", regularization=regularization, second_order=second_order).fit(X, y)
+
+    np.testing.assert_allclose(est.transform(X[:7], y[:7]), G[:7] @ inverse, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(est.influences(X[:7], y[:7]), G[:7] @ inverse @ G.T, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(
+        est.self_influence(X, y), np.einsum("ij,jk,ik->i", G, inverse, G), rtol=1e-9, atol=1e-12
+    )
+    # Against other labelled data than the fitted points.
+    np.testing.assert_allclose(
+        est.influences(X[:3], y[:3], X[10:20], y[10:20]), G[:3] @ inverse @ G[10:20].T, rtol=1e-9, atol=1e-12
+    )
+
+
+def test_linear_regression_measurement_is_the_output(linear_regression):
+    """y=None for mse differentiates the output x^T w, whose gradient is x."""
+    model, X, y, _ = linear_regression
+    est = DirectInfluence(model, loss="mse", regularization=0.0).fit(X, y)
+    hessian = 2 * X.T @ X / len(X)
+    np.testing.assert_allclose(est.transform(X[:5]), X[:5] @ np.linalg.inv(hessian), rtol=1e-9)
+
+
+def test_unregularized_influence_predicts_leave_one_out_exactly_to_first_order(linear_regression):
+    """For least squares, removing a point moves w by (H_{-j})^{-1} g_j / (n-1) exactly (Sherman-Morrison)."""
+    model, X, y, weights = linear_regression
+    n = len(X)
+    est = DirectInfluence(model, loss="mse", regularization=0.0).fit(X, y)
+    test_x, test_y = X[:1] + 0.5, y[:1]
+    predicted = est.influences(test_x, test_y)[0] / n
+    actual = []
+    for j in range(0, n, 8):
+        keep = np.arange(n) != j
+        w = np.linalg.lstsq(X[keep], y[keep], rcond=None)[0]
+        actual.append(((test_x @ w - test_y) ** 2 - (test_x @ weights - test_y) ** 2).item())
+    assert np.corrcoef(predicted[::8], actual)[0, 1] > 0.99
+
+
+# --------------------------------------------------------------------- small MLP
+@pytest.mark.parametrize("est", estimators(regularization=0.01), ids=ids)
+def test_mlp_against_explicit_hessian(classification_problem, est):
+    model, X, y = classification_problem
+    hessian = reference_hessian(model, X, y, F.cross_entropy)
+    system = hessian + 0.01 * torch.eye(len(hessian), dtype=hessian.dtype)
+    G = reference_gradients(model, X, y, F.cross_entropy)
+    expected = G[:5] @ torch.linalg.solve(system, G.T)
+
+    est.set_params(model=model).fit(X, y)
+    torch.testing.assert_close(est.influences(X[:5], y[:5]), expected, rtol=1e-8, atol=1e-10)
+    torch.testing.assert_close(est.transform(X[:5], y[:5]), torch.linalg.solve(system, G[:5].T).T, rtol=1e-8, atol=1e-10)
+
+
+def softmax_gauss_newton(model, X):
+    """(1/n) sum_i J_i^T (diag(p_i) - p_i p_i^T) J_i with J_i from jacrev, in closed form per sample."""
+    params = {name: p.detach() for name, p in model.named_parameters()}
+
+    def outputs(flat_params, x):
+        return functional_call(model, flat_params, (x.unsqueeze(0),))[0]
+
+    rows = []
+    for x in X:
+        jac = jacrev(outputs)(params, x)
+        J = torch.cat([jac[name].reshape(jac[name].shape[0], -1) for name in params], dim=1)
+        p = torch.softmax(outputs(params, x), dim=0)
+        rows.append(J.T @ (torch.diag(p) - torch.outer(p, p)) @ J)
+    return torch.stack(rows).mean(dim=0)
+
+
+def test_gauss_newton_of_linear_softmax_model_equals_its_hessian():
+    """A model linear in its parameters has no residual curvature term: GN = H."""
+    torch.manual_seed(0)
+    X = torch.randn(30, 3, dtype=torch.float64)
+    y = torch.randint(0, 4, (30,))
+    model = torch.nn.Linear(3, 4).double()
+    closed_form = softmax_gauss_newton(model, X)
+    torch.testing.assert_close(closed_form, reference_hessian(model, X, y, F.cross_entropy))
+
+    G = reference_gradients(model, X, y, F.cross_entropy)
+    expected = G[:4] @ torch.linalg.solve(closed_form + 0.1 * torch.eye(len(closed_form), dtype=torch.float64), G.T)
+    for est in estimators(regularization=0.1, second_order="gauss_newton"):
+        est.set_params(model=model).fit(X, y)
+        torch.testing.assert_close(est.influences(X[:4], y[:4]), expected, rtol=1e-8, atol=1e-10)
+
+
+@pytest.mark.parametrize("est", estimators(regularization=0.01, second_order="gauss_newton"), ids=ids)
+def test_gauss_newton_of_mlp_against_jacobian_formula(classification_problem, est):
+    model, X, y = classification_problem
+    gn = softmax_gauss_newton(model, X)
+    G = reference_gradients(model, X, y, F.cross_entropy)
+    expected = G[:5] @ torch.linalg.solve(gn + 0.01 * torch.eye(len(gn), dtype=gn.dtype), G.T)
+    est.set_params(model=model).fit(X, y)
+    torch.testing.assert_close(est.influences(X[:5], y[:5]), expected, rtol=1e-8, atol=1e-10)
+
+
+def test_cross_entropy_measurement_is_loss_at_predicted_label(classification_problem):
+    model, X, y = classification_problem
+    est = DirectInfluence(model, regularization=0.01).fit(X, y)
+    predicted = model(X[:6]).argmax(dim=1)
+    torch.testing.assert_close(est.transform(X[:6]), est.transform(X[:6], predicted))
+
+
+# ------------------------------------------------------------- perturbation mode
+def test_perturbation_influence_matches_finite_differences(classification_problem):
+    """Central differences of up-weighting influence in each input coordinate.
+
+    CG's perturbation influences are checked against these in test_solvers.
+    """
+    model, X, y = classification_problem
+    est = DirectInfluence(model, regularization=0.05).fit(X, y)
+    X_test, y_test = X[:2], y[:2]
+    perturbation = est.influences(X_test, y_test, mode="perturbation")
+    assert perturbation.shape == (2, len(X), X.shape[1])
+
+    step = 1e-5
+    for j in (0, 7, 31):
+        for k in range(X.shape[1]):
+            shift = torch.zeros_like(X[j:j + 1])
+            shift[0, k] = step
+            up = est.influences(X_test, y_test, X[j:j + 1] + shift, y[j:j + 1])
+            down = est.influences(X_test, y_test, X[j:j + 1] - shift, y[j:j + 1])
+            finite_difference = ((up - down) / (2 * step))[:, 0]
+            torch.testing.assert_close(perturbation[:, j, k], finite_difference, rtol=1e-6, atol=1e-8)

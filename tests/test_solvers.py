@@ -1,0 +1,122 @@
+"""Solver equivalence and invariances: every estimator gives the same answers."""
+
+import numpy as np
+import pytest
+import torch
+
+from skinfl import CgInfluence, DirectInfluence
+from skinfl.exceptions import CgConvergenceWarning, NotPositiveDefiniteWarning
+
+
+@pytest.fixture(scope="module")
+def direct(classification_problem):
+    model, X, y = classification_problem
+    return DirectInfluence(model, regularization=0.01).fit(X, y)
+
+
+@pytest.mark.parametrize("preconditioner", [None, "jacobi"])
+@pytest.mark.parametrize("rtol", [1e-4, 1e-8])
+def test_cg_equals_direct_to_its_tolerance(classification_problem, direct, preconditioner, rtol):
+    model, X, y = classification_problem
+    cg = CgInfluence(model, regularization=0.01, rtol=rtol, preconditioner=preconditioner).fit(X, y)
+    exact = direct.transform(X, y)
+    approx = cg.transform(X, y)
+    # ||x - x*|| <= cond(A) * rtol * ||A^-1|| ||b||-ish: bound it through the residual instead.
+    gradients = direct._gradients(direct._fit_X, direct._fit_y)
+    system = direct._curvature_over(direct._fit_X, direct._fit_y)
+    residual = system.matmat(approx) + 0.01 * approx - gradients
+    assert (residual.norm(dim=1) <= rtol * gradients.norm(dim=1) * 1.0001 + 1e-15).all()
+    relative_error = ((approx - exact).norm(dim=1) / exact.norm(dim=1)).max()
+    assert relative_error < 1e4 * rtol  # cond(A) of this problem is below 1e4
+    torch.testing.assert_close(cg.influences(X[:5], y[:5]), direct.influences(X[:5], y[:5]), rtol=1e4 * rtol, atol=1e-6)
+
+
+def test_cg_perturbation_equals_direct(classification_problem, direct):
+    model, X, y = classification_problem
+    cg = CgInfluence(model, regularization=0.01, rtol=1e-10).fit(X, y)
+    torch.testing.assert_close(
+        cg.influences(X[:3], y[:3], mode="perturbation"),
+        direct.influences(X[:3], y[:3], mode="perturbation"),
+        rtol=1e-6,
+        atol=1e-9,
+    )
+
+
+@pytest.mark.parametrize("make", [DirectInfluence, lambda m, **kw: CgInfluence(m, rtol=1e-10, **kw)], ids=["direct", "cg"])
+@pytest.mark.parametrize("second_order", ["hessian", "gauss_newton"])
+def test_results_do_not_depend_on_batch_size(classification_problem, make, second_order):
+    model, X, y = classification_problem
+    results = [
+        make(model, regularization=0.01, batch_size=batch_size, second_order=second_order)
+        .fit(X, y)
+        .influences(X[:4], y[:4])
+        for batch_size in (5, 17, 60, 1000)
+    ]
+    for other in results[1:]:
+        torch.testing.assert_close(other, results[0], rtol=1e-7, atol=1e-10)
+
+
+def test_results_do_not_depend_on_sample_order(classification_problem, direct):
+    model, X, y = classification_problem
+    order = torch.randperm(len(X), generator=torch.Generator().manual_seed(3))
+    shuffled = DirectInfluence(model, regularization=0.01).fit(X[order], y[order])
+    torch.testing.assert_close(shuffled.influences(X[:4], y[:4]), direct.influences(X[:4], y[:4])[:, order])
+
+
+def test_influences_use_smaller_side_consistently(classification_problem, direct):
+    """More test points than training points takes the other branch; the result is the same."""
+    model, X, y = classification_problem
+    many = direct.influences(X, y, X[:5], y[:5])
+    few = direct.influences(X[:5], y[:5], X, y)
+    torch.testing.assert_close(many, few.T)
+
+
+def test_cg_warns_when_not_converged(classification_problem):
+    model, X, y = classification_problem
+    cg = CgInfluence(model, regularization=1e-6, rtol=1e-12, max_iter=2).fit(X, y)
+    with pytest.warns(CgConvergenceWarning, match=r"did not converge for 5 of 5 systems after 2 iterations.*max_iter"):
+        cg.transform(X[:5], y[:5])
+
+
+def test_cg_reports_negative_curvature():
+    """A model away from a minimum has an indefinite Hessian: CG says so and what to do."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3)).double()
+    X = torch.randn(40, 3, dtype=torch.float64)
+    y = torch.randint(0, 3, (40,))
+    direct = DirectInfluence(model, regularization=0.0, solver="eigh").fit(X, y)
+    if direct.eigenvalues_.min() >= 0:  # pragma: no cover - depends on the random init
+        pytest.skip("random model happened to be convex here")
+    with pytest.warns(CgConvergenceWarning, match="negative curvature.*gauss_newton"):
+        CgInfluence(model, regularization=0.0).fit(X, y).transform(X, y)
+
+
+def test_direct_warns_and_falls_back_when_indefinite():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3)).double()
+    X = torch.randn(40, 3, dtype=torch.float64)
+    y = torch.randint(0, 3, (40,))
+    with pytest.warns(NotPositiveDefiniteWarning, match="non-positive eigenvalue.*gauss_newton"):
+        est = DirectInfluence(model, regularization=0.0).fit(X, y)
+    assert est.solver_ == "eigh"
+    with pytest.raises(ValueError, match="not positive definite.*solver='eigh'"):
+        DirectInfluence(model, regularization=0.0, solver="cholesky").fit(X, y)
+    # Gauss-Newton is positive semi-definite: Cholesky works with any positive regularization.
+    assert DirectInfluence(model, regularization=1e-3, second_order="gauss_newton").fit(X, y).solver_ == "cholesky"
+
+
+def test_direct_eigenvalues_are_those_of_the_curvature(classification_problem):
+    model, X, y = classification_problem
+    est = DirectInfluence(model, regularization=0.5, solver="eigh").fit(X, y)
+    matrix = est._curvature_over(est._fit_X, est._fit_y).dense()
+    expected = torch.linalg.eigvalsh(matrix.double()).flip(0)
+    torch.testing.assert_close(est.eigenvalues_, expected)
+    assert est.solver_ == "eigh"
+    chol = DirectInfluence(model, regularization=0.5).fit(X, y)
+    torch.testing.assert_close(chol.transform(X[:3], y[:3]), est.transform(X[:3], y[:3]))
+
+
+def test_direct_refuses_large_models_and_names_the_alternative():
+    model = torch.nn.Linear(200, 100)
+    with pytest.raises(ValueError, match=r"20,100 x 20,100.*max_params=10,000.*CgInfluence"):
+        DirectInfluence(model).fit(np.zeros((2, 200), dtype=np.float32), np.array([0, 1]))
