@@ -43,7 +43,7 @@ class Size:
 
 
 FULL = Size("full", n_train=1400, n_test=100)
-QUICK = Size("quick", n_train=280, n_test=20)
+QUICK = Size("quick", n_train=200, n_test=10)
 
 
 @dataclass(frozen=True)

@@ -65,12 +65,35 @@ def _summarise_messages(messages, limit=3, width=300):
     return [f"{count}x {message[:width]}" for message, count in list(unique.values())[:limit]]
 
 
+def _record_skinfl_cg_reports():
+    """Wrap skinfl's batched CG so that each solve's report (iterations, convergence) is kept.
+
+    Diagnostics only (one list append per solve); returns None if skinfl's
+    internals no longer look as expected.
+    """
+    try:
+        from skinfl._solvers import cg as cg_module
+
+        solver = cg_module.batched_conjugate_gradient
+    except (ImportError, AttributeError):
+        return None
+    reports = []
+
+    def recording(*args, **kwargs):
+        solution, report = solver(*args, **kwargs)
+        reports.append(report)
+        return solution, report
+
+    cg_module.batched_conjugate_gradient = recording
+    return reports
+
+
 def prepare(args):
     size = {"full": P.FULL, "quick": P.QUICK}[args.size]
     P.prepare_data(size)
     import torch
 
-    torch.set_num_threads(P.cpu_count())
+    torch.set_num_threads(args.threads or P.cpu_count())
     summaries = {name: P.prepare_model(name, size) for name in args.problems.split(",")}
     print("RESULT " + json.dumps(summaries), flush=True)
 
@@ -83,7 +106,7 @@ def run(args):
     import numpy as np
     import torch
 
-    threads = P.cpu_count()
+    threads = args.threads or P.cpu_count()
     torch.set_num_threads(threads)
     torch.manual_seed(0)
 
@@ -103,6 +126,7 @@ def run(args):
         import skinfl
 
         version = skinfl.__version__
+        cg_reports = _record_skinfl_cg_reports()
         if args.method == "direct":
             estimator = skinfl.DirectInfluence(
                 model, loss="cross_entropy", regularization=REGULARIZATION, batch_size=SKINFL_BATCH_SIZE
@@ -181,10 +205,11 @@ def run(args):
 
     # CG iteration counts: skinfl keeps a report of its last solve; pyDVL logs them at DEBUG.
     cg_iterations = None
-    if args.lib == "skinfl" and hasattr(estimator, "_last_report"):
-        cg_iterations = {"iterations": int(estimator._last_report.n_iter),
-                         "converged": int(estimator._last_report.converged.sum()),
-                         "systems": int(estimator._last_report.n_systems)}
+    if args.lib == "skinfl" and args.method != "direct" and cg_reports is not None:
+        cg_iterations = {"solves": len(cg_reports),
+                         "iterations": [int(r.n_iter) for r in cg_reports],
+                         "converged": sum(int(r.converged.sum()) for r in cg_reports),
+                         "systems": sum(int(r.n_systems) for r in cg_reports)}
     elif args.lib == "pydvl" and args.method != "direct":
         counts = [int(m.group(1)) for _, _, msg in collector.records
                   if (m := re.search(r"Terminated (?:block )?cg after (\d+) iterations", msg))]
@@ -233,12 +258,14 @@ def main(argv=None):
     prep = sub.add_parser("prepare")
     prep.add_argument("--size", choices=("full", "quick"), required=True)
     prep.add_argument("--problems", required=True)
+    prep.add_argument("--threads", type=int, default=None)
     one = sub.add_parser("run")
     one.add_argument("--size", choices=("full", "quick"), required=True)
     one.add_argument("--problem", choices=sorted(P.PROBLEMS), required=True)
     one.add_argument("--lib", choices=sorted(METHODS), required=True)
     one.add_argument("--method", required=True)
     one.add_argument("--pydvl-batch-size", type=int, default=None)
+    one.add_argument("--threads", type=int, default=None)
     args = parser.parse_args(argv)
     (prepare if args.command == "prepare" else run)(args)
 

@@ -185,7 +185,8 @@ def _machine(threads, versions):
                 memory = f"{int(line.split()[1]) / 1024**2:.1f} GiB"
     except OSError:
         pass
-    return {"cpu": cpu, "cores": threads, "memory": memory, "platform": platform.platform(), **versions}
+    return {"cpu": cpu, "cores": P.cpu_count(), "torch_threads": threads, "memory": memory,
+            "platform": platform.platform(), **versions}
 
 
 def _git_state():
@@ -210,7 +211,13 @@ def main(argv=None):
     parser.add_argument("--repeat", type=int, default=1,
                         help="run each configuration this many times (fresh process each) and keep the fastest")
     parser.add_argument("--pydvl-batch-size", type=int, default=None,
-                        help="pyDVL DataLoader batch size; must divide n_train (default n_train / 2)")
+                        help="pyDVL's DataLoader batch size for CG; must divide n_train, since pyDVL's CG averages "
+                             "per-batch mean Hessians without weights (default n_train / 2)")
+    parser.add_argument("--pydvl-direct-batch-size", type=int, default=None,
+                        help="pyDVL's DataLoader batch size for DirectInfluence, whose torch.func.hessian needs "
+                             "about 30 MB per sample of a batch for the cnn (default: the largest divisor of n_train <= 100)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads in every worker (default: the cores this process may use)")
     parser.add_argument("--skinfl-python", default=sys.executable, help="interpreter with skinfl's dependencies")
     parser.add_argument("--pydvl-python", default=str(DEFAULT_PYDVL_PYTHON),
                         help="interpreter of pyDVL's venv (bash benchmarks/setup_pydvl_env.sh)")
@@ -228,19 +235,22 @@ def main(argv=None):
     if not args.skip_pydvl and not Path(args.pydvl_python).exists():
         parser.error(f"{args.pydvl_python} not found: run `bash benchmarks/setup_pydvl_env.sh` or pass --skip-pydvl")
     pydvl_batch = args.pydvl_batch_size or size.n_train // 2
-    if size.n_train % pydvl_batch:
-        parser.error(f"--pydvl-batch-size {pydvl_batch} does not divide n_train={size.n_train}")
+    pydvl_direct_batch = args.pydvl_direct_batch_size or max(d for d in range(1, 101) if size.n_train % d == 0)
+    for option, value in (("--pydvl-batch-size", pydvl_batch), ("--pydvl-direct-batch-size", pydvl_direct_batch)):
+        if value < 1 or size.n_train % value:
+            parser.error(f"{option} {value} does not divide n_train={size.n_train}")
     name = args.output or "speed" + ("_quick" if args.quick else "") + (
         "_" + "-".join(problems) if args.only else "") + ("_skinfl" if args.skip_pydvl else "")
     command = " ".join(shlex.quote(a) for a in [sys.executable, os.path.relpath(__file__, P.REPO_ROOT),
                                                  *(sys.argv[1:] if argv is None else argv)])
-    threads = P.cpu_count()
+    threads = args.threads or P.cpu_count()
     started = _dt.datetime.now().astimezone()
+    load_before = os.getloadavg()
     print(f"[{size.name}] {size.n_train} train / {size.n_test} test points, problems {problems}, "
-          f"{threads} threads, pyDVL DataLoader batch {pydvl_batch}", flush=True)
+          f"{threads} threads, pyDVL DataLoader batch {pydvl_batch} (CG), {pydvl_direct_batch} (Direct)", flush=True)
 
     # 1. data + models (once, cached), in a worker so that this process stays small.
-    record, status, wall, err = _launch(args.skinfl_python, ["prepare", "--size", size.name,
+    record, status, wall, err = _launch(args.skinfl_python, ["prepare", "--size", size.name, "--threads", str(threads),
                                                              "--problems", ",".join(problems)],
                                         _env("skinfl", threads), args.timeout)
     if record is None:
@@ -253,7 +263,8 @@ def main(argv=None):
     def launch(problem, lib, method):
         worker_args = ["run", "--size", size.name, "--problem", problem, "--lib", lib, "--method", method]
         if lib == "pydvl":
-            worker_args += ["--pydvl-batch-size", str(pydvl_batch)]
+            worker_args += ["--pydvl-batch-size", str(pydvl_direct_batch if method == "direct" else pydvl_batch)]
+        worker_args += ["--threads", str(threads)]
         python = args.pydvl_python if lib == "pydvl" else args.skinfl_python
         return _launch(python, worker_args, _env(lib, threads), args.timeout)
 
@@ -339,6 +350,8 @@ def main(argv=None):
             versions[f"{lib}_env_numpy"] = first["numpy_version"]
             versions["python"] = first["python"]
     machine = _machine(threads, versions)
+    machine["load_average_1_5_15min"] = {"start": [round(x, 2) for x in load_before],
+                                         "end": [round(x, 2) for x in os.getloadavg()]}
     rss_start = [r["rss_start_mb"] for r in rows if "rss_start_mb" in r]
 
     table = _text_table(rows)
@@ -354,7 +367,8 @@ def main(argv=None):
         f"{min(rss_start, default=0):.0f}-{max(rss_start, default=0):.0f} MB.",
         f"Settings: regularization={W.REGULARIZATION}, skinfl batch_size={W.SKINFL_BATCH_SIZE}, CG rtol={W.CG_RTOL:g} "
         f"(pyDVL rtol={W.PYDVL_CG_RTOL:g}, atol={W.PYDVL_CG_ATOL:g}: same ||r|| <= {W.CG_RTOL:g} ||b||), "
-        f"max_iter={W.CG_MAX_ITER}, pyDVL DataLoader batch {pydvl_batch}, {threads} torch threads.",
+        f"max_iter={W.CG_MAX_ITER}, pyDVL DataLoader batch {pydvl_batch} for CG and {pydvl_direct_batch} "
+        f"for Direct, {threads} torch threads.",
     ]
     for note in notes:
         print("  " + note)
@@ -372,6 +386,7 @@ def main(argv=None):
             "regularization": W.REGULARIZATION, "skinfl_batch_size": W.SKINFL_BATCH_SIZE,
             "cg_rtol": W.CG_RTOL, "cg_max_iter": W.CG_MAX_ITER, "pydvl_cg_rtol": W.PYDVL_CG_RTOL,
             "pydvl_cg_atol": W.PYDVL_CG_ATOL, "pydvl_dataloader_batch_size": pydvl_batch,
+            "pydvl_direct_dataloader_batch_size": pydvl_direct_batch, "threads": threads,
             "reference_rtol": W.REF_RTOL, "timeout_s": args.timeout, "repeat": args.repeat,
         },
         "models": models,
@@ -387,7 +402,9 @@ def main(argv=None):
         "",
         f"- Command: `{command}`",
         f"- Date: {started.strftime('%Y-%m-%d %H:%M %Z')}",
-        f"- Machine: {machine['cpu']}, {threads} cores, {machine['memory']} RAM, {machine['platform']}",
+        f"- Machine: {machine['cpu']}, {machine['cores']} cores ({threads} torch threads per worker), "
+        f"{machine['memory']} RAM, {machine['platform']}; 1-min load average "
+        f"{load_before[0]:.1f} at start, {os.getloadavg()[0]:.1f} at end",
         f"- skinfl {versions.get('skinfl_version', '?')} (commit {_git_state()}), "
         f"torch {versions.get('skinfl_env_torch', '?')}, numpy {versions.get('skinfl_env_numpy', '?')}",
     ]

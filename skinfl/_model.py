@@ -141,14 +141,22 @@ class ParameterLayout:
         }
 
 
-def evaluation_copy(model, device):
+def has_lazy_parameters(model):
+    return any(isinstance(p, nn.parameter.UninitializedParameter) for p in model.parameters())
+
+
+def evaluation_copy(model, device, example=None):
     """A deep copy of ``model`` in eval mode on ``device``, without gradients.
 
     Influence functions describe the trained model as a deterministic function,
     so dropout is off and batch norm uses its running statistics, whatever
-    mode the user's model is in; the user's model is never changed.
+    mode the user's model is in; the user's model is never changed. Lazy
+    modules (``torch.nn.LazyLinear``, ...) are materialised on ``example``.
     """
     copied = copy.deepcopy(model).eval().to(device)
+    if example is not None and has_lazy_parameters(copied):
+        with torch.no_grad():
+            copied(example)
     for parameter in copied.parameters():
         parameter.requires_grad_(False)
     return copied

@@ -7,8 +7,6 @@ breaks one import, not every estimator.
 
 from __future__ import annotations
 
-import numbers
-
 import numpy as np
 import torch
 from sklearn.utils._param_validation import Interval, StrOptions  # noqa: F401  (re-exported)
@@ -30,18 +28,25 @@ def to_output(result, like_torch):
 
 def _as_tensor(data, name):
     if isinstance(data, torch.Tensor):
+        if data.layout != torch.strided:
+            raise TypeError(f"Sparse tensors are not supported for {name}; convert with {name}.to_dense().")
         return data.detach()
+    if hasattr(data, "toarray") or hasattr(data, "tocsr"):  # scipy.sparse
+        raise TypeError(f"Sparse data is not supported for {name}; convert it with {name}.toarray().")
     if hasattr(data, "to_numpy"):  # pandas
         data = data.to_numpy()
     array = np.asarray(data)
-    if array.dtype == object or array.dtype.kind in "USV":
+    if array.dtype == object:
+        # Numbers stored as objects convert; anything else raises numpy's TypeError.
+        array = array.astype(np.float64)
+    if array.dtype.kind in "USV":
         raise ValueError(
             f"{name} must hold numbers, got an array of dtype {array.dtype}"
             + (" (encode string labels with sklearn.preprocessing.LabelEncoder)" if name == "y" else "")
             + "."
         )
     if array.dtype.kind == "c":
-        raise ValueError(f"{name} is complex; influence functions need real-valued data.")
+        raise ValueError(f"Complex data not supported: {name} is complex, influence functions need real-valued data.")
     return torch.as_tensor(np.ascontiguousarray(array))
 
 
@@ -54,11 +59,20 @@ def as_input_tensor(X, dtype, device, name="X"):
     if X is None:
         raise ValueError(f"{name} is None; pass the model inputs as an array or tensor.")
     tensor = _as_tensor(X, name)
-    if tensor.ndim == 0:
-        raise ValueError(f"{name} is a scalar; pass samples along the first axis, e.g. shape (n_samples, n_features).")
+    if tensor.ndim < 2:
+        raise ValueError(
+            f"Expected 2D array or more for {name}, got {tensor.ndim}D with shape {tuple(tensor.shape)}: "
+            f"samples go on the first axis. Reshape your data either using {name}.reshape(-1, 1) if it "
+            f"has a single feature or {name}.reshape(1, -1) if it contains a single sample."
+        )
     if tensor.shape[0] == 0:
         raise ValueError(
             f"Found array with 0 sample(s) (shape={tuple(tensor.shape)}) while a minimum of 1 is required: {name} is empty."
+        )
+    if tensor.ndim > 1 and tensor[0].numel() == 0:
+        raise ValueError(
+            f"Found array with 0 feature(s) (shape={tuple(tensor.shape)}) while a minimum of 1 is required: "
+            f"{name} has no input values per sample."
         )
     if tensor.dtype == torch.bool:
         tensor = tensor.to(dtype)
@@ -144,11 +158,6 @@ def _class_labels(tensor, output_shape, name, device):
             "sklearn.preprocessing.LabelEncoder, or check that this is the model trained on them."
         )
     return labels.to(device)
-
-
-def check_regularization_finite(value):
-    if not (isinstance(value, numbers.Real) and np.isfinite(value)):
-        raise ValueError(f"regularization must be a finite number >= 0, got {value!r}.")
 
 
 def validate_estimator_params(estimator):

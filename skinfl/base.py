@@ -28,7 +28,6 @@ from ._validation import (
     StrOptions,
     as_input_tensor,
     as_target_tensor,
-    check_regularization_finite,
     check_same_length,
     returns_torch,
     to_output,
@@ -96,7 +95,6 @@ class BaseInfluence(TransformerMixin, BaseEstimator):
             The fitted estimator.
         """
         validate_estimator_params(self)
-        check_regularization_finite(self.regularization)
         if y is None:
             raise ValueError(
                 f"{type(self).__name__} requires y to be passed, but the target y is None: "
@@ -110,8 +108,9 @@ class BaseInfluence(TransformerMixin, BaseEstimator):
                 "influence is taken with respect to trainable parameters."
             )
         loss = LossSpec.resolve(self.loss)
-        fmodel = FunctionalModel(evaluation_copy(self.model, device), loss, trainable)
-        X_t = as_input_tensor(X, fmodel.dtype, device)
+        X_t = as_input_tensor(X, _model_dtype(self.model), device)
+        module = _evaluation_copy_for(self.model, device, X_t)
+        fmodel = FunctionalModel(module, loss, trainable)
         output_shape = _probe_output_shape(fmodel, X_t)
         y_t = as_target_tensor(y, loss, output_shape, fmodel.dtype, device)
         check_same_length(X_t, y_t)
@@ -130,14 +129,6 @@ class BaseInfluence(TransformerMixin, BaseEstimator):
         self._fit_curvature(self._curvature_over(X_t, y_t))
         return self
 
-    def fit_transform(self, X, y=None):
-        """Fit, then return the influence factors of the training data.
-
-        Unlike ``TransformerMixin.fit_transform``, the targets are used for the
-        factors too (``transform(X, y)``), so they are loss gradients.
-        """
-        return self.fit(X, y).transform(X, y)
-
     # ------------------------------------------------------------ inference
     def transform(self, X, y=None):
         """Influence factors ``(C + regularization I)^-1 grad l(x, y)``.
@@ -153,7 +144,7 @@ class BaseInfluence(TransformerMixin, BaseEstimator):
 
         Returns
         -------
-        factors : ndarray or torch.Tensor of shape (n_samples, n_params_)
+        factors : ndarray or torch.Tensor of shape (n_samples, n_params)
             A torch tensor on ``device_`` if ``X`` is one, else a numpy array.
         """
         X_t, y_t = self._check_data(X, y)
@@ -289,7 +280,10 @@ class BaseInfluence(TransformerMixin, BaseEstimator):
                 )
             return device
         for tensor in self.model.parameters():
-            return tensor.device
+            if not isinstance(tensor, nn.parameter.UninitializedParameter):
+                return tensor.device
+        for tensor in self.model.parameters():  # all lazy: they live on the default device
+            return torch.device("cpu")
         raise ValueError("The model has no parameters, so influence functions are undefined for it.")
 
     def _functional_model(self):
@@ -391,16 +385,38 @@ def _available_device(saved):
     return device
 
 
+def _model_dtype(model):
+    for parameter in model.parameters():  # lazy (uninitialised) parameters know their dtype too
+        return parameter.dtype
+    return torch.get_default_dtype()
+
+
+def _evaluation_copy_for(model, device, X):
+    try:
+        return evaluation_copy(model, device, example=X[:1])
+    except Exception as error:  # materialising lazy modules runs the model
+        raise ValueError(
+            f"The model could not be evaluated on X[:1] of shape {tuple(X[:1].shape)} "
+            f"({type(error).__name__}: {error})."
+        ) from error
+
+
 def _probe_output_shape(fmodel, X):
     """Per-sample output shape of the model, with a clear error if X does not fit it."""
     try:
         with torch.no_grad():
             output = fmodel.output(fmodel.params, X[:1])
     except Exception as error:  # any failure here means the inputs do not fit the model
+        hint = (
+            " X holds integers, which are passed to the model as they are (as token ids for an "
+            "embedding layer would be); cast X to float for a model that takes real values."
+            if not X.is_floating_point()
+            else ""
+        )
         raise ValueError(
             f"The model could not be evaluated on X[:1] of shape {tuple(X[:1].shape)} "
             f"({type(error).__name__}: {error}). Check that X has the input shape the "
-            "model was trained on (for example the number of features)."
+            f"model was trained on (for example the number of features).{hint}"
         ) from error
     if not isinstance(output, torch.Tensor) or output.ndim == 0 or output.shape[0] != 1:
         raise ValueError(

@@ -176,7 +176,7 @@ class CgInfluence(BaseInfluence):
         The resolved loss.
     trainable_parameters_ : list of str
         Names of the parameters influence is taken with respect to.
-    preconditioner_diagonal_ : torch.Tensor of shape (n_params_,) or None
+    preconditioner_diagonal_ : torch.Tensor of shape (n_params,) or None
         ``diag(C_GN) + lambda`` when ``preconditioner="jacobi"``.
 
     See Also
@@ -256,6 +256,5 @@ class CgInfluence(BaseInfluence):
             max_iter=self.max_iter,
             inverse_diagonal=inverse_diagonal,
         )
-        self._last_report = report
         _warn_if_unconverged(report, self.max_iter, self.preconditioner, self.second_order)
         return solution

@@ -81,7 +81,7 @@ class DirectInfluence(BaseInfluence):
         Names of the parameters influence is taken with respect to.
     solver_ : {"cholesky", "eigh"}
         The factorisation used.
-    eigenvalues_ : torch.Tensor of shape (n_params_,) or None
+    eigenvalues_ : torch.Tensor of shape (n_params,) or None
         Eigenvalues of the curvature ``C`` (without regularization), in
         descending order, when ``solver_ == "eigh"``; None otherwise.
 

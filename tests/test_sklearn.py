@@ -1,0 +1,180 @@
+"""scikit-learn citizenship: checks, clone, search, pipelines, persistence."""
+
+import io
+import warnings
+
+import joblib
+import numpy as np
+import pytest
+import torch
+from sklearn.base import clone
+from sklearn.model_selection import GridSearchCV
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+from sklearn.utils.estimator_checks import parametrize_with_checks
+
+from skinfl import CgInfluence, DirectInfluence, registered_estimators
+from skinfl.exceptions import NotFittedError
+
+# Checks that cannot apply to an estimator of a fixed, pre-trained model.
+EXPECTED_FAILED_CHECKS = {
+    "check_estimators_dtypes": (
+        "integer X is passed to the model unchanged (token ids for embedding layers); "
+        "a model with a floating first layer rejects it with an error that says to cast X"
+    ),
+    "check_transformer_n_iter": (
+        "CgInfluence's max_iter bounds each conjugate-gradient run of transform/influences; "
+        "fit runs no iterations, so there is no n_iter_"
+    ),
+}
+
+
+def lazy_linear_estimators():
+    """Estimators on a lazily sized linear model, so any input width the checks use works."""
+    for cls in registered_estimators().values():
+        yield cls(torch.nn.LazyLinear(1, dtype=torch.float64), loss="mse", regularization=0.1)
+
+
+def expected_failed_checks(estimator):
+    return {
+        name: reason
+        for name, reason in EXPECTED_FAILED_CHECKS.items()
+        if name != "check_transformer_n_iter" or "max_iter" in estimator.get_params()
+    }
+
+
+@parametrize_with_checks(list(lazy_linear_estimators()), expected_failed_checks=expected_failed_checks)
+def test_sklearn_compatible_estimator(estimator, check):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        check(estimator)
+
+
+def test_registry_lists_every_estimator():
+    assert {"DirectInfluence", "CgInfluence"} <= set(registered_estimators())
+
+
+@pytest.fixture(scope="module")
+def digits_problem():
+    """A small MLP trained on scaled digits (float32, like users' models)."""
+    from sklearn.datasets import load_digits
+
+    X, y = load_digits(return_X_y=True)
+    X, y = X[:400], y[:400]
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 16), torch.nn.Tanh(), torch.nn.Linear(16, 10))
+    scaled = torch.tensor(StandardScaler().fit_transform(X), dtype=torch.float32)
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.02)
+    for _ in range(150):
+        optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(model(scaled), torch.tensor(y)).backward()
+        optimizer.step()
+    return model, X.astype(np.float32), y
+
+
+def test_clone_and_params(digits_problem):
+    model, X, y = digits_problem
+    est = CgInfluence(model, regularization=0.1, rtol=1e-5, preconditioner="jacobi")
+    params = est.get_params()
+    assert params["regularization"] == 0.1 and params["preconditioner"] == "jacobi"
+    copy = clone(est)
+    assert copy.model is not model  # the model is deep-copied with the estimator
+    assert copy.get_params()["rtol"] == 1e-5
+    assert copy.set_params(regularization=2.0) is copy and copy.regularization == 2.0
+    assert est.regularization == 0.1
+
+
+def test_unfitted_use_raises_not_fitted(digits_problem):
+    model, X, y = digits_problem
+    for method in ("transform", "self_influence", "influences"):
+        with pytest.raises(NotFittedError, match="not fitted yet"):
+            getattr(DirectInfluence(model), method)(X[:2], y[:2])
+
+
+@pytest.mark.parametrize("n_jobs", [None, 2])
+def test_grid_search_over_regularization(digits_problem, n_jobs):
+    model, X, y = digits_problem
+    pipe = make_pipeline(StandardScaler(), DirectInfluence(model))
+    grid = {"directinfluence__regularization": [1e-4, 1e-2, 1.0, 100.0]}
+    search = GridSearchCV(pipe, grid, cv=3, n_jobs=n_jobs).fit(X, y)
+    scores = search.cv_results_["mean_test_score"]
+    assert np.all(np.isfinite(scores)) and np.all(scores <= 0)
+    # The score is not degenerate: neither the smallest nor the largest value wins.
+    assert search.best_params_["directinfluence__regularization"] in (1e-2, 1.0)
+    assert search.best_estimator_[-1].n_samples_fit_ == len(X)
+
+
+def test_grid_search_is_the_same_serial_and_parallel(digits_problem):
+    model, X, y = digits_problem
+    grid = {"regularization": [1e-2, 1.0]}
+    est = CgInfluence(model, rtol=1e-6)
+    scaled = StandardScaler().fit_transform(X)
+    serial = GridSearchCV(est, grid, cv=2).fit(scaled, y).cv_results_["mean_test_score"]
+    parallel = GridSearchCV(est, grid, cv=2, n_jobs=2).fit(scaled, y).cv_results_["mean_test_score"]
+    np.testing.assert_allclose(serial, parallel, rtol=1e-5)
+
+
+def test_pipeline_with_preprocessing(digits_problem):
+    model, X, y = digits_problem
+    scaler = StandardScaler().fit(X)
+    pipe = make_pipeline(StandardScaler(), DirectInfluence(model, regularization=0.1)).fit(X, y)
+    direct = DirectInfluence(model, regularization=0.1).fit(scaler.transform(X), y)
+    # As a transformer, the pipeline gives measurement factors (no labels in transform).
+    np.testing.assert_allclose(pipe.transform(X[:5]), direct.transform(scaler.transform(X[:5])), rtol=1e-5)
+    np.testing.assert_allclose(pipe.score(X[:50], y[:50]), direct.score(scaler.transform(X[:50]), y[:50]), rtol=1e-5)
+    assert pipe.transform(X[:5]).shape == (5, direct.n_params_)
+
+
+def test_numpy_in_numpy_out_torch_in_torch_out(digits_problem):
+    model, X, y = digits_problem
+    scaled = StandardScaler().fit_transform(X).astype(np.float32)
+    est = DirectInfluence(model, regularization=0.1).fit(scaled, y)
+    as_numpy = est.influences(scaled[:3], y[:3])
+    as_torch = est.influences(torch.tensor(scaled[:3]), torch.tensor(y[:3]))
+    assert isinstance(as_numpy, np.ndarray) and isinstance(as_torch, torch.Tensor)
+    assert as_torch.device == est.device_
+    np.testing.assert_allclose(as_numpy, as_torch.numpy())
+    assert isinstance(est.self_influence(scaled[:3], y[:3]), np.ndarray)
+    assert isinstance(est.transform(torch.tensor(scaled[:3])), torch.Tensor)
+    # Lists and other indexables along axis 0 work as numpy does.
+    np.testing.assert_allclose(est.influences(scaled[:3].tolist(), y[:3].tolist()), as_numpy)
+
+
+@pytest.mark.parametrize("cls", [DirectInfluence, CgInfluence])
+def test_joblib_round_trip_gives_identical_results(digits_problem, tmp_path, cls):
+    model, X, y = digits_problem
+    scaled = StandardScaler().fit_transform(X).astype(np.float32)
+    est = cls(model, regularization=0.1).fit(scaled, y)
+    before = est.influences(scaled[:4], y[:4])
+    joblib.dump(est, tmp_path / "est.joblib")
+    loaded = joblib.load(tmp_path / "est.joblib")
+    assert np.array_equal(loaded.influences(scaled[:4], y[:4]), before)
+    assert np.array_equal(
+        loaded.influences(scaled[:4], y[:4], scaled[:9], y[:9]), est.influences(scaled[:4], y[:4], scaled[:9], y[:9])
+    )
+    assert np.array_equal(loaded.self_influence(scaled[:6], y[:6]), est.self_influence(scaled[:6], y[:6]))
+    assert loaded.get_params(deep=False).keys() == est.get_params(deep=False).keys()
+
+
+def test_unfitted_estimator_pickles(digits_problem):
+    model, X, y = digits_problem
+    buffer = io.BytesIO()
+    joblib.dump(DirectInfluence(model, regularization=0.3), buffer)
+    buffer.seek(0)
+    assert joblib.load(buffer).regularization == 0.3
+
+
+def test_loading_where_the_fitted_device_is_missing_falls_back_to_cpu(digits_problem, monkeypatch):
+    """Pretend the estimator was fitted on CUDA and is loaded on a machine without it."""
+    model, X, y = digits_problem
+    scaled = StandardScaler().fit_transform(X).astype(np.float32)
+    est = DirectInfluence(model, regularization=0.1).fit(scaled, y)
+    before = est.influences(scaled[:2], y[:2])
+    state = est.__getstate__()
+    state["device"] = "cuda:0"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    restored = DirectInfluence.__new__(DirectInfluence)
+    with pytest.warns(UserWarning, match="fitted on cuda:0, which is not available here; it was loaded on cpu"):
+        restored.__setstate__(state)
+    assert restored.device_ == torch.device("cpu")
+    assert np.array_equal(restored.influences(scaled[:2], y[:2]), before)
