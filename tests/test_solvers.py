@@ -14,7 +14,7 @@ def direct(classification_problem):
     return DirectInfluence(model, regularization=0.01).fit(X, y)
 
 
-@pytest.mark.parametrize("preconditioner", [None, "jacobi"])
+@pytest.mark.parametrize("preconditioner", [None, "jacobi", "nystroem"])
 @pytest.mark.parametrize("rtol", [1e-4, 1e-8])
 def test_cg_equals_direct_to_its_tolerance(classification_problem, direct, preconditioner, rtol):
     model, X, y = classification_problem
@@ -120,3 +120,36 @@ def test_direct_refuses_large_models_and_names_the_alternative():
     model = torch.nn.Linear(200, 100)
     with pytest.raises(ValueError, match=r"20,100 x 20,100.*max_params=10,000.*CgInfluence"):
         DirectInfluence(model).fit(np.zeros((2, 200), dtype=np.float32), np.array([0, 1]))
+
+
+def test_nystroem_preconditioner_cuts_iterations(classification_problem):
+    """A low-rank preconditioner capturing the top of the spectrum leaves CG little to do."""
+    from skinfl._solvers.cg import batched_conjugate_gradient
+
+    model, X, y = classification_problem
+    runs = {}
+    for preconditioner in (None, "nystroem"):
+        cg = CgInfluence(model, regularization=1e-3, rtol=1e-8, preconditioner=preconditioner,
+                         preconditioner_rank=30, random_state=0).fit(X, y)
+        curvature = cg._curvature_over(cg._fit_X, cg._fit_y)
+        gradients = cg._gradients(X[:8], y[:8])
+        _, report = batched_conjugate_gradient(
+            lambda v: curvature.matmat(v) + 1e-3 * v, gradients, rtol=1e-8, atol=0.0, max_iter=1000,
+            preconditioner=cg.preconditioner_,
+        )
+        runs[preconditioner] = report.n_iter
+    assert runs["nystroem"] < runs[None] / 2
+
+
+def test_nystroem_sketch_is_exact_at_full_rank(classification_problem, direct):
+    from skinfl._sketch import nystroem_sketch
+
+    model, X, y = classification_problem
+    curvature = direct._curvature_over(direct._fit_X, direct._fit_y)
+    matrix = curvature.dense()
+    gauss_newton = CgInfluence(model, second_order="gauss_newton").fit(X, y)
+    gn_curvature = gauss_newton._curvature_over(gauss_newton._fit_X, gauss_newton._fit_y)
+    sketch = nystroem_sketch(gn_curvature, direct.n_params_, torch.Generator().manual_seed(0))
+    reconstructed = sketch.eigenvectors @ torch.diag(sketch.eigenvalues) @ sketch.eigenvectors.T
+    torch.testing.assert_close(reconstructed, gn_curvature.dense(), rtol=1e-6, atol=1e-8)
+    assert matrix.shape == reconstructed.shape
