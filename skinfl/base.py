@@ -204,11 +204,14 @@ class BaseInfluence(TransformerMixin, BaseEstimator):
         Parameters
         ----------
         X : array-like or torch.Tensor of shape (n_samples, ...)
+            Inputs.
         y : array-like or torch.Tensor of shape (n_samples, ...), default=None
+            Targets; None uses the prediction measurement (see :meth:`transform`).
 
         Returns
         -------
         self_influence : ndarray or torch.Tensor of shape (n_samples,)
+            A torch tensor on ``device_`` if ``X`` is one, else a numpy array.
         """
         X_t, y_t = self._check_data(X, y)
         gradients = self._gradients(X_t, y_t)
@@ -248,6 +251,7 @@ class BaseInfluence(TransformerMixin, BaseEstimator):
         Returns
         -------
         score : float
+            Minus the mean relative residual; 0 is a perfect inverse.
         """
         if y is None:
             raise ValueError("score needs targets y: it compares against the curvature of the held-out loss.")

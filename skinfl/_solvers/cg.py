@@ -205,15 +205,15 @@ class CgInfluence(BaseInfluence):
         have very different curvature scales. None: plain CG.
     preconditioner_rank : int, default=100
         Rank of the ``"nystroem"`` preconditioner (capped at ``n_params``).
-    random_state : int, RandomState instance or None, default=None
-        Seeds the Nystroem test matrix. Results agree to ``rtol`` whatever
-        the seed; fix it for bitwise reproducibility.
     batch_size : int, default=512
         Samples per batched pass over the data.
     device : str or torch.device, default=None
         Where the work runs; None uses the model's device.
     progress : bool, default=False
         Show tqdm progress bars.
+    random_state : int, RandomState instance or None, default=None
+        Seeds the Nystroem test matrix. Results agree to ``rtol`` whatever
+        the seed; fix it for bitwise reproducibility.
 
     Attributes
     ----------
