@@ -141,6 +141,15 @@ class ParameterLayout:
         }
 
 
+# Modules whose output depends on train/eval mode.
+_MODE_DEPENDENT = (nn.modules.dropout._DropoutNd, nn.modules.batchnorm._NormBase)
+
+
+def mode_dependent_modules_in_training(model):
+    """Names of dropout / batch-norm modules that are in training mode."""
+    return [name for name, m in model.named_modules() if isinstance(m, _MODE_DEPENDENT) and m.training]
+
+
 def has_lazy_parameters(model):
     return any(isinstance(p, nn.parameter.UninitializedParameter) for p in model.parameters())
 

@@ -22,7 +22,13 @@ from torch import nn
 
 from ._curvature import SECOND_ORDER_MODES, CurvatureOperator
 from ._gradients import all_gradients, batch_slices, iter_gradients, perturbation_batch
-from ._model import BUILTIN_LOSSES, FunctionalModel, LossSpec, evaluation_copy
+from ._model import (
+    BUILTIN_LOSSES,
+    FunctionalModel,
+    LossSpec,
+    evaluation_copy,
+    mode_dependent_modules_in_training,
+)
 from ._validation import (
     Interval,
     StrOptions,
@@ -33,6 +39,7 @@ from ._validation import (
     to_output,
     validate_estimator_params,
 )
+from .exceptions import TrainingModeWarning
 
 _REGISTRY = {}
 
@@ -106,6 +113,16 @@ class BaseInfluence(TransformerMixin, BaseEstimator):
             raise ValueError(
                 "The model has no trainable parameters (none has requires_grad=True); "
                 "influence is taken with respect to trainable parameters."
+            )
+        in_training = mode_dependent_modules_in_training(self.model)
+        if in_training:
+            warnings.warn(
+                f"The model is in training mode and its modules {in_training[:3]} behave differently "
+                "in eval mode; influences are computed on a copy in eval mode (dropout off, batch norm "
+                "with running statistics), and your model is left unchanged. Call model.eval() "
+                "before fitting to silence this warning.",
+                TrainingModeWarning,
+                stacklevel=2,
             )
         loss = LossSpec.resolve(self.loss)
         X_t = as_input_tensor(X, _model_dtype(self.model), device)
@@ -303,7 +320,7 @@ class BaseInfluence(TransformerMixin, BaseEstimator):
 
     def _check_data(self, X, y, names=("X", "y")):
         check_is_fitted(self)
-        fmodel_dtype = next(iter(self._functional_model().params.values())).dtype
+        fmodel_dtype = _model_dtype(self.model_)
         X_t = as_input_tensor(X, fmodel_dtype, self.device_, names[0])
         if tuple(X_t.shape[1:]) != self.input_shape_:
             if X_t.ndim == 2 and len(self.input_shape_) == 1:

@@ -2,7 +2,7 @@
 
 from sklearn.exceptions import ConvergenceWarning, NotFittedError
 
-__all__ = ["CgConvergenceWarning", "NotFittedError", "NotPositiveDefiniteWarning"]
+__all__ = ["CgConvergenceWarning", "NotFittedError", "NotPositiveDefiniteWarning", "TrainingModeWarning"]
 
 
 class CgConvergenceWarning(ConvergenceWarning):
@@ -20,4 +20,14 @@ class NotPositiveDefiniteWarning(UserWarning):
     minimum of the training loss. Influences are then not those of a
     minimiser; raise ``regularization`` above the most negative eigenvalue
     or use ``second_order="gauss_newton"``.
+    """
+
+
+class TrainingModeWarning(UserWarning):
+    """The model was given in training mode and has dropout or batch norm.
+
+    skinfl evaluates a private copy in eval mode (dropout off, batch norm with
+    its running statistics), as influence functions describe the trained
+    model; the user's model is left as it is. Call ``model.eval()`` first to
+    make that explicit and silence the warning.
     """

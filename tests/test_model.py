@@ -1,6 +1,7 @@
 """The model and loss: eval mode, frozen parameters, loss forms, the user's model untouched."""
 
 import copy
+import warnings
 
 import numpy as np
 import pytest
@@ -8,6 +9,7 @@ import torch
 from torch import nn
 
 from skinfl import CgInfluence, DirectInfluence
+from skinfl.exceptions import TrainingModeWarning
 
 
 def data(n=40, d=5, classes=3, seed=0):
@@ -23,16 +25,19 @@ def test_dropout_and_batch_norm_are_evaluated_in_eval_mode_without_touching_the_
     model(X)  # give batch norm non-trivial running statistics
     model.train()
     before = copy.deepcopy(model.state_dict())
-    first = DirectInfluence(model, regularization=0.1).fit(X, y).influences(X[:3], y[:3])
-    second = DirectInfluence(model, regularization=0.1).fit(X, y).influences(X[:3], y[:3])
+    with pytest.warns(TrainingModeWarning, match=r"training mode.*\['1', '3'\].*model.eval\(\)"):
+        first = DirectInfluence(model, regularization=0.1).fit(X, y).influences(X[:3], y[:3])
+    with pytest.warns(TrainingModeWarning):
+        second = DirectInfluence(model, regularization=0.1).fit(X, y).influences(X[:3], y[:3])
     torch.testing.assert_close(first, second, rtol=0, atol=0)  # no dropout randomness
     assert model.training  # the user's model keeps its mode...
     for key, value in model.state_dict().items():  # ...and its state (running stats too)
         torch.testing.assert_close(value, before[key], rtol=0, atol=0)
     evaluated = copy.deepcopy(model).eval()
-    torch.testing.assert_close(
-        first, DirectInfluence(evaluated, regularization=0.1).fit(X, y).influences(X[:3], y[:3])
-    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", TrainingModeWarning)  # an eval-mode model is not warned about
+        in_eval = DirectInfluence(evaluated, regularization=0.1, solver="eigh").fit(X, y)
+    torch.testing.assert_close(first, in_eval.influences(X[:3], y[:3]))
 
 
 def test_frozen_parameters_are_excluded():
