@@ -83,9 +83,7 @@ def _cnn():
 def _wide_mlp():
     from torch import nn
 
-    return nn.Sequential(
-        nn.Linear(64, 256), nn.Tanh(), nn.Linear(256, 256), nn.Tanh(), nn.Linear(256, 10)
-    )
+    return nn.Sequential(nn.Linear(64, 256), nn.Tanh(), nn.Linear(256, 256), nn.Tanh(), nn.Linear(256, 10))
 
 
 def _tiny_wide():
@@ -188,7 +186,9 @@ def prepare_model(problem: str, size: Size) -> dict:
             "n_params": sum(p.numel() for p in model.parameters()),
             "train_loss": float(F.cross_entropy(logits, y)),
             "train_accuracy": float((logits.argmax(1) == y).float().mean()),
-            "test_accuracy": float((test_logits.argmax(1) == torch.from_numpy(data["y_test"])).float().mean()),
+            "test_accuracy": float(
+                (test_logits.argmax(1) == torch.from_numpy(data["y_test"])).float().mean()
+            ),
             "adam_steps": spec.steps,
             "adam_lr": spec.lr,
         }
@@ -196,6 +196,29 @@ def prepare_model(problem: str, size: Size) -> dict:
     summary["state_dict_sha1"] = fingerprint(path)
     summary_path.write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def warmup_model(problem: str):
+    """A small untrained model with the layer types of ``problem``, for a cheap warm-up run."""
+    import torch
+    from torch import nn
+
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(TRAIN_SEED)
+    if problem == "cnn":
+        model = nn.Sequential(
+            nn.Unflatten(1, (1, 8, 8)),
+            nn.Conv2d(1, 2, 3),
+            nn.Tanh(),
+            nn.Conv2d(2, 2, 3),
+            nn.Tanh(),
+            nn.Flatten(),
+            nn.Linear(32, 10),
+        )
+    else:
+        model = nn.Sequential(nn.Linear(64, 4), nn.Tanh(), nn.Linear(4, 10))
+    torch.random.set_rng_state(generator_state)
+    return model.eval()
 
 
 def load_model(problem: str, size: Size):

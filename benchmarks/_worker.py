@@ -43,7 +43,7 @@ REF_MAX_ITER = 5000
 PYDVL_CG_RTOL = CG_RTOL**0.5
 PYDVL_CG_ATOL = 1e-10
 
-METHODS = {"skinfl": ("direct", "cg", "cg_ref"), "pydvl": ("direct", "cg", "cg_block")}
+METHODS = {"skinfl": ("direct", "cg", "cg_plain", "cg_ref"), "pydvl": ("direct", "cg", "cg_block")}
 
 
 class _Collect(logging.Handler):
@@ -127,28 +127,34 @@ def run(args):
 
         version = skinfl.__version__
         cg_reports = _record_skinfl_cg_reports()
-        if args.method == "direct":
-            estimator = skinfl.DirectInfluence(
-                model, loss="cross_entropy", regularization=REGULARIZATION, batch_size=SKINFL_BATCH_SIZE
+
+        def make(model, X, y, X_test, y_test, regularization=REGULARIZATION, max_iter=None):
+            if args.method == "direct":
+                estimator = skinfl.DirectInfluence(
+                    model, loss="cross_entropy", regularization=regularization, batch_size=SKINFL_BATCH_SIZE
+                )
+            else:
+                rtol, iters = (REF_RTOL, REF_MAX_ITER) if args.method == "cg_ref" else (CG_RTOL, CG_MAX_ITER)
+                estimator = skinfl.CgInfluence(
+                    model,
+                    loss="cross_entropy",
+                    regularization=regularization,
+                    rtol=rtol,
+                    max_iter=max_iter or iters,
+                    batch_size=SKINFL_BATCH_SIZE,
+                )
+                params = estimator.get_params()
+                if "random_state" in params:  # a randomised preconditioner: make runs repeatable
+                    estimator.set_params(random_state=0)
+                if args.method == "cg_plain" and "preconditioner" in params:
+                    estimator.set_params(preconditioner=None)
+            settings = {k: v for k, v in estimator.get_params().items() if k != "model"}
+            return (
+                (lambda: estimator.fit(X, y)),
+                (lambda: estimator.influences(X_test, y_test, X, y)),
+                settings,
             )
-        else:
-            rtol, max_iter = (REF_RTOL, REF_MAX_ITER) if args.method == "cg_ref" else (CG_RTOL, CG_MAX_ITER)
-            estimator = skinfl.CgInfluence(
-                model,
-                loss="cross_entropy",
-                regularization=REGULARIZATION,
-                rtol=rtol,
-                max_iter=max_iter,
-                batch_size=SKINFL_BATCH_SIZE,
-            )
 
-        def fit():
-            estimator.fit(X_train, y_train)
-
-        def influences():
-            return estimator.influences(X_test, y_test, X_train, y_train)
-
-        settings = {k: v for k, v in estimator.get_params().items() if k != "model"}
     else:
         import pydvl
         import torch.nn.functional as F
@@ -157,34 +163,54 @@ def run(args):
         from torch.utils.data import DataLoader, TensorDataset
 
         version = pydvl.__version__
-        batch_size = args.pydvl_batch_size or len(X_train)
-        if len(X_train) % batch_size:
-            raise SystemExit(
-                f"pyDVL batch size {batch_size} must divide n_train={len(X_train)}: pyDVL's CG averages "
-                "per-batch mean Hessians without weights, so an uneven last batch changes the Hessian."
-            )
-        loader = DataLoader(TensorDataset(X_train, y_train), batch_size=batch_size, shuffle=False)
-        if args.method == "direct":
-            estimator = DirectInfluence(model, F.cross_entropy, regularization=REGULARIZATION)
-            settings = {"regularization": REGULARIZATION}
-        else:
-            settings = {
-                "regularization": REGULARIZATION,
-                "rtol": PYDVL_CG_RTOL,
-                "atol": PYDVL_CG_ATOL,
-                "maxiter": CG_MAX_ITER,
-                "solve_simultaneously": args.method == "cg_block",
-            }
-            estimator = CgInfluence(model, F.cross_entropy, **settings)
-        settings["dataloader_batch_size"] = batch_size
+        cg_reports = None
 
-        def fit():
-            estimator.fit(loader)
+        def make(model, X, y, X_test, y_test, regularization=REGULARIZATION, max_iter=None):
+            batch_size = min(args.pydvl_batch_size or len(X), len(X))
+            if len(X) % batch_size:
+                raise SystemExit(
+                    f"pyDVL batch size {batch_size} must divide n_train={len(X)}: pyDVL's CG averages "
+                    "per-batch mean Hessians without weights, so an uneven last batch changes the Hessian."
+                )
+            loader = DataLoader(TensorDataset(X, y), batch_size=batch_size, shuffle=False)
+            if args.method == "direct":
+                estimator = DirectInfluence(model, F.cross_entropy, regularization=regularization)
+                settings = {"regularization": regularization}
+            else:
+                settings = {
+                    "regularization": regularization,
+                    "rtol": PYDVL_CG_RTOL,
+                    "atol": PYDVL_CG_ATOL,
+                    "maxiter": max_iter or CG_MAX_ITER,
+                    "solve_simultaneously": args.method == "cg_block",
+                }
+                estimator = CgInfluence(model, F.cross_entropy, **settings)
+            settings["dataloader_batch_size"] = batch_size
 
-        def influences():
-            return estimator.influences(X_test, y_test, X_train, y_train, mode=InfluenceMode.Up)
+            def influences():
+                return estimator.influences(X_test, y_test, X, y, mode=InfluenceMode.Up)
 
-    rss_import_mb = _maxrss_mb()  # torch + library imported, data and model loaded
+            return (lambda: estimator.fit(loader)), influences, settings
+
+    fit, influences, settings = make(model, X_train, y_train, X_test, y_test)
+    rss_loaded_mb = _maxrss_mb()  # torch and the library imported, data and model loaded
+
+    # Warm-up: the same library and method on a small model of the same kind and a few points,
+    # so that one-time costs (lazy imports, torch's first use of an autograd mode) are not timed.
+    warm_model = P.warmup_model(args.problem).to(dtype)
+    with warnings.catch_warnings(record=True) as warmup_caught:
+        warnings.simplefilter("always")
+        start = time.perf_counter()
+        warm_fit, warm_influences, _ = make(
+            warm_model, X_train[:10], y_train[:10], X_test[:2], y_test[:2], regularization=10.0, max_iter=5
+        )
+        warm_fit()
+        warm_influences()
+        warmup_s = time.perf_counter() - start
+    if cg_reports is not None:
+        cg_reports.clear()
+
+    rss_import_mb = _maxrss_mb()  # ... and warmed up: the baseline of the timed work
 
     collector = _Collect()
     logging.getLogger().addHandler(collector)
@@ -206,18 +232,30 @@ def run(args):
     # CG iteration counts: skinfl keeps a report of its last solve; pyDVL logs them at DEBUG.
     cg_iterations = None
     if args.lib == "skinfl" and args.method != "direct" and cg_reports is not None:
-        cg_iterations = {"solves": len(cg_reports),
-                         "iterations": [int(r.n_iter) for r in cg_reports],
-                         "converged": sum(int(r.converged.sum()) for r in cg_reports),
-                         "systems": sum(int(r.n_systems) for r in cg_reports)}
+        cg_iterations = {
+            "solves": len(cg_reports),
+            "iterations": [int(r.n_iter) for r in cg_reports],
+            "converged": sum(int(r.converged.sum()) for r in cg_reports),
+            "systems": sum(int(r.n_systems) for r in cg_reports),
+        }
     elif args.lib == "pydvl" and args.method != "direct":
-        counts = [int(m.group(1)) for _, _, msg in collector.records
-                  if (m := re.search(r"Terminated (?:block )?cg after (\d+) iterations", msg))]
-        cg_iterations = {"runs": len(counts), "iterations_total": sum(counts),
-                         "iterations_max": max(counts, default=None)}
+        counts = [
+            int(m.group(1))
+            for _, _, msg in collector.records
+            if (m := re.search(r"Terminated (?:block )?cg after (\d+) iterations", msg))
+        ]
+        cg_iterations = {
+            "runs": len(counts),
+            "iterations_total": sum(counts),
+            "iterations_max": max(counts, default=None),
+            "iterations_per_run": counts,
+        }
 
-    log_messages = [f"{logging.getLevelName(level)} {name}: {msg}" for level, name, msg in collector.records
-                    if level >= logging.WARNING]
+    log_messages = [
+        f"{logging.getLevelName(level)} {name}: {msg}"
+        for level, name, msg in collector.records
+        if level >= logging.WARNING
+    ]
     warning_messages = [f"{w.category.__name__}: {w.message}" for w in caught]
     record = {
         "problem": args.problem,
@@ -232,12 +270,19 @@ def run(args):
         "n_train": len(X_train),
         "n_test": len(X_test),
         "dtype": str(dtype).replace("torch.", ""),
-        "settings": {k: (v if isinstance(v, (int, float, str, bool, type(None))) else repr(v))
-                     for k, v in settings.items()},
+        "settings": {
+            k: (v if isinstance(v, (int, float, str, bool, type(None))) else repr(v))
+            for k, v in settings.items()
+        },
+        "warmup_s": warmup_s,
+        "warmup_warnings": _summarise_messages(
+            [f"{w.category.__name__}: {w.message}" for w in warmup_caught]
+        ),
         "fit_s": fitted - start,
         "influences_s": done - fitted,
         "total_s": done - start,
         "rss_start_mb": RSS_START_MB,
+        "rss_loaded_mb": rss_loaded_mb,
         "rss_import_mb": rss_import_mb,
         "peak_mb": peak_mb,
         "matrix": str(out.relative_to(P.REPO_ROOT)),
@@ -253,7 +298,9 @@ def run(args):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     prep = sub.add_parser("prepare")
     prep.add_argument("--size", choices=("full", "quick"), required=True)

@@ -71,18 +71,22 @@ def _launch(python, args, env, timeout):
     record = None
     for line in stdout.splitlines():
         if line.startswith("RESULT "):
-            record = json.loads(line[len("RESULT "):])
+            record = json.loads(line[len("RESULT ") :])
     if proc.returncode != 0 or record is None:
         return None, f"failed (exit {proc.returncode})", wall, (stderr or stdout)[-2000:]
     return record, "ok", wall, stderr[-2000:]
 
 
-def _env(lib, threads):
+def _env(lib, threads, omp_wait_policy):
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONWARNINGS", "PYTHONSTARTUP")}
     if lib == "skinfl":
         env["PYTHONPATH"] = str(P.REPO_ROOT)
     # Same thread settings for both libraries (torch.set_num_threads is also called in the worker).
     env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
+    if omp_wait_policy != "default":
+        # With spinning OpenMP threads, a busy machine slows small torch ops down by 10-100x
+        # (threads spin for cores that other processes hold); PASSIVE makes idle threads sleep.
+        env["OMP_WAIT_POLICY"] = omp_wait_policy
     env["PYTHONUNBUFFERED"] = "1"
     return env
 
@@ -91,9 +95,14 @@ def _plan(problems, skip_pydvl):
     runs = []
     for problem in problems:
         direct = P.PROBLEMS[problem].direct
-        runs += [(problem, "skinfl", m) for m in (("direct", "cg") if direct else ("cg",))]
+        runs += [
+            (problem, "skinfl", m) for m in (("direct", "cg", "cg_plain") if direct else ("cg", "cg_plain"))
+        ]
         if not skip_pydvl:
-            runs += [(problem, "pydvl", m) for m in (("direct", "cg", "cg_block") if direct else ("cg", "cg_block"))]
+            runs += [
+                (problem, "pydvl", m)
+                for m in (("direct", "cg", "cg_block") if direct else ("cg", "cg_block"))
+            ]
     return runs
 
 
@@ -130,7 +139,7 @@ COLUMNS = (
     ("total s", "total_s", ".2f"),
     ("skinfl speedup", "speedup", ".1fx"),
     ("peak MB", "peak_mb", ".0f"),
-    ("+MB over import", "work_mb", ".0f"),
+    ("+MB", "work_mb", ".0f"),
     ("max rel diff", "max_rel_diff", ".2e"),
     ("pearson", "pearson", ".6f"),
     ("status", "status", "s"),
@@ -158,13 +167,19 @@ def _text_table(rows):
     widths = [max(len(h), *(len(b[i]) for b in body)) if body else len(h) for i, h in enumerate(header)]
     lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths))]
     lines.append("  ".join("-" * w for w in widths))
-    lines += ["  ".join(c.rjust(w) if i >= 4 else c.ljust(w) for i, (c, w) in enumerate(zip(b, widths))) for b in body]
+    lines += [
+        "  ".join(c.rjust(w) if i >= 4 else c.ljust(w) for i, (c, w) in enumerate(zip(b, widths)))
+        for b in body
+    ]
     return "\n".join(lines)
 
 
 def _markdown_table(rows):
     header = [name for name, _, _ in COLUMNS]
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * 4 + ["---:"] * (len(header) - 4)) + "|"]
+    lines = [
+        "| " + " | ".join(header) + " |",
+        "|" + "|".join(["---"] * 4 + ["---:"] * (len(header) - 4)) + "|",
+    ]
     lines += ["| " + " | ".join(_cells(row)) + " |" for row in rows]
     return "\n".join(lines)
 
@@ -185,14 +200,22 @@ def _machine(threads, versions):
                 memory = f"{int(line.split()[1]) / 1024**2:.1f} GiB"
     except OSError:
         pass
-    return {"cpu": cpu, "cores": P.cpu_count(), "torch_threads": threads, "memory": memory,
-            "platform": platform.platform(), **versions}
+    return {
+        "cpu": cpu,
+        "cores": P.cpu_count(),
+        "torch_threads": threads,
+        "memory": memory,
+        "platform": platform.platform(),
+        **versions,
+    }
 
 
 def _git_state():
     def git(*args):
         try:
-            return subprocess.run(["git", *args], cwd=P.REPO_ROOT, capture_output=True, text=True, timeout=30).stdout.strip()
+            return subprocess.run(
+                ["git", *args], cwd=P.REPO_ROOT, capture_output=True, text=True, timeout=30
+            ).stdout.strip()
         except (OSError, subprocess.SubprocessError):
             return ""
 
@@ -202,26 +225,61 @@ def _git_state():
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true",
-                        help="280 training / 20 test points, mlp and a small wide model: checks the harness (~2 min)")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="280 training / 20 test points, mlp and a small wide model: checks the harness (~2 min)",
+    )
     parser.add_argument("--only", help="comma-separated problems to run (default: all of the size)")
     parser.add_argument("--skip-pydvl", action="store_true", help="run skinfl only")
     parser.add_argument("--timeout", type=float, default=1200.0, help="seconds per worker (default 1200)")
-    parser.add_argument("--repeat", type=int, default=1,
-                        help="run each configuration this many times (fresh process each) and keep the fastest")
-    parser.add_argument("--pydvl-batch-size", type=int, default=None,
-                        help="pyDVL's DataLoader batch size for CG; must divide n_train, since pyDVL's CG averages "
-                             "per-batch mean Hessians without weights (default n_train / 2)")
-    parser.add_argument("--pydvl-direct-batch-size", type=int, default=None,
-                        help="pyDVL's DataLoader batch size for DirectInfluence, whose torch.func.hessian needs "
-                             "about 30 MB per sample of a batch for the cnn (default: the largest divisor of n_train <= 100)")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch threads in every worker (default: the cores this process may use)")
-    parser.add_argument("--skinfl-python", default=sys.executable, help="interpreter with skinfl's dependencies")
-    parser.add_argument("--pydvl-python", default=str(DEFAULT_PYDVL_PYTHON),
-                        help="interpreter of pyDVL's venv (bash benchmarks/setup_pydvl_env.sh)")
-    parser.add_argument("--output", help="results basename in benchmarks/results/ (default derived from the options)")
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="run each configuration this many times (fresh process each) and keep the fastest",
+    )
+    parser.add_argument(
+        "--pydvl-batch-size",
+        type=int,
+        default=None,
+        help="pyDVL's DataLoader batch size for CG; must divide n_train, since pyDVL's CG averages "
+        "per-batch mean Hessians without weights (default n_train / 2)",
+    )
+    parser.add_argument(
+        "--pydvl-direct-batch-size",
+        type=int,
+        default=None,
+        help="pyDVL's DataLoader batch size for DirectInfluence, whose torch.func.hessian needs "
+        "about 30 MB per sample of a batch for the cnn (default: the largest divisor of n_train <= 100)",
+    )
+    parser.add_argument(
+        "--omp-wait-policy",
+        choices=("PASSIVE", "ACTIVE", "default"),
+        default="PASSIVE",
+        help="OMP_WAIT_POLICY of every worker (default PASSIVE: robust to other jobs on the machine; "
+        "'default' leaves the variable as it is)",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads in every worker (default: the cores this process may use)",
+    )
+    parser.add_argument(
+        "--skinfl-python", default=sys.executable, help="interpreter with skinfl's dependencies"
+    )
+    parser.add_argument(
+        "--pydvl-python",
+        default=str(DEFAULT_PYDVL_PYTHON),
+        help="interpreter of pyDVL's venv (bash benchmarks/setup_pydvl_env.sh)",
+    )
+    parser.add_argument(
+        "--output", help="results basename in benchmarks/results/ (default derived from the options)"
+    )
     args = parser.parse_args(argv)
 
     size = P.QUICK if args.quick else P.FULL
@@ -233,54 +291,94 @@ def main(argv=None):
         if unknown:
             parser.error(f"--only: {unknown} not among the {size.name} problems {list(available)}")
     if not args.skip_pydvl and not Path(args.pydvl_python).exists():
-        parser.error(f"{args.pydvl_python} not found: run `bash benchmarks/setup_pydvl_env.sh` or pass --skip-pydvl")
+        parser.error(
+            f"{args.pydvl_python} not found: run `bash benchmarks/setup_pydvl_env.sh` or pass --skip-pydvl"
+        )
     pydvl_batch = args.pydvl_batch_size or size.n_train // 2
-    pydvl_direct_batch = args.pydvl_direct_batch_size or max(d for d in range(1, 101) if size.n_train % d == 0)
-    for option, value in (("--pydvl-batch-size", pydvl_batch), ("--pydvl-direct-batch-size", pydvl_direct_batch)):
+    pydvl_direct_batch = args.pydvl_direct_batch_size or max(
+        d for d in range(1, 101) if size.n_train % d == 0
+    )
+    for option, value in (
+        ("--pydvl-batch-size", pydvl_batch),
+        ("--pydvl-direct-batch-size", pydvl_direct_batch),
+    ):
         if value < 1 or size.n_train % value:
             parser.error(f"{option} {value} does not divide n_train={size.n_train}")
     name = args.output or "speed" + ("_quick" if args.quick else "") + (
-        "_" + "-".join(problems) if args.only else "") + ("_skinfl" if args.skip_pydvl else "")
-    command = " ".join(shlex.quote(a) for a in [sys.executable, os.path.relpath(__file__, P.REPO_ROOT),
-                                                 *(sys.argv[1:] if argv is None else argv)])
+        "_" + "-".join(problems) if args.only else ""
+    ) + ("_skinfl" if args.skip_pydvl else "")
+    command = " ".join(
+        shlex.quote(a)
+        for a in [
+            sys.executable,
+            os.path.relpath(__file__, P.REPO_ROOT),
+            *(sys.argv[1:] if argv is None else argv),
+        ]
+    )
     threads = args.threads or P.cpu_count()
     started = _dt.datetime.now().astimezone()
     load_before = os.getloadavg()
-    print(f"[{size.name}] {size.n_train} train / {size.n_test} test points, problems {problems}, "
-          f"{threads} threads, pyDVL DataLoader batch {pydvl_batch} (CG), {pydvl_direct_batch} (Direct)", flush=True)
+    busy = load_before[0] > 0.5 * P.cpu_count()
+    if busy:
+        print(
+            f"WARNING: 1-minute load average {load_before[0]:.1f} on {P.cpu_count()} cores: other jobs are "
+            "running, so the timings will be noisy (multi-threaded BLAS/LAPACK calls suffer most; "
+            "consider --threads 1 or --repeat 3).",
+            flush=True,
+        )
+    print(
+        f"[{size.name}] {size.n_train} train / {size.n_test} test points, problems {problems}, "
+        f"{threads} threads, pyDVL DataLoader batch {pydvl_batch} (CG), {pydvl_direct_batch} (Direct)",
+        flush=True,
+    )
 
     # 1. data + models (once, cached), in a worker so that this process stays small.
-    record, status, wall, err = _launch(args.skinfl_python, ["prepare", "--size", size.name, "--threads", str(threads),
-                                                             "--problems", ",".join(problems)],
-                                        _env("skinfl", threads), args.timeout)
+    record, status, wall, err = _launch(
+        args.skinfl_python,
+        ["prepare", "--size", size.name, "--threads", str(threads), "--problems", ",".join(problems)],
+        _env("skinfl", threads, args.omp_wait_policy),
+        args.timeout,
+    )
     if record is None:
         sys.exit(f"preparing data/models {status}:\n{err}")
     models = record
     for problem, summary in models.items():
-        print(f"  {problem}: {summary['n_params']:,} params, train loss {summary['train_loss']:.4f}, "
-              f"train acc {summary['train_accuracy']:.3f}, test acc {summary['test_accuracy']:.3f}", flush=True)
+        print(
+            f"  {problem}: {summary['n_params']:,} params, train loss {summary['train_loss']:.4f}, "
+            f"train acc {summary['train_accuracy']:.3f}, test acc {summary['test_accuracy']:.3f}",
+            flush=True,
+        )
 
     def launch(problem, lib, method):
         worker_args = ["run", "--size", size.name, "--problem", problem, "--lib", lib, "--method", method]
         if lib == "pydvl":
-            worker_args += ["--pydvl-batch-size", str(pydvl_direct_batch if method == "direct" else pydvl_batch)]
+            worker_args += [
+                "--pydvl-batch-size",
+                str(pydvl_direct_batch if method == "direct" else pydvl_batch),
+            ]
         worker_args += ["--threads", str(threads)]
         python = args.pydvl_python if lib == "pydvl" else args.skinfl_python
-        return _launch(python, worker_args, _env(lib, threads), args.timeout)
+        return _launch(python, worker_args, _env(lib, threads, args.omp_wait_policy), args.timeout)
 
     # 2. references that are not a benchmark row: float64 CG (rtol=1e-7) for the CG-only problems.
     references = {}
     for problem in problems:
         if P.PROBLEMS[problem].direct:
-            references[problem] = {"lib": "skinfl", "method": "direct",
-                                   "path": P.matrix_path(problem, "skinfl", "direct", size)}
+            references[problem] = {
+                "lib": "skinfl",
+                "method": "direct",
+                "path": P.matrix_path(problem, "skinfl", "direct", size),
+            }
             continue
         path = P.matrix_path(problem, "skinfl", "cg_ref", size)
         meta_path = path.with_suffix(".json")
         fingerprint = P.fingerprint(P.model_path(problem, size))
         meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
         if not (path.exists() and meta.get("state_dict_sha1") == fingerprint):
-            print(f"  computing the {problem} reference (skinfl CG, float64, rtol={W.REF_RTOL:g}) ...", flush=True)
+            print(
+                f"  computing the {problem} reference (skinfl CG, float64, rtol={W.REF_RTOL:g}) ...",
+                flush=True,
+            )
             record, status, wall, err = launch(problem, "skinfl", "cg_ref")
             if record is None:
                 print(f"    reference {status}:\n{err}", flush=True)
@@ -309,14 +407,22 @@ def main(argv=None):
             row["all_total_s"] = [a[0]["total_s"] for a in good]
         else:
             record, status, wall, err = attempts[-1]
-            row = {"problem": problem, "lib": lib, "method": method,
-                   "n_params": models[problem]["n_params"], "stderr_tail": err}
+            row = {
+                "problem": problem,
+                "lib": lib,
+                "method": method,
+                "n_params": models[problem]["n_params"],
+                "stderr_tail": err,
+            }
         row["status"] = status
         row["worker_wall_s"] = wall
         rows.append(row)
-        line = (f"  {problem:9s} {lib:6s} {method:9s} {status:8s}"
-                + (f" fit {row['fit_s']:8.2f} s  influences {row['influences_s']:8.2f} s  "
-                   f"peak {row['peak_mb']:6.0f} MB" if "fit_s" in row else ""))
+        line = f"  {problem:9s} {lib:6s} {method:9s} {status:8s}" + (
+            f" fit {row['fit_s']:8.2f} s  influences {row['influences_s']:8.2f} s  "
+            f"peak {row['peak_mb']:6.0f} MB"
+            if "fit_s" in row
+            else ""
+        )
         print(line, flush=True)
         if row.get("n_warnings") or row.get("n_log_warnings"):
             for message in row.get("warnings", []) + row.get("log_warnings", []):
@@ -333,10 +439,19 @@ def main(argv=None):
             row.update(_compare(np.load(P.REPO_ROOT / row["matrix"]), np.load(ref["path"])))
         elif row["is_reference"]:
             row.update({"max_rel_diff": 0.0, "pearson": 1.0})
-        skinfl_method = {"direct": "direct", "cg": "cg", "cg_block": "cg"}[row["method"]]
+        skinfl_method = {"direct": "direct", "cg": "cg", "cg_block": "cg", "cg_plain": "cg"}[row["method"]]
         if row["lib"] == "pydvl" and row["status"] == "ok":
-            mine = next((r for r in rows if r["problem"] == row["problem"] and r["lib"] == "skinfl"
-                         and r["method"] == skinfl_method and r["status"] == "ok"), None)
+            mine = next(
+                (
+                    r
+                    for r in rows
+                    if r["problem"] == row["problem"]
+                    and r["lib"] == "skinfl"
+                    and r["method"] == skinfl_method
+                    and r["status"] == "ok"
+                ),
+                None,
+            )
             if mine is not None:
                 row["speedup"] = row["total_s"] / mine["total_s"]
                 row["speedup_vs"] = f"skinfl {skinfl_method}"
@@ -350,25 +465,33 @@ def main(argv=None):
             versions[f"{lib}_env_numpy"] = first["numpy_version"]
             versions["python"] = first["python"]
     machine = _machine(threads, versions)
-    machine["load_average_1_5_15min"] = {"start": [round(x, 2) for x in load_before],
-                                         "end": [round(x, 2) for x in os.getloadavg()]}
+    machine["load_average_1_5_15min"] = {
+        "start": [round(x, 2) for x in load_before],
+        "end": [round(x, 2) for x in os.getloadavg()],
+    }
     rss_start = [r["rss_start_mb"] for r in rows if "rss_start_mb" in r]
 
     table = _text_table(rows)
     print()
     print(table)
     notes = [
-        f"speedup = pyDVL total / skinfl total for the same problem and method (pyDVL cg and cg_block are "
-        f"compared with skinfl cg); > 1 means skinfl is faster.",
+        "speedup = pyDVL total / skinfl total for the same problem and method (pyDVL cg and cg_block are "
+        "compared with skinfl cg, i.e. CgInfluence with its default preconditioner); > 1 means skinfl is "
+        "faster. "
+        "skinfl cg_plain is CgInfluence with preconditioner=None, like pyDVL's CG.",
         "max rel diff = max|A - R| / max|R|, pearson = correlation of all entries with the reference R: "
         "skinfl direct for problems with a Direct row, else skinfl CG in float64 with rtol=1e-7 (cached).",
-        "peak MB = ru_maxrss of the worker process; '+MB over import' subtracts its ru_maxrss once torch, the "
-        f"library, the data and the model are loaded. A bare interpreter (before numpy/torch) is "
-        f"{min(rss_start, default=0):.0f}-{max(rss_start, default=0):.0f} MB.",
-        f"Settings: regularization={W.REGULARIZATION}, skinfl batch_size={W.SKINFL_BATCH_SIZE}, CG rtol={W.CG_RTOL:g} "
+        "peak MB = ru_maxrss of the worker process; +MB = peak MB minus its ru_maxrss just before the timed "
+        "work (torch and the library imported, data and model loaded, a small warm-up run done). A bare "
+        f"interpreter (before numpy/torch) is {min(rss_start, default=0):.0f}-"
+        f"{max(rss_start, default=0):.0f} MB.",
+        "Timings exclude process start, imports and a warm-up run of the same library and method on a small "
+        "model (one-time costs: lazy imports, torch's first use of forward-mode AD, ...).",
+        f"Settings: regularization={W.REGULARIZATION}, skinfl batch_size={W.SKINFL_BATCH_SIZE}, "
+        f"CG rtol={W.CG_RTOL:g} "
         f"(pyDVL rtol={W.PYDVL_CG_RTOL:g}, atol={W.PYDVL_CG_ATOL:g}: same ||r|| <= {W.CG_RTOL:g} ||b||), "
         f"max_iter={W.CG_MAX_ITER}, pyDVL DataLoader batch {pydvl_batch} for CG and {pydvl_direct_batch} "
-        f"for Direct, {threads} torch threads.",
+        f"for Direct, {threads} torch threads, OMP_WAIT_POLICY={args.omp_wait_policy}.",
     ]
     for note in notes:
         print("  " + note)
@@ -383,15 +506,25 @@ def main(argv=None):
         "skinfl_commit": _git_state(),
         "machine": machine,
         "settings": {
-            "regularization": W.REGULARIZATION, "skinfl_batch_size": W.SKINFL_BATCH_SIZE,
-            "cg_rtol": W.CG_RTOL, "cg_max_iter": W.CG_MAX_ITER, "pydvl_cg_rtol": W.PYDVL_CG_RTOL,
-            "pydvl_cg_atol": W.PYDVL_CG_ATOL, "pydvl_dataloader_batch_size": pydvl_batch,
-            "pydvl_direct_dataloader_batch_size": pydvl_direct_batch, "threads": threads,
-            "reference_rtol": W.REF_RTOL, "timeout_s": args.timeout, "repeat": args.repeat,
+            "regularization": W.REGULARIZATION,
+            "skinfl_batch_size": W.SKINFL_BATCH_SIZE,
+            "cg_rtol": W.CG_RTOL,
+            "cg_max_iter": W.CG_MAX_ITER,
+            "pydvl_cg_rtol": W.PYDVL_CG_RTOL,
+            "pydvl_cg_atol": W.PYDVL_CG_ATOL,
+            "pydvl_dataloader_batch_size": pydvl_batch,
+            "pydvl_direct_dataloader_batch_size": pydvl_direct_batch,
+            "threads": threads,
+            "omp_wait_policy": args.omp_wait_policy,
+            "reference_rtol": W.REF_RTOL,
+            "timeout_s": args.timeout,
+            "repeat": args.repeat,
         },
         "models": models,
-        "references": {p: {k: (str(v) if isinstance(v, Path) else v) for k, v in r.items()}
-                       for p, r in references.items()},
+        "references": {
+            p: {k: (str(v) if isinstance(v, Path) else v) for k, v in r.items()}
+            for p, r in references.items()
+        },
         "rows": rows,
         "notes": notes,
     }
@@ -409,13 +542,23 @@ def main(argv=None):
         f"torch {versions.get('skinfl_env_torch', '?')}, numpy {versions.get('skinfl_env_numpy', '?')}",
     ]
     if "pydvl_version" in versions:
-        md.append(f"- pyDVL {versions['pydvl_version']} (own venv): torch {versions['pydvl_env_torch']}, "
-                  f"numpy {versions['pydvl_env_numpy']}")
+        md.append(
+            f"- pyDVL {versions['pydvl_version']} (own venv): torch {versions['pydvl_env_torch']}, "
+            f"numpy {versions['pydvl_env_numpy']}"
+        )
     md.append(f"- Python {versions.get('python', platform.python_version())}")
+    if busy:
+        md.append(
+            f"- **The machine was busy** (load average {load_before[0]:.1f} on {P.cpu_count()} cores at "
+            "start): timings are noisy."
+        )
     md += ["", _markdown_table(rows), ""]
     md += [f"- {note}" for note in notes]
-    odd = [f"{r['problem']} {r['lib']} {r['method']}: {m}" for r in rows
-           for m in r.get("warnings", []) + r.get("log_warnings", [])]
+    odd = [
+        f"{r['problem']} {r['lib']} {r['method']}: {m}"
+        for r in rows
+        for m in r.get("warnings", []) + r.get("log_warnings", [])
+    ]
     if odd:
         md += ["", "Warnings raised during the runs:", ""] + [f"- {m[:300]}" for m in odd]
     md_path.write_text("\n".join(md) + "\n")
