@@ -3,9 +3,9 @@
 The curvature ``C`` is the Hessian or the Gauss-Newton matrix of the mean
 training loss ``L(theta) = 1/n sum_i l(theta; x_i, y_i)``. Products are taken
 with a block of vectors at once: the block is one ``vmap`` axis of a
-forward-over-reverse (Hessian) or forward-then-reverse (Gauss-Newton)
-product, so a block of ``k`` vectors costs one batched pass over the data,
-not ``k`` passes.
+reverse-over-reverse (Hessian) or forward-then-reverse (Gauss-Newton)
+product whose graph is built once per batch of data, so a block of ``k``
+vectors costs one batched pass over the data, not ``k`` passes.
 
 Vectors are rows: ``matmat(V)`` with ``V`` of shape ``(k, n_params)`` returns
 ``V @ C`` (``C`` is symmetric, so these are the products ``C v`` as rows).
@@ -110,7 +110,8 @@ class CurvatureOperator:
         Inputs and validated targets, on the model's device.
     second_order : {"hessian", "gauss_newton"}
     batch_size : int
-        Samples per pass.
+        Most samples per pass; passes are smaller when the activations saved
+        per sample would exceed the working set (``_WORKING_SET_FLOATS``).
     progress : bool
         Show a progress bar over batches of ``dense``.
     """

@@ -6,7 +6,6 @@ import pytest
 
 numpydoc_validate = pytest.importorskip("numpydoc.validate")
 
-import skinfl  # noqa: E402
 from skinfl import exceptions, registered_estimators  # noqa: E402
 
 # Rules scikit-learn also leaves out: see-also/examples everywhere, summaries on one line, ...
