@@ -60,23 +60,24 @@ class Problem:
         return _ARCHITECTURES[self.name]()
 
 
-def _mlp():
+def _mlp(hidden=32):
     from torch import nn
 
-    return nn.Sequential(nn.Linear(64, 32), nn.Tanh(), nn.Linear(32, 10))
+    return nn.Sequential(nn.Linear(64, hidden), nn.Tanh(), nn.Linear(hidden, 10))
 
 
-def _cnn():
+def _cnn(channels=(8, 16)):
     from torch import nn
 
+    first, second = channels
     return nn.Sequential(
         nn.Unflatten(1, (1, 8, 8)),
-        nn.Conv2d(1, 8, 3),
+        nn.Conv2d(1, first, 3),
         nn.Tanh(),
-        nn.Conv2d(8, 16, 3),
+        nn.Conv2d(first, second, 3),
         nn.Tanh(),
         nn.Flatten(),
-        nn.Linear(256, 10),
+        nn.Linear(second * 4 * 4, 10),
     )
 
 
@@ -201,22 +202,10 @@ def prepare_model(problem: str, size: Size) -> dict:
 def warmup_model(problem: str):
     """A small untrained model with the layer types of ``problem``, for a cheap warm-up run."""
     import torch
-    from torch import nn
 
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(TRAIN_SEED)
-    if problem == "cnn":
-        model = nn.Sequential(
-            nn.Unflatten(1, (1, 8, 8)),
-            nn.Conv2d(1, 2, 3),
-            nn.Tanh(),
-            nn.Conv2d(2, 2, 3),
-            nn.Tanh(),
-            nn.Flatten(),
-            nn.Linear(32, 10),
-        )
-    else:
-        model = nn.Sequential(nn.Linear(64, 4), nn.Tanh(), nn.Linear(4, 10))
+    model = _cnn(channels=(2, 2)) if problem == "cnn" else _mlp(hidden=4)
     torch.random.set_rng_state(generator_state)
     return model.eval()
 

@@ -145,29 +145,40 @@ class CurvatureOperator:
             sub_batch = _WORKING_SET_FLOATS // (block * self._saved_per_sample)
         return block, int(min(max(sub_batch, 1), self.batch_size))
 
-    def _accumulate(self, vectors, out, progress_desc=None):
-        """Add the rows ``C_sum v`` (summed, not averaged, over samples) into ``out``."""
+    def _accumulate(self, vector_rows, out, progress_desc=None):
+        """Add the rows ``C_sum v`` (summed, not averaged, over samples) into ``out``.
+
+        ``vector_rows(rows)`` gives the vectors of a slice of rows, so callers
+        need not hold all vectors at once (``dense`` makes identity blocks).
+        """
         layout = self.fmodel.layout
-        block, sub_batch = self._blocking(len(vectors))
-        vector_blocks = batch_slices(len(vectors), block)
+        block, sub_batch = self._blocking(len(out))
+        vector_blocks = batch_slices(len(out), block)
         batches = batch_slices(self.n_samples, sub_batch)
         with torch.no_grad():
             for batch in progress_bar(batches, self.progress and progress_desc is not None, progress_desc):
                 y = None if self.y is None else self.y[batch]
                 products = self._batch_products(self.fmodel, self.X[batch], y)
                 for rows in vector_blocks:
-                    out[rows] += layout.flatten(products(layout.unflatten(vectors[rows])))
+                    out[rows] += layout.flatten(products(layout.unflatten(vector_rows(rows))))
         return out
 
     def matmat(self, vectors):
         """Rows ``C v`` for the rows ``v`` of ``vectors`` (shape ``(k, n_params)``)."""
-        return self._accumulate(vectors, torch.zeros_like(vectors)) / self.n_samples
+        return self._accumulate(lambda rows: vectors[rows], torch.zeros_like(vectors)) / self.n_samples
 
     def dense(self):
         """The explicit ``(n_params, n_params)`` curvature matrix, symmetrised."""
         fmodel = self.fmodel
-        identity = torch.eye(self.n_params, dtype=fmodel.dtype, device=fmodel.device)
-        matrix = self._accumulate(identity, torch.zeros_like(identity), "curvature matrix")
+        n_params = self.n_params
+
+        def identity_rows(rows):
+            basis = torch.zeros(rows.stop - rows.start, n_params, dtype=fmodel.dtype, device=fmodel.device)
+            basis[:, rows].fill_diagonal_(1.0)
+            return basis
+
+        matrix = torch.zeros(n_params, n_params, dtype=fmodel.dtype, device=fmodel.device)
+        self._accumulate(identity_rows, matrix, "curvature matrix")
         matrix /= self.n_samples
         # Reverse-over-reverse products are symmetric only up to rounding.
         return (matrix + matrix.T) / 2

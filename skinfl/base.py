@@ -300,12 +300,13 @@ class BaseInfluence(TransformerMixin, BaseEstimator):
                     "use device='cpu' or device=None (the model's device)."
                 )
             return device
-        for tensor in self.model.parameters():
+        parameters = list(self.model.parameters())
+        if not parameters:
+            raise ValueError("The model has no parameters, so influence functions are undefined for it.")
+        for tensor in parameters:
             if not isinstance(tensor, nn.parameter.UninitializedParameter):
                 return tensor.device
-        for tensor in self.model.parameters():  # all lazy: they live on the default device
-            return torch.device("cpu")
-        raise ValueError("The model has no parameters, so influence functions are undefined for it.")
+        return torch.device("cpu")  # only lazy parameters: they materialise on the default device
 
     def _functional_model(self):
         return FunctionalModel(self.model_, self.loss_, self.trainable_parameters_)
@@ -412,14 +413,26 @@ def _model_dtype(model):
     return torch.get_default_dtype()
 
 
+def _inputs_do_not_fit(X, error):
+    """The error for a model that cannot be evaluated on ``X[:1]``."""
+    hint = (
+        " X holds integers, which are passed to the model as they are (as token ids for an "
+        "embedding layer would be); cast X to float for a model that takes real values."
+        if not X.is_floating_point()
+        else ""
+    )
+    return ValueError(
+        f"The model could not be evaluated on X[:1] of shape {tuple(X[:1].shape)} "
+        f"({type(error).__name__}: {error}). Check that X has the input shape the "
+        f"model was trained on (for example the number of features).{hint}"
+    )
+
+
 def _evaluation_copy_for(model, device, X):
     try:
         return evaluation_copy(model, device, example=X[:1])
     except Exception as error:  # materialising lazy modules runs the model
-        raise ValueError(
-            f"The model could not be evaluated on X[:1] of shape {tuple(X[:1].shape)} "
-            f"({type(error).__name__}: {error})."
-        ) from error
+        raise _inputs_do_not_fit(X, error) from error
 
 
 def _probe_output_shape(fmodel, X):
@@ -428,17 +441,7 @@ def _probe_output_shape(fmodel, X):
         with torch.no_grad():
             output = fmodel.output(fmodel.params, X[:1])
     except Exception as error:  # any failure here means the inputs do not fit the model
-        hint = (
-            " X holds integers, which are passed to the model as they are (as token ids for an "
-            "embedding layer would be); cast X to float for a model that takes real values."
-            if not X.is_floating_point()
-            else ""
-        )
-        raise ValueError(
-            f"The model could not be evaluated on X[:1] of shape {tuple(X[:1].shape)} "
-            f"({type(error).__name__}: {error}). Check that X has the input shape the "
-            f"model was trained on (for example the number of features).{hint}"
-        ) from error
+        raise _inputs_do_not_fit(X, error) from error
     if not isinstance(output, torch.Tensor) or output.ndim == 0 or output.shape[0] != 1:
         raise ValueError(
             "The model must return one output tensor with samples on the first axis; "

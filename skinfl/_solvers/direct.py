@@ -158,11 +158,11 @@ class DirectInfluence(BaseInfluence):
         self.solver_ = "eigh"
         self._factor = (eigenvalues, eigenvectors)
         self.eigenvalues_ = (eigenvalues - self.regularization).flip(0)
-        self._warn_about_spectrum(eigenvalues, warn_indefinite=self.solver == "auto" or eigenvalues[0] <= 0)
+        self._warn_about_spectrum(eigenvalues)
 
-    def _warn_about_spectrum(self, eigenvalues, warn_indefinite):
+    def _warn_about_spectrum(self, eigenvalues):
         smallest = float(eigenvalues[0])
-        if smallest <= 0 and warn_indefinite:
+        if smallest <= 0:
             n_negative = int((eigenvalues <= 0).sum())
             warnings.warn(
                 f"The {self.second_order} plus regularization has {n_negative} non-positive "
