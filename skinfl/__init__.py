@@ -2,7 +2,8 @@
 
 from ._solvers import CgInfluence, DirectInfluence
 from .base import BaseInfluence, registered_estimators
+from . import metrics, retraining  # noqa: E402  (submodules: skinfl.metrics, skinfl.retraining)
 
 __version__ = "0.1.0"
 
-__all__ = ["BaseInfluence", "CgInfluence", "DirectInfluence", "registered_estimators", "__version__"]
+__all__ = ["BaseInfluence", "CgInfluence", "DirectInfluence", "metrics", "registered_estimators", "retraining", "__version__"]

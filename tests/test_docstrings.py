@@ -6,7 +6,7 @@ import pytest
 
 numpydoc_validate = pytest.importorskip("numpydoc.validate")
 
-from skinfl import exceptions, registered_estimators  # noqa: E402
+from skinfl import exceptions, metrics, registered_estimators, retraining  # noqa: E402
 
 # Rules scikit-learn also leaves out: see-also/examples everywhere, summaries on one line, ...
 IGNORED = {"GL01", "GL02", "SA01", "EX01", "ES01", "RT02", "PR02", "SS05", "GL08", "YD01"}
@@ -17,6 +17,14 @@ def public_callables():
         yield f"skinfl.{name}", cls
         for method in ("fit", "transform", "influences", "self_influence", "score"):
             yield f"skinfl.{name}.{method}", getattr(cls, method)
+    for module in (metrics, retraining):
+        for name in module.__all__:
+            obj = getattr(module, name)
+            yield f"{module.__name__}.{name}", obj
+            if inspect.isclass(obj):
+                for method in ("__call__", "ground_truth", "reference_influences", "regularization_for"):
+                    if method in vars(obj):
+                        yield f"{module.__name__}.{name}.{method}", getattr(obj, method)
     for name in exceptions.__all__:
         obj = getattr(exceptions, name)
         if obj.__module__.startswith("skinfl"):

@@ -1,0 +1,304 @@
+"""Ground truth by retraining: what query losses actually do without some points.
+
+Ground truth depends on the training data, the query data, the loss and the
+retraining procedure, never on the influence estimator being judged. It is
+therefore computed once and reused: the scorers key it on all of these (see
+:func:`token`) so that a grid search scoring ten candidates retrains once per
+split.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import pickle
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import joblib
+import numpy as np
+import torch
+from sklearn.base import clone
+from sklearn.utils import check_random_state
+from torch import nn
+
+from .._model import LossSpec
+from .._validation import as_input_tensor, as_target_tensor, check_same_length
+
+# Query losses of a retrained model are evaluated in chunks of this many samples.
+_EVALUATION_CHUNK = 1024
+
+
+@dataclass
+class LeaveOneOutTruth:
+    """Actual effect of removing single training points.
+
+    Parameters
+    ----------
+    removed : ndarray of shape (n_removed,)
+        Indices of the removed training points.
+    n_train : int
+        Size of the full training set.
+    base_losses : ndarray of shape (n_query,)
+        Query losses of the model retrained on all training points.
+    loss_changes : ndarray of shape (n_query, n_removed)
+        Query loss after retraining without ``removed[k]`` minus
+        ``base_losses``.
+    """
+
+    removed: np.ndarray
+    n_train: int
+    base_losses: np.ndarray
+    loss_changes: np.ndarray
+
+
+@dataclass
+class DatamodelTruth:
+    """Query losses of models retrained on random training subsets.
+
+    Parameters
+    ----------
+    masks : ndarray of bool, shape (n_subsets, n_train)
+        ``masks[s, j]`` is True when training point ``j`` is in subset ``s``.
+    losses : ndarray of shape (n_query, n_subsets)
+        Query losses of the model retrained on each subset.
+    """
+
+    masks: np.ndarray
+    losses: np.ndarray
+
+
+def retrain_function(retrain):
+    """``retrain`` as a function ``(X, y) -> torch.nn.Module``.
+
+    A callable is used as it is. An object with ``fit`` is cloned and fitted
+    on every call; the model is the fitted object itself when it is a torch
+    module, else its ``module_`` attribute (skorch's convention).
+    """
+    if hasattr(retrain, "fit"):
+        return _FitRetrain(retrain)
+    if callable(retrain):
+        return retrain
+    raise TypeError(
+        f"retrain must be a callable (X, y) -> torch.nn.Module or an object with fit(X, y), "
+        f"got {type(retrain).__name__}."
+    )
+
+
+class _FitRetrain:
+    def __init__(self, estimator):
+        self.estimator = estimator
+
+    def __call__(self, X, y):
+        try:
+            fresh = clone(self.estimator)
+        except TypeError:
+            fresh = copy.deepcopy(self.estimator)
+        fitted = fresh.fit(X, y)
+        fitted = fresh if fitted is None else fitted
+        if isinstance(fitted, nn.Module):
+            return fitted
+        module = getattr(fitted, "module_", None)
+        if isinstance(module, nn.Module):
+            return module
+        raise TypeError(
+            f"{type(self.estimator).__name__}.fit did not give a torch.nn.Module (neither the fitted "
+            "object nor its module_ attribute is one); pass retrain as a callable (X, y) -> module instead."
+        )
+
+
+def query_losses(model, loss, X_query, y_query):
+    """Per-sample losses of a (retrained) model at the query points.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        The model, evaluated in eval mode without gradients.
+    loss : str, torch.nn.Module or callable
+        The loss, as for the influence estimators.
+    X_query, y_query : array-like or torch.Tensor
+        Query points.
+
+    Returns
+    -------
+    losses : ndarray of shape (n_query,)
+        Float64 losses.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"retrain must return a torch.nn.Module, got {type(model).__name__}.")
+    spec = loss if isinstance(loss, LossSpec) else LossSpec.resolve(loss)
+    model = model.eval()
+    parameter = next(model.parameters())
+    X_t = as_input_tensor(X_query, parameter.dtype, parameter.device, "X_query")
+    values = []
+    with torch.no_grad():
+        output_shape = tuple(model(X_t[:1]).shape[1:])
+        y_t = as_target_tensor(y_query, spec, output_shape, parameter.dtype, parameter.device, "y_query")
+        check_same_length(X_t, y_t, ("X_query", "y_query"))
+        for start in range(0, len(X_t), _EVALUATION_CHUNK):
+            rows = slice(start, start + _EVALUATION_CHUNK)
+            values.append(spec.per_sample(model(X_t[rows]), y_t[rows]))
+    return torch.cat(values).double().cpu().numpy()
+
+
+def _losses_after_retraining(retrain, loss, X, y, rows, X_query, y_query):
+    keep = torch.as_tensor(rows) if isinstance(X, torch.Tensor) else rows
+    model = retrain(X[keep], y[keep])
+    return query_losses(model, loss, X_query, y_query)
+
+
+def _parallel(n_jobs):
+    return joblib.Parallel(n_jobs=n_jobs, prefer="processes")
+
+
+def leave_one_out_truth(retrain, X, y, X_query, y_query, *, loss, removed=None, n_jobs=None):
+    """Retrain without each point of ``removed`` and record the query-loss changes.
+
+    Parameters
+    ----------
+    retrain : callable or estimator
+        ``retrain(X, y) -> torch.nn.Module``, or an object with ``fit``
+        (see :class:`skinfl.metrics.LeaveOneOutScorer`).
+    X, y : array-like or torch.Tensor
+        The full training set.
+    X_query, y_query : array-like or torch.Tensor
+        Query points whose losses are tracked.
+    loss : str, torch.nn.Module or callable
+        The loss, as for the influence estimators.
+    removed : array-like of int or None, default=None
+        Training points to remove one at a time; None removes each in turn.
+    n_jobs : int or None, default=None
+        Retrainings run in parallel with joblib.
+
+    Returns
+    -------
+    truth : LeaveOneOutTruth
+        Removed indices, baseline query losses and their changes.
+    """
+    retrain = retrain_function(retrain)
+    n_train = len(X)
+    removed = np.arange(n_train) if removed is None else np.asarray(removed, dtype=int)
+    if removed.ndim != 1 or (removed.size and (removed.min() < 0 or removed.max() >= n_train)):
+        raise ValueError(f"removed must be a 1-D array of indices in [0, {n_train}).")
+    everything = np.arange(n_train)
+    base = query_losses(retrain(X, y), loss, X_query, y_query)
+    after = _parallel(n_jobs)(
+        joblib.delayed(_losses_after_retraining)(
+            retrain, loss, X, y, np.delete(everything, j), X_query, y_query
+        )
+        for j in removed
+    )
+    changes = np.stack(after, axis=1) - base[:, None] if after else np.empty((len(base), 0))
+    return LeaveOneOutTruth(removed=removed, n_train=n_train, base_losses=base, loss_changes=changes)
+
+
+def random_subsets(n_train, alpha, n_subsets, random_state):
+    """Boolean masks of random training subsets of equal size.
+
+    Parameters
+    ----------
+    n_train : int
+        Size of the training set.
+    alpha : float
+        Fraction of it in each subset (``round(alpha * n_train)`` points).
+    n_subsets : int
+        Number of subsets.
+    random_state : int, RandomState instance or None
+        Seed of the draw.
+
+    Returns
+    -------
+    masks : ndarray of bool, shape (n_subsets, n_train)
+        ``masks[s, j]`` is True when point ``j`` is in subset ``s``.
+    """
+    rng = check_random_state(random_state)
+    size = int(round(alpha * n_train))
+    if not 0 < size <= n_train:
+        raise ValueError(f"alpha={alpha} gives subsets of {size} of the {n_train} training points; it must give at least one.")
+    masks = np.zeros((n_subsets, n_train), dtype=bool)
+    for row in masks:
+        row[rng.choice(n_train, size=size, replace=False)] = True
+    return masks
+
+
+def datamodel_truth(retrain, X, y, X_query, y_query, *, loss, masks, n_jobs=None):
+    """Retrain on each subset in ``masks`` and record the query losses.
+
+    Parameters
+    ----------
+    retrain : callable or estimator
+        See :func:`leave_one_out_truth`.
+    X, y : array-like or torch.Tensor
+        The full training set.
+    X_query, y_query : array-like or torch.Tensor
+        Query points whose losses are tracked.
+    loss : str, torch.nn.Module or callable
+        The loss, as for the influence estimators.
+    masks : ndarray of bool, shape (n_subsets, n_train)
+        The subsets (see :func:`random_subsets`).
+    n_jobs : int or None, default=None
+        Retrainings run in parallel with joblib.
+
+    Returns
+    -------
+    truth : DatamodelTruth
+        The masks and the query losses of each retrained model.
+    """
+    retrain = retrain_function(retrain)
+    masks = np.asarray(masks, dtype=bool)
+    if masks.ndim != 2 or masks.shape[1] != len(X):
+        raise ValueError(f"masks must have shape (n_subsets, {len(X)}), got {masks.shape}.")
+    losses = _parallel(n_jobs)(
+        joblib.delayed(_losses_after_retraining)(retrain, loss, X, y, np.flatnonzero(mask), X_query, y_query)
+        for mask in masks
+    )
+    return DatamodelTruth(masks=masks, losses=np.stack(losses, axis=1))
+
+
+# ----------------------------------------------------------------- caching
+def token(value):
+    """A stable hash of ``value`` for cache keys; ``id`` when it cannot be pickled.
+
+    Objects with ``get_params`` (the retrain helpers, estimators) are hashed
+    by type and parameters, so state they keep between calls (a warm start)
+    does not change the key.
+    """
+    if isinstance(value, torch.Tensor):
+        value = value.detach().cpu().numpy()
+    if hasattr(value, "get_params") and not isinstance(value, type):
+        try:
+            return joblib.hash((type(value).__qualname__, value.get_params(deep=False)))
+        except (pickle.PicklingError, TypeError, AttributeError):
+            pass
+    try:
+        return joblib.hash(value)
+    except (pickle.PicklingError, TypeError, AttributeError):
+        return f"id-{id(value)}"
+
+
+def stored(directory, key, compute):
+    """``compute()``, stored in and read back from ``directory`` under ``key``.
+
+    One joblib file per key, written to a temporary name and then renamed,
+    so that processes sharing the directory never read a partial file. (A
+    ``joblib.Memory`` on a function would also work, but it validates the
+    function's code per process and may discard entries written by another
+    process.)
+    """
+    if directory is None:
+        return compute()
+    folder = Path(directory) / "skinfl_ground_truth"
+    path = folder / f"{key}.joblib"
+    if path.exists():
+        try:
+            return joblib.load(path)
+        except (OSError, EOFError, pickle.UnpicklingError, ValueError):
+            pass  # unreadable (for example written by another version): compute again
+    value = compute()
+    folder.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=folder, suffix=".tmp")
+    os.close(handle)
+    joblib.dump(value, temporary)
+    os.replace(temporary, path)
+    return value
