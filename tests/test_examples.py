@@ -20,3 +20,16 @@ def test_digits_mislabel_demo():
     assert found > 3 * 0.1 * flipped  # far better than inspecting 10% at random
     auc = float(re.search(r"ROC AUC of self-influence for detecting flips: ([0-9.]+)", out).group(1))
     assert auc > 0.8
+
+
+def test_select_regularization_example_finds_the_true_value():
+    result = subprocess.run(
+        [sys.executable, str(EXAMPLES / "plot_select_regularization.py")],
+        capture_output=True, text=True, timeout=600, check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    true_value = re.search(r"regularization 1/\(C n\) = ([0-9.e-]+)", out).group(1)
+    assert re.search(r"selected: ([0-9.e-]+)", out).group(1) == true_value
+    pearson = float(re.search(r"leave-one-out Pearson ([0-9.]+), Spearman", out).group(1))
+    assert pearson > 0.99
