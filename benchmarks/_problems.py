@@ -8,6 +8,9 @@ Data: scikit-learn's ``load_digits`` scaled to [0, 1] (``X / 16``, float32),
 split once with a fixed seed into training and test points. Models are
 trained once (Adam, full batch, fixed seed) and their ``state_dict`` cached,
 so that every worker, whatever library it runs, loads identical weights.
+
+The accuracy benchmark (accuracy.py) uses only the architectures and the
+machine and commit helpers here; its data split and models are its own.
 """
 
 from __future__ import annotations
@@ -15,6 +18,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import platform
+import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -114,6 +119,49 @@ def cpu_count() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # pragma: no cover - not Linux
         return os.cpu_count() or 1
+
+
+def machine_info(threads, versions) -> dict:
+    """CPU, cores, memory and platform of this machine, plus ``versions``."""
+    cpu = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    memory = None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal"):
+                memory = f"{int(line.split()[1]) / 1024**2:.1f} GiB"
+    except OSError:
+        pass
+    return {
+        "cpu": cpu,
+        "cores": cpu_count(),
+        "torch_threads": threads,
+        "memory": memory,
+        "platform": platform.platform(),
+        **versions,
+    }
+
+
+def git_state() -> str:
+    """Short commit of the repository, flagged when skinfl/ has uncommitted changes."""
+
+    def git(*args):
+        try:
+            return subprocess.run(
+                ["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=30
+            ).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return ""
+
+    commit = git("rev-parse", "--short", "HEAD")
+    dirty = bool(git("status", "--porcelain", "--", "skinfl"))
+    return f"{commit or 'unknown'}{' (skinfl/ has uncommitted changes)' if dirty else ''}"
 
 
 # ----------------------------------------------------------------- data

@@ -184,46 +184,6 @@ def _markdown_table(rows):
     return "\n".join(lines)
 
 
-def _machine(threads, versions):
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    memory = None
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal"):
-                memory = f"{int(line.split()[1]) / 1024**2:.1f} GiB"
-    except OSError:
-        pass
-    return {
-        "cpu": cpu,
-        "cores": P.cpu_count(),
-        "torch_threads": threads,
-        "memory": memory,
-        "platform": platform.platform(),
-        **versions,
-    }
-
-
-def _git_state():
-    def git(*args):
-        try:
-            return subprocess.run(
-                ["git", *args], cwd=P.REPO_ROOT, capture_output=True, text=True, timeout=30
-            ).stdout.strip()
-        except (OSError, subprocess.SubprocessError):
-            return ""
-
-    commit = git("rev-parse", "--short", "HEAD")
-    dirty = bool(git("status", "--porcelain", "--", "skinfl"))
-    return f"{commit or 'unknown'}{' (skinfl/ has uncommitted changes)' if dirty else ''}"
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -464,7 +424,7 @@ def main(argv=None):
             versions[f"{lib}_env_torch"] = first["torch_version"]
             versions[f"{lib}_env_numpy"] = first["numpy_version"]
             versions["python"] = first["python"]
-    machine = _machine(threads, versions)
+    machine = P.machine_info(threads, versions)
     machine["load_average_1_5_15min"] = {
         "start": [round(x, 2) for x in load_before],
         "end": [round(x, 2) for x in os.getloadavg()],
@@ -503,7 +463,7 @@ def main(argv=None):
         "command": command,
         "date": started.isoformat(timespec="seconds"),
         "size": {"name": size.name, "n_train": size.n_train, "n_test": size.n_test},
-        "skinfl_commit": _git_state(),
+        "skinfl_commit": P.git_state(),
         "machine": machine,
         "settings": {
             "regularization": W.REGULARIZATION,
@@ -538,7 +498,7 @@ def main(argv=None):
         f"- Machine: {machine['cpu']}, {machine['cores']} cores ({threads} torch threads per worker), "
         f"{machine['memory']} RAM, {machine['platform']}; 1-min load average "
         f"{load_before[0]:.1f} at start, {os.getloadavg()[0]:.1f} at end",
-        f"- skinfl {versions.get('skinfl_version', '?')} (commit {_git_state()}), "
+        f"- skinfl {versions.get('skinfl_version', '?')} (commit {P.git_state()}), "
         f"torch {versions.get('skinfl_env_torch', '?')}, numpy {versions.get('skinfl_env_numpy', '?')}",
     ]
     if "pydvl_version" in versions:

@@ -142,6 +142,18 @@ def query_losses(model, loss, X_query, y_query):
     return torch.cat(values).double().cpu().numpy()
 
 
+def _row_indexable(data):
+    """``data`` as something indexed by rows with an integer array: a tensor or a numpy array.
+
+    (A pandas DataFrame indexed with ``[rows]`` would select columns.)
+    """
+    if isinstance(data, torch.Tensor):
+        return data
+    if hasattr(data, "to_numpy"):
+        return data.to_numpy()
+    return np.asarray(data)
+
+
 def _losses_after_retraining(retrain, loss, X, y, rows, X_query, y_query):
     keep = torch.as_tensor(rows) if isinstance(X, torch.Tensor) else rows
     model = retrain(X[keep], y[keep])
@@ -177,6 +189,8 @@ def leave_one_out_truth(retrain, X, y, X_query, y_query, *, loss, removed=None, 
         Removed indices, baseline query losses and their changes.
     """
     retrain = retrain_function(retrain)
+    X, y = _row_indexable(X), _row_indexable(y)
+    check_same_length(X, y)
     n_train = len(X)
     removed = np.arange(n_train) if removed is None else np.asarray(removed, dtype=int)
     if removed.ndim != 1 or (removed.size and (removed.min() < 0 or removed.max() >= n_train)):
@@ -246,6 +260,8 @@ def datamodel_truth(retrain, X, y, X_query, y_query, *, loss, masks, n_jobs=None
         The masks and the query losses of each retrained model.
     """
     retrain = retrain_function(retrain)
+    X, y = _row_indexable(X), _row_indexable(y)
+    check_same_length(X, y)
     masks = np.asarray(masks, dtype=bool)
     if masks.ndim != 2 or masks.shape[1] != len(X):
         raise ValueError(f"masks must have shape (n_subsets, {len(X)}), got {masks.shape}.")
