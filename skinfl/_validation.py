@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from sklearn.utils._param_validation import Interval, StrOptions  # noqa: F401  (re-exported)
+from sklearn.utils._param_validation import HasMethods, Interval, StrOptions  # noqa: F401  (re-exported)
 
-__all__ = ["Interval", "StrOptions", "as_input_tensor", "as_target_tensor", "returns_torch", "to_output"]
+__all__ = ["HasMethods", "Interval", "StrOptions", "as_input_tensor", "as_target_tensor", "returns_torch", "to_output"]
 
 
 def returns_torch(data):

@@ -1,5 +1,7 @@
 """Solver equivalence and invariances: every estimator gives the same answers."""
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -152,3 +154,53 @@ def test_nystroem_sketch_is_exact_at_full_rank(classification_problem, direct):
     sketch = nystroem_sketch(gn_curvature, direct.n_params_, torch.Generator().manual_seed(0))
     reconstructed = sketch.eigenvectors @ torch.diag(sketch.eigenvalues) @ sketch.eigenvectors.T
     torch.testing.assert_close(reconstructed, gn_curvature.dense(), rtol=1e-6, atol=1e-8)
+
+
+class CountingDense:
+    """Counts CurvatureOperator.dense calls (the expensive part of DirectInfluence.fit)."""
+
+    def __init__(self, monkeypatch):
+        from skinfl._curvature import CurvatureOperator
+
+        self.calls = 0
+        original = CurvatureOperator.dense
+
+        def counted(operator):
+            self.calls += 1
+            return original(operator)
+
+        monkeypatch.setattr(CurvatureOperator, "dense", counted)
+
+
+def test_direct_memory_builds_the_curvature_once_across_regularizations(classification_problem, tmp_path, monkeypatch):
+    from sklearn.model_selection import GridSearchCV
+
+    model, X, y = classification_problem
+    expected = {r: DirectInfluence(model, regularization=r).fit(X, y).influences(X[:5], y[:5]) for r in (0.1, 1.0)}
+    dense = CountingDense(monkeypatch)
+    cached = [DirectInfluence(model, regularization=r, memory=str(tmp_path)).fit(X, y) for r in (0.1, 1.0, 0.1)]
+    assert dense.calls == 1
+    for estimator in cached:
+        torch.testing.assert_close(
+            estimator.influences(X[:5], y[:5]), expected[estimator.regularization], rtol=1e-12, atol=0
+        )
+    eigh = DirectInfluence(model, regularization=0.1, solver="eigh", memory=str(tmp_path)).fit(X, y)
+    torch.testing.assert_close(eigh.influences(X[:5], y[:5]), expected[0.1], rtol=1e-9, atol=0)
+    assert dense.calls == 1  # the solver is not part of the key either
+
+    # What the matrix depends on is: other data, curvature or weights build it anew.
+    DirectInfluence(model, regularization=0.1, memory=str(tmp_path)).fit(X[:50], y[:50])
+    DirectInfluence(model, regularization=0.1, second_order="gauss_newton", memory=str(tmp_path)).fit(X, y)
+    changed = copy.deepcopy(model)
+    with torch.no_grad():
+        changed[0].bias.add_(0.01)
+    DirectInfluence(changed, regularization=0.1, memory=str(tmp_path)).fit(X, y)
+    assert dense.calls == 4
+
+    search = GridSearchCV(
+        DirectInfluence(model, memory=str(tmp_path)), {"regularization": [0.03, 0.3, 3.0]}, cv=3
+    ).fit(X.numpy(), y.numpy())
+    # One matrix per fold for three candidates; the refit on all data finds the one built above.
+    assert dense.calls == 4 + 3
+    search.fit(X.numpy(), y.numpy())
+    assert dense.calls == 7  # a second search reads every matrix back

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import os
 import warnings
 from numbers import Integral
 
+import joblib
 import torch
 
-from .._validation import Interval, StrOptions
+from .. import __version__
+from .._cache import directory_of, stored, token
+from .._validation import HasMethods, Interval, StrOptions
 from ..base import BaseInfluence
 from ..exceptions import NotPositiveDefiniteWarning
 
@@ -58,6 +62,13 @@ class DirectInfluence(BaseInfluence):
         Where the work runs; None uses the model's device.
     progress : bool, default=False
         Show tqdm progress bars.
+    memory : str, joblib.Memory or None, default=None
+        Directory (or ``joblib.Memory``) in which to cache the curvature
+        matrix. The matrix depends on the model's architecture and weights,
+        the data, ``loss`` and ``second_order``, but not on
+        ``regularization`` or ``solver``: with a cache, a ``GridSearchCV``
+        over those builds it once, and every other candidate only
+        factorises it. Entries take ``8 * n_params**2`` bytes on disk.
 
     Attributes
     ----------
@@ -105,6 +116,7 @@ class DirectInfluence(BaseInfluence):
         **BaseInfluence._parameter_constraints,
         "solver": [StrOptions({"auto", "cholesky", "eigh"})],
         "max_params": [Interval(Integral, 1, None, closed="left")],
+        "memory": [None, str, os.PathLike, HasMethods(["cache"])],
     }
 
     def __init__(
@@ -119,6 +131,7 @@ class DirectInfluence(BaseInfluence):
         batch_size=512,
         device=None,
         progress=False,
+        memory=None,
     ):
         self.model = model
         self.loss = loss
@@ -129,6 +142,7 @@ class DirectInfluence(BaseInfluence):
         self.batch_size = batch_size
         self.device = device
         self.progress = progress
+        self.memory = memory
 
     def _fit_curvature(self, curvature):
         n_params = curvature.n_params
@@ -140,7 +154,7 @@ class DirectInfluence(BaseInfluence):
                 "Use CgInfluence, which never forms the matrix, for this model, or raise "
                 "max_params if the memory is there."
             )
-        matrix = curvature.dense().to(torch.float64)
+        matrix = self._curvature_matrix(curvature).to(torch.float64)
         matrix.diagonal().add_(self.regularization)
         self.eigenvalues_ = None
         factor = None if self.solver == "eigh" else _factorize_cholesky(matrix)
@@ -159,6 +173,28 @@ class DirectInfluence(BaseInfluence):
         self._factor = (eigenvalues, eigenvectors)
         self.eigenvalues_ = (eigenvalues - self.regularization).flip(0)
         self._warn_about_spectrum(eigenvalues)
+
+    def _curvature_matrix(self, curvature):
+        """The dense curvature, read from ``memory`` when it holds it for this model and data."""
+        directory = directory_of(self.memory)
+        if directory is None:
+            return curvature.dense()
+        weights = {name: tensor.detach().cpu().numpy() for name, tensor in self.model_.state_dict().items()}
+        parts = [
+            "curvature", __version__, repr(self.model_), weights, self.trainable_parameters_,
+            token(self.loss), self.second_order, self._fit_X, self._fit_y,
+        ]
+        tokens = [token(part) for part in parts]
+        if any(t.startswith("id-") for t in tokens):
+            warnings.warn(
+                "The loss cannot be pickled, so the curvature matrix cannot be cached in memory; "
+                "it is computed without the cache. Use a module-level loss function.",
+                UserWarning,
+                stacklevel=4,
+            )
+            return curvature.dense()
+        matrix = stored(directory, joblib.hash(tokens), lambda: curvature.dense().cpu())
+        return matrix.to(self.device_)
 
     def _warn_about_spectrum(self, eigenvalues):
         smallest = float(eigenvalues[0])

@@ -3,18 +3,14 @@
 Ground truth depends on the training data, the query data, the loss and the
 retraining procedure, never on the influence estimator being judged. It is
 therefore computed once and reused: the scorers key it on all of these (see
-:func:`token`) so that a grid search scoring ten candidates retrains once per
-split.
+``skinfl._cache``) so that a grid search scoring ten candidates retrains once
+per split.
 """
 
 from __future__ import annotations
 
 import copy
-import os
-import pickle
-import tempfile
 from dataclasses import dataclass
-from pathlib import Path
 
 import joblib
 import numpy as np
@@ -270,51 +266,3 @@ def datamodel_truth(retrain, X, y, X_query, y_query, *, loss, masks, n_jobs=None
         for mask in masks
     )
     return DatamodelTruth(masks=masks, losses=np.stack(losses, axis=1))
-
-
-# ----------------------------------------------------------------- caching
-def token(value):
-    """A stable hash of ``value`` for cache keys; ``id`` when it cannot be pickled.
-
-    Objects with ``get_params`` (the retrain helpers, estimators) are hashed
-    by type and parameters, so state they keep between calls (a warm start)
-    does not change the key.
-    """
-    if isinstance(value, torch.Tensor):
-        value = value.detach().cpu().numpy()
-    if hasattr(value, "get_params") and not isinstance(value, type):
-        try:
-            return joblib.hash((type(value).__qualname__, value.get_params(deep=False)))
-        except (pickle.PicklingError, TypeError, AttributeError):
-            pass
-    try:
-        return joblib.hash(value)
-    except (pickle.PicklingError, TypeError, AttributeError):
-        return f"id-{id(value)}"
-
-
-def stored(directory, key, compute):
-    """``compute()``, stored in and read back from ``directory`` under ``key``.
-
-    One joblib file per key, written to a temporary name and then renamed,
-    so that processes sharing the directory never read a partial file. (A
-    ``joblib.Memory`` on a function would also work, but it validates the
-    function's code per process and may discard entries written by another
-    process.)
-    """
-    if directory is None:
-        return compute()
-    folder = Path(directory) / "skinfl_ground_truth"
-    path = folder / f"{key}.joblib"
-    if path.exists():
-        try:
-            return joblib.load(path)
-        except (OSError, EOFError, pickle.UnpicklingError, ValueError):
-            pass  # unreadable (for example written by another version): compute again
-    value = compute()
-    folder.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=folder, suffix=".tmp")
-    os.close(handle)
-    joblib.dump(value, temporary)
-    os.replace(temporary, path)
-    return value

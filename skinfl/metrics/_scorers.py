@@ -13,7 +13,6 @@ gets its own copy of the scorer: pass ``memory`` (a directory or a
 
 from __future__ import annotations
 
-import os
 import warnings
 
 import joblib
@@ -22,14 +21,13 @@ from sklearn.base import clone
 from sklearn.utils import check_random_state
 from sklearn.utils.validation import check_is_fitted
 
+from .._cache import directory_of, stored, token
 from ..base import BaseInfluence
 from ._ground_truth import (
     datamodel_truth,
     leave_one_out_truth,
     random_subsets,
     retrain_function,
-    stored,
-    token,
 )
 from ._scores import (
     flipped_mask,
@@ -95,7 +93,7 @@ class _CachingScorer:
         memory_key = joblib.hash([*data_tokens, f"id-{id(procedure)}"])
         if memory_key in self._cache:
             return self._cache[memory_key]
-        directory = _directory(self.memory)
+        directory = directory_of(self.memory)
         disk_key = None
         if directory is not None:
             procedure_token = self._token_of(procedure)
@@ -117,20 +115,6 @@ class _CachingScorer:
     def __repr__(self):
         shown = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
         return f"{type(self).__name__}({shown})"
-
-
-def _directory(memory):
-    """The folder behind ``memory`` (a path, a joblib.Memory, or None)."""
-    if memory is None:
-        return None
-    if isinstance(memory, (str, os.PathLike)):
-        return memory
-    location = getattr(memory, "location", None)
-    if location is None and hasattr(memory, "cache"):
-        return None  # joblib.Memory(None): no caching on disk
-    if location is None:
-        raise TypeError(f"memory must be None, a directory path or a joblib.Memory, got {type(memory).__name__}.")
-    return location
 
 
 def _require_targets(y, name):
