@@ -160,6 +160,21 @@ def _class_labels(tensor, output_shape, name, device):
     return labels.to(device)
 
 
+def as_model_data(model, loss, X, y, names=("X", "y")):
+    """``(X, y)`` checked and converted for ``model`` and ``loss`` (a LossSpec).
+
+    Inputs take the model's floating type, targets the form ``loss`` needs
+    for the model's output shape; both go to the model's device.
+    """
+    parameter = next(model.parameters())
+    X_t = as_input_tensor(X, parameter.dtype, parameter.device, names[0])
+    with torch.no_grad():
+        output_shape = tuple(model(X_t[:1]).shape[1:])
+    y_t = as_target_tensor(y, loss, output_shape, parameter.dtype, parameter.device, names[1])
+    check_same_length(X_t, y_t, names)
+    return X_t, y_t
+
+
 def validate_estimator_params(estimator):
     """Check ``estimator.get_params()`` against its ``_parameter_constraints``."""
     from sklearn.utils._param_validation import validate_parameter_constraints

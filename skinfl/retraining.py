@@ -25,7 +25,7 @@ from sklearn.linear_model import LogisticRegression
 from torch import nn
 
 from ._model import LossSpec
-from ._validation import Interval, StrOptions, validate_estimator_params
+from ._validation import Interval, StrOptions, as_model_data, validate_estimator_params
 
 __all__ = ["LogisticRegressionRetrainer", "TorchRetrainer"]
 
@@ -296,49 +296,39 @@ class TorchRetrainer(BaseEstimator):
         validate_estimator_params(self)
         loss = LossSpec.resolve(self.loss)
         device = torch.device(self.device) if self.device is not None else _module_device(self.module)
-        with torch.random.fork_rng(devices=[]):
+        model = copy.deepcopy(self.module).to(device).eval()
+        X_t, y_t = as_model_data(model, loss, X, y)  # eval mode: the shape probe draws no random numbers
+        # Everything random (initial weights, dropout, sample order) comes from
+        # the seed, inside a forked generator that leaves the caller's as it was.
+        cuda_devices = [device.index or 0] if device.type == "cuda" else []
+        with torch.random.fork_rng(devices=cuda_devices):
             torch.manual_seed(self.random_state)
-            model = copy.deepcopy(self.module).to(device)
             if self.init == "reset":
                 for submodule in model.modules():
                     if hasattr(submodule, "reset_parameters"):
                         submodule.reset_parameters()
-            order = torch.Generator().manual_seed(self.random_state)
-        dtype = next(model.parameters()).dtype
-        X_t = _to_tensor(X, device)
-        if X_t.is_floating_point():
-            X_t = X_t.to(dtype)
-        y_t = _to_tensor(y, device)
-        if loss.kind == "cross_entropy":
-            y_t = y_t.long().reshape(-1)
-        elif loss.kind in ("mse", "bce_with_logits"):
-            y_t = y_t.to(dtype)
+            self._train(model, loss, X_t, y_t)
+        return model.eval()
+
+    def _train(self, model, loss, X, y):
         optimizer = _OPTIMIZERS[self.optimizer](
             model.parameters(), lr=self.learning_rate, weight_decay=self.weight_decay
         )
-        n = len(X_t)
+        n = len(X)
         batch_size = n if self.batch_size is None else min(self.batch_size, n)
+        # The sample order is drawn on the training device: no host-to-device copy per epoch.
+        order = torch.Generator(device=X.device).manual_seed(self.random_state)
         model.train()
         for _ in range(self.epochs):
-            permutation = torch.randperm(n, generator=order).to(device) if batch_size < n else None
+            permutation = torch.randperm(n, generator=order, device=X.device) if batch_size < n else None
             for start in range(0, n, batch_size):
                 rows = slice(start, start + batch_size) if permutation is None else permutation[start : start + batch_size]
                 optimizer.zero_grad(set_to_none=True)
-                output = model(X_t[rows])
-                target = y_t[rows]
-                if loss.kind in ("mse", "bce_with_logits"):
-                    target = target.reshape(output.shape)
-                loss.per_sample(output, target).mean().backward()
+                loss.per_sample(model(X[rows]), y[rows]).mean().backward()
                 optimizer.step()
-        return model.eval()
 
 
 def _module_device(module):
     for parameter in module.parameters():
         return parameter.device
     return torch.device("cpu")
-
-
-def _to_tensor(data, device):
-    tensor = data.detach() if isinstance(data, torch.Tensor) else torch.as_tensor(np.asarray(data))
-    return tensor.to(device)

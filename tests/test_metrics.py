@@ -130,7 +130,7 @@ def test_lds_on_linear_regression_and_its_interval(regression):
     assert result.interval[0] < result.score < result.interval[1]
     # A random influence matrix scores near 0, well below.
     noise = np.random.default_rng(0).normal(size=(len(X_query), len(X)))
-    assert abs(linear_datamodeling_score(noise, truth).score) < 0.35
+    assert abs(linear_datamodeling_score(noise, truth).score) < 0.2  # about 4 standard errors of 10 rank correlations
 
 
 def test_lds_scorer_matches_function(regression):

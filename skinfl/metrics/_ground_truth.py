@@ -20,7 +20,7 @@ from sklearn.utils import check_random_state
 from torch import nn
 
 from .._model import LossSpec
-from .._validation import as_input_tensor, as_target_tensor, check_same_length
+from .._validation import as_model_data, check_same_length
 
 # Query losses of a retrained model are evaluated in chunks of this many samples.
 _EVALUATION_CHUNK = 1024
@@ -125,13 +125,9 @@ def query_losses(model, loss, X_query, y_query):
         raise TypeError(f"retrain must return a torch.nn.Module, got {type(model).__name__}.")
     spec = loss if isinstance(loss, LossSpec) else LossSpec.resolve(loss)
     model = model.eval()
-    parameter = next(model.parameters())
-    X_t = as_input_tensor(X_query, parameter.dtype, parameter.device, "X_query")
+    X_t, y_t = as_model_data(model, spec, X_query, y_query, ("X_query", "y_query"))
     values = []
     with torch.no_grad():
-        output_shape = tuple(model(X_t[:1]).shape[1:])
-        y_t = as_target_tensor(y_query, spec, output_shape, parameter.dtype, parameter.device, "y_query")
-        check_same_length(X_t, y_t, ("X_query", "y_query"))
         for start in range(0, len(X_t), _EVALUATION_CHUNK):
             rows = slice(start, start + _EVALUATION_CHUNK)
             values.append(spec.per_sample(model(X_t[rows]), y_t[rows]))
@@ -148,6 +144,12 @@ def _row_indexable(data):
     if hasattr(data, "to_numpy"):
         return data.to_numpy()
     return np.asarray(data)
+
+
+def _training_set(retrain, X, y):
+    X, y = _row_indexable(X), _row_indexable(y)
+    check_same_length(X, y)
+    return retrain_function(retrain), X, y
 
 
 def _losses_after_retraining(retrain, loss, X, y, rows, X_query, y_query):
@@ -184,9 +186,7 @@ def leave_one_out_truth(retrain, X, y, X_query, y_query, *, loss, removed=None, 
     truth : LeaveOneOutTruth
         Removed indices, baseline query losses and their changes.
     """
-    retrain = retrain_function(retrain)
-    X, y = _row_indexable(X), _row_indexable(y)
-    check_same_length(X, y)
+    retrain, X, y = _training_set(retrain, X, y)
     n_train = len(X)
     removed = np.arange(n_train) if removed is None else np.asarray(removed, dtype=int)
     if removed.ndim != 1 or (removed.size and (removed.min() < 0 or removed.max() >= n_train)):
@@ -255,9 +255,7 @@ def datamodel_truth(retrain, X, y, X_query, y_query, *, loss, masks, n_jobs=None
     truth : DatamodelTruth
         The masks and the query losses of each retrained model.
     """
-    retrain = retrain_function(retrain)
-    X, y = _row_indexable(X), _row_indexable(y)
-    check_same_length(X, y)
+    retrain, X, y = _training_set(retrain, X, y)
     masks = np.asarray(masks, dtype=bool)
     if masks.ndim != 2 or masks.shape[1] != len(X):
         raise ValueError(f"masks must have shape (n_subsets, {len(X)}), got {masks.shape}.")

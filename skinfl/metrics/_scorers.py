@@ -125,7 +125,21 @@ def _require_targets(y, name):
         )
 
 
-class LeaveOneOutScorer(_CachingScorer):
+class _RetrainingScorer(_CachingScorer):
+    """Scorers whose ground truth comes from ``retrain`` on the estimator's training data."""
+
+    def _retrained_truth(self, estimator, X_query, y_query, settings, compute_from):
+        """``compute_from(X, y)`` on the estimator's training data, cached on the data and ``settings``."""
+        _require_targets(y_query, type(self).__name__)
+        X, y = _training_data(estimator)
+        retrain_function(self.retrain)  # fail early on a bad retrain
+        # An integer seed draws the same points every time; any other random_state is drawn once per cache entry.
+        seed = self.random_state if isinstance(self.random_state, (int, np.integer)) else None
+        parts = (type(self).__name__, X, y, X_query, y_query, estimator.loss, *settings, seed)
+        return self._cached(parts, self.retrain, lambda: compute_from(X, y))
+
+
+class LeaveOneOutScorer(_RetrainingScorer):
     """Leave-one-out agreement of influences with retraining, as a scorer.
 
     The estimator, fitted on ``n`` training points, predicts that removing
@@ -203,14 +217,11 @@ class LeaveOneOutScorer(_CachingScorer):
         truth : LeaveOneOutTruth
             Removed indices, baseline query losses and their changes.
         """
-        _require_targets(y_query, type(self).__name__)
-        X, y = _training_data(estimator)
-        retrain_function(self.retrain)  # fail early on a bad retrain
-        if self.n_removals is not None and not 0 < self.n_removals <= len(X):
-            raise ValueError(f"n_removals={self.n_removals} must be in [1, {len(X)}] (the training set size).")
-        seed = self.random_state if isinstance(self.random_state, (int, np.integer)) else None
+        n_train = estimator.n_samples_fit_
+        if self.n_removals is not None and not 0 < self.n_removals <= n_train:
+            raise ValueError(f"n_removals={self.n_removals} must be in [1, {n_train}] (the training set size).")
 
-        def compute():
+        def compute_from(X, y):
             removed = None
             if self.n_removals is not None:
                 rng = check_random_state(self.random_state)
@@ -219,8 +230,7 @@ class LeaveOneOutScorer(_CachingScorer):
                 self.retrain, X, y, X_query, y_query, loss=estimator.loss, removed=removed, n_jobs=self.n_jobs
             )
 
-        parts = ("leave_one_out", X, y, X_query, y_query, estimator.loss, self.n_removals, seed)
-        return self._cached(parts, self.retrain, compute)
+        return self._retrained_truth(estimator, X_query, y_query, (self.n_removals,), compute_from)
 
     def __call__(self, estimator, X, y):
         """Score a fitted estimator on query points ``(X, y)``.
@@ -244,7 +254,7 @@ class LeaveOneOutScorer(_CachingScorer):
         return result[self.metric]
 
 
-class LdsScorer(_CachingScorer):
+class LdsScorer(_RetrainingScorer):
     """Linear datamodeling score (LDS) as a scorer.
 
     The model is retrained on ``n_subsets`` random subsets of the training
@@ -293,21 +303,16 @@ class LdsScorer(_CachingScorer):
         truth : DatamodelTruth
             The subsets and the query losses of each retrained model.
         """
-        _require_targets(y_query, type(self).__name__)
         if not 0 < self.alpha <= 1:
             raise ValueError(f"alpha must be in (0, 1], got {self.alpha}.")
         if int(self.n_subsets) < 3:
             raise ValueError(f"n_subsets must be at least 3 for a rank correlation, got {self.n_subsets}.")
-        X, y = _training_data(estimator)
-        retrain_function(self.retrain)
-        seed = self.random_state if isinstance(self.random_state, (int, np.integer)) else None
 
-        def compute():
+        def compute_from(X, y):
             masks = random_subsets(len(X), self.alpha, int(self.n_subsets), self.random_state)
             return datamodel_truth(self.retrain, X, y, X_query, y_query, loss=estimator.loss, masks=masks, n_jobs=self.n_jobs)
 
-        parts = ("datamodel", X, y, X_query, y_query, estimator.loss, self.alpha, self.n_subsets, seed)
-        return self._cached(parts, self.retrain, compute)
+        return self._retrained_truth(estimator, X_query, y_query, (self.alpha, self.n_subsets), compute_from)
 
     def __call__(self, estimator, X, y):
         """Score a fitted estimator on query points ``(X, y)``.

@@ -29,17 +29,13 @@ def _as_array(values, name):
     return array
 
 
-def _rankdata_rows(values):
-    return stats.rankdata(values, axis=1)
-
-
 def row_correlations(predicted, actual, method="pearson"):
     """Correlation of ``predicted[i]`` with ``actual[i]`` for every row ``i``.
 
     Rows where either side is constant have no correlation and give NaN.
     """
     if method == "spearman":
-        predicted, actual = _rankdata_rows(predicted), _rankdata_rows(actual)
+        predicted, actual = stats.rankdata(predicted, axis=1), stats.rankdata(actual, axis=1)
     elif method != "pearson":
         raise ValueError(f"method must be 'pearson' or 'spearman', got {method!r}.")
     predicted = predicted - predicted.mean(axis=1, keepdims=True)
