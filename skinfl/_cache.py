@@ -1,21 +1,33 @@
-"""Results cached on disk, shared between processes and sessions.
+"""Results cached on disk as tensors plus JSON, shared between processes and sessions.
 
 Used for what is costly, deterministic and independent of the settings being
-tuned: the ground truth of the retraining metrics (it does not depend on the
-influence estimator) and DirectInfluence's curvature matrix (it does not
-depend on ``regularization``). Keys are hashes of everything the result
-depends on (see :func:`token`).
+tuned: the fitted factors of every estimator (they do not depend on
+``regularization``) and the ground truth of the retraining metrics (it does
+not depend on the influence estimator). Keys are hashes of everything the
+result depends on.
+
+An entry is one file in the layout of :mod:`skinfl._tensorfile`: tensors and
+JSON, written to a temporary name and renamed, so that processes sharing the
+folder never read a partial file. Nothing in a cache folder is ever
+unpickled: the folder may be shared, and a file there may come from anyone.
+An entry that does not read back (modified, truncated, from another format)
+is computed again and replaced, with a warning.
 """
 
 from __future__ import annotations
 
 import os
 import pickle
-import tempfile
+import re
+import warnings
 from pathlib import Path
 
 import joblib
 import torch
+
+from ._tensorfile import TensorFile, TensorFileError, write
+
+_KEY = re.compile(r"^[0-9a-zA-Z_-]+$")
 
 
 def directory_of(memory):
@@ -37,7 +49,7 @@ def token(value):
 
     Objects with ``get_params`` (the retrain helpers, estimators) are hashed
     by type and parameters, so state they keep between calls (a warm start)
-    does not change the key.
+    does not change the key. (Hashing pickles; nothing is ever unpickled.)
     """
     if isinstance(value, torch.Tensor):
         value = value.detach().cpu().numpy()
@@ -52,28 +64,36 @@ def token(value):
         return f"id-{id(value)}"
 
 
-def stored(directory, key, compute):
-    """``compute()``, stored in and read back from ``directory`` under ``key``.
+def entry_path(directory, key):
+    if not _KEY.match(key):
+        raise ValueError(f"Invalid cache key {key!r}.")
+    return Path(directory) / "skinfl_cache" / f"{key}.safetensors"
 
-    One joblib file per key, written to a temporary name and then renamed,
-    so that processes sharing the directory never read a partial file. (A
-    ``joblib.Memory`` on a function would also work, but it validates the
-    function's code per process and may discard entries written by another
-    process.)
+
+def stored_tensors(directory, key, compute):
+    """``compute()`` -> ``(tensors, metadata)``, stored in and read back from ``directory``.
+
+    ``tensors`` is a dict of name -> torch tensor, ``metadata`` a JSON-able
+    dict. Read-back tensors are on the CPU. With ``directory=None`` this is
+    just ``compute()``.
     """
     if directory is None:
         return compute()
-    folder = Path(directory) / "skinfl_cache"
-    path = folder / f"{key}.joblib"
+    path = entry_path(directory, key)
     if path.exists():
         try:
-            return joblib.load(path)
-        except (OSError, EOFError, pickle.UnpicklingError, ValueError):
-            pass  # unreadable (for example written by another version): compute again
-    value = compute()
-    folder.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=folder, suffix=".tmp")
-    os.close(handle)
-    joblib.dump(value, temporary)
-    os.replace(temporary, path)
-    return value
+            entry = TensorFile(path).verify()
+            return {name: entry.tensor(name) for name in entry.names()}, entry.metadata
+        except TensorFileError as error:
+            warnings.warn(f"Ignoring an unreadable cache entry and computing it again: {error}", UserWarning,
+                          stacklevel=3)
+    tensors, metadata = compute()
+    write(path, {name: tensor.detach().cpu() for name, tensor in tensors.items()}, metadata)
+    return tensors, metadata
+
+
+def stored(directory, key, compute, encode, decode):
+    """``compute()`` cached through a codec: ``encode(value) -> (tensors, metadata)``, ``decode`` back."""
+    if directory is None:
+        return compute()
+    return decode(*stored_tensors(directory, key, lambda: encode(compute())))

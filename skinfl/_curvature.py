@@ -14,10 +14,12 @@ Regularization is not part of this operator; solvers add it.
 
 from __future__ import annotations
 
-import torch
-from torch.func import grad, hessian, jacrev, jvp, vjp, vmap
+import math
 
-from ._gradients import batch_slices
+import torch
+from torch.func import grad, jvp, vjp, vmap
+
+from ._gradients import batch_slices, gradient_batch
 from ._progress import progress_bar
 
 SECOND_ORDER_MODES = ("hessian", "gauss_newton")
@@ -30,8 +32,9 @@ _WORKING_SET_FLOATS = 2**25
 # Vectors per block in a product; more per call amortises the pass over data.
 _MAX_VECTOR_BLOCK = 128
 _MIN_VECTOR_BLOCK = 32
-# Upper bound on elements of a per-sample Jacobian block (diagonal estimate).
-_MAX_JACOBIAN_ELEMENTS = 2**25
+# The sampled Gauss-Newton diagonal averages at least this many draws in all
+# (several passes over a small data set): relative noise about 1/sqrt(draws).
+_MIN_DIAGONAL_DRAWS = 1024
 
 
 def _hessian_products(fmodel, x, y):
@@ -74,12 +77,13 @@ def _gauss_newton_products(fmodel, x, y):
 _BATCH_PRODUCTS = {"hessian": _hessian_products, "gauss_newton": _gauss_newton_products}
 
 
-def saved_floats_per_sample(fmodel, X, y):
+def saved_floats_per_sample(fmodel, data):
     """Elements autograd saves per sample of the loss: a measure of activations.
 
     Counted on two samples minus one sample, so that tensors saved once per
     batch (the weights) are not counted as per-sample memory.
     """
+    x, y = data.batch(slice(0, min(2, len(data))))
 
     def count(n):
         total = 0
@@ -92,12 +96,25 @@ def saved_floats_per_sample(fmodel, X, y):
         params = {name: p.detach().requires_grad_(True) for name, p in fmodel.params.items()}
         y_n = None if y is None else y[:n]
         with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            fmodel.per_sample_objective(params, X[:n], y_n).sum()
+            fmodel.per_sample_objective(params, x[:n], y_n).sum()
         return total
 
-    if len(X) < 2:
+    if len(x) < 2:
         return max(count(1), 1)
     return max(count(2) - count(1), 1)
+
+
+def symmetrize_(matrix, block=1024):
+    """``matrix <- (matrix + matrix.T) / 2`` in place, one pair of blocks at a time."""
+    for rows in batch_slices(len(matrix), block):
+        for columns in batch_slices(rows.stop, block):
+            if columns.start > rows.start:
+                break
+            upper = matrix[columns, rows]
+            mean = (matrix[rows, columns] + upper.T) / 2
+            matrix[rows, columns] = mean
+            matrix[columns, rows] = mean.T
+    return matrix
 
 
 class CurvatureOperator:
@@ -106,8 +123,8 @@ class CurvatureOperator:
     Parameters
     ----------
     fmodel : FunctionalModel
-    X, y : torch.Tensor
-        Inputs and validated targets, on the model's device.
+    data : DataSource
+        The samples, read in batches on the model's device; targets required.
     second_order : {"hessian", "gauss_newton"}
     batch_size : int
         Most samples per pass; passes are smaller when the activations saved
@@ -116,10 +133,9 @@ class CurvatureOperator:
         Show a progress bar over batches of ``dense``.
     """
 
-    def __init__(self, fmodel, X, y, second_order, batch_size, progress=False):
+    def __init__(self, fmodel, data, second_order, batch_size, progress=False):
         self.fmodel = fmodel
-        self.X = X
-        self.y = y
+        self.data = data
         self.second_order = second_order
         self.batch_size = batch_size
         self.progress = progress
@@ -132,12 +148,12 @@ class CurvatureOperator:
 
     @property
     def n_samples(self):
-        return len(self.X)
+        return len(self.data)
 
     def _blocking(self, n_vectors):
         """(vectors per block, samples per sub-batch) for ``n_vectors`` products."""
         if self._saved_per_sample is None:
-            self._saved_per_sample = saved_floats_per_sample(self.fmodel, self.X, self.y)
+            self._saved_per_sample = saved_floats_per_sample(self.fmodel, self.data)
         block = max(1, min(n_vectors, _MAX_VECTOR_BLOCK))
         sub_batch = _WORKING_SET_FLOATS // (block * self._saved_per_sample)
         if sub_batch < 16 and block > _MIN_VECTOR_BLOCK:
@@ -157,63 +173,59 @@ class CurvatureOperator:
         batches = batch_slices(self.n_samples, sub_batch)
         with torch.no_grad():
             for batch in progress_bar(batches, self.progress and progress_desc is not None, progress_desc):
-                y = None if self.y is None else self.y[batch]
-                products = self._batch_products(self.fmodel, self.X[batch], y)
+                x, y = self.data.batch(batch)
+                products = self._batch_products(self.fmodel, x, y)
                 for rows in vector_blocks:
                     out[rows] += layout.flatten(products(layout.unflatten(vector_rows(rows))))
         return out
 
     def matmat(self, vectors):
         """Rows ``C v`` for the rows ``v`` of ``vectors`` (shape ``(k, n_params)``)."""
-        return self._accumulate(lambda rows: vectors[rows], torch.zeros_like(vectors)) / self.n_samples
+        products = self._accumulate(lambda rows: vectors[rows], torch.zeros_like(vectors))
+        return products.div_(self.n_samples)
 
-    def dense(self):
-        """The explicit ``(n_params, n_params)`` curvature matrix, symmetrised."""
+    def dense(self, dtype=None):
+        """The explicit ``(n_params, n_params)`` curvature matrix, symmetrised.
+
+        ``dtype`` (default: the model's) is that of the matrix the products
+        are accumulated into; float64 avoids a second copy for a float64
+        factorisation.
+        """
         fmodel = self.fmodel
         n_params = self.n_params
+        dtype = dtype or fmodel.dtype
 
         def identity_rows(rows):
             basis = torch.zeros(rows.stop - rows.start, n_params, dtype=fmodel.dtype, device=fmodel.device)
             basis[:, rows].fill_diagonal_(1.0)
             return basis
 
-        matrix = torch.zeros(n_params, n_params, dtype=fmodel.dtype, device=fmodel.device)
+        matrix = torch.zeros(n_params, n_params, dtype=dtype, device=fmodel.device)
         self._accumulate(identity_rows, matrix, "curvature matrix")
         matrix /= self.n_samples
         # Reverse-over-reverse products are symmetric only up to rounding.
-        return (matrix + matrix.T) / 2
+        return symmetrize_(matrix)
 
-    def gauss_newton_diagonal(self):
-        """Exact diagonal of the Gauss-Newton matrix, shape ``(n_params,)``.
+    def sampled_gauss_newton_diagonal(self, generator):
+        """Unbiased estimate of the Gauss-Newton diagonal from sampled targets.
 
-        ``diag(1/n sum_i J_i^T H_i J_i)`` with ``J_i`` the Jacobian of sample
-        ``i``'s outputs and ``H_i`` the Hessian of its loss in the outputs.
-        It is nonnegative for convex losses, so it is a safe preconditioner
-        for the Hessian as well.
+        ``diag(1/n sum_i J_i^T H_i J_i)`` is the mean of squared per-sample
+        gradients at targets drawn from the model's predictive distribution
+        (see :meth:`LossSpec.sampled_targets`): one gradient per sample and
+        draw, never a per-sample Jacobian, so memory is that of a batch of
+        gradients. The estimate is nonnegative; its relative noise is about
+        ``1 / sqrt(draws)``, with at least ``_MIN_DIAGONAL_DRAWS`` draws in all.
         """
         fmodel = self.fmodel
-
-        def sample_outputs(params, x_i):
-            return fmodel.output(params, x_i.unsqueeze(0))[0].reshape(-1)
-
-        output_shape = fmodel.output(fmodel.params, self.X[:1]).shape[1:]
-
-        def sample_loss_of_output(output_i, target_i):
-            output_i = output_i.reshape(output_shape).unsqueeze(0)
-            return fmodel.loss.per_sample(output_i, target_i.unsqueeze(0))[0]
-
-        jacobians = vmap(jacrev(sample_outputs), in_dims=(None, 0))
-        output_hessians = vmap(hessian(sample_loss_of_output))
-        n_outputs = output_shape.numel()
-        sub_batch = max(1, _MAX_JACOBIAN_ELEMENTS // (n_outputs * self.n_params))
-
+        loss = fmodel.loss
+        passes = math.ceil(_MIN_DIAGONAL_DRAWS / self.n_samples)
         diagonal = torch.zeros(self.n_params, dtype=fmodel.dtype, device=fmodel.device)
         with torch.no_grad():
-            for batch in batch_slices(self.n_samples, sub_batch):
-                x, y = self.X[batch], self.y[batch]
-                jacobian = fmodel.layout.flatten(jacobians(fmodel.params, x), n_leading=2)
-                out = fmodel.output(fmodel.params, x)
-                out_hessian = output_hessians(out.reshape(len(x), -1), y)
-                weighted = torch.bmm(out_hessian.reshape(len(x), n_outputs, n_outputs), jacobian)
-                diagonal += (weighted * jacobian).sum(dim=(0, 1))
-        return diagonal / self.n_samples
+            for _ in range(passes):
+                for batch in batch_slices(self.n_samples, self.batch_size):
+                    x, _ = self.data.batch(batch)
+                    output = fmodel.output(fmodel.params, x)
+                    targets = loss.sampled_targets(output, generator)
+                    gradients = gradient_batch(fmodel, x, targets) * loss.fisher_scale(output)
+                    diagonal += (gradients * gradients).sum(dim=0)
+        return diagonal / (passes * self.n_samples)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch.func import grad, jvp, vmap
 
@@ -13,8 +14,20 @@ def batch_slices(n_samples, batch_size):
     return [slice(start, min(start + batch_size, n_samples)) for start in range(0, n_samples, batch_size)]
 
 
-def _target_batch(y, batch):
-    return None if y is None else y[batch]
+def index_batches(rows, batch_size):
+    """``rows`` (a slice or an integer array) cut into pieces of at most ``batch_size``.
+
+    Yields ``(position, index)``: where the piece sits among ``rows`` (a
+    slice) and the data rows it holds (a slice or an integer array).
+    """
+    if isinstance(rows, slice):
+        start, stop = rows.start or 0, rows.stop
+        for piece in batch_slices(stop - start, batch_size):
+            yield piece, slice(start + piece.start, start + piece.stop)
+        return
+    rows = np.asarray(rows)
+    for piece in batch_slices(len(rows), batch_size):
+        yield piece, rows[piece]
 
 
 def gradient_batch(fmodel, x, y):
@@ -31,18 +44,29 @@ def gradient_batch(fmodel, x, y):
     return fmodel.layout.flatten(gradients)
 
 
-def iter_gradients(fmodel, X, y, batch_size, progress=False, desc="gradients"):
-    """Yield ``(batch_slice, gradients)`` over the samples of ``X``."""
-    for batch in progress_bar(batch_slices(len(X), batch_size), progress, desc):
+def iter_gradients(fmodel, data, batch_size, rows=None, progress=False, desc="gradients"):
+    """Yield ``(position, gradients)`` over ``rows`` of ``data`` (all rows by default).
+
+    ``position`` is a slice into ``rows``; ``gradients`` has one row per
+    sample of the piece. At most ``batch_size`` samples are read at a time.
+    """
+    rows = slice(0, len(data)) if rows is None else rows
+    pieces = list(index_batches(rows, batch_size))
+    for position, index in progress_bar(pieces, progress, desc):
+        x, y = data.batch(index)
         with torch.no_grad():
-            yield batch, gradient_batch(fmodel, X[batch], _target_batch(y, batch))
+            yield position, gradient_batch(fmodel, x, y)
 
 
-def all_gradients(fmodel, X, y, batch_size, progress=False):
-    """All per-sample gradients of ``X`` as one ``(n, n_params)`` tensor."""
-    gradients = torch.empty(len(X), fmodel.n_params, dtype=fmodel.dtype, device=fmodel.device)
-    for batch, block in iter_gradients(fmodel, X, y, batch_size, progress):
-        gradients[batch] = block
+def gradients_of(fmodel, data, batch_size, rows):
+    """Gradients of ``rows`` of ``data`` as one ``(n_rows, n_params)`` tensor.
+
+    Callers keep ``rows`` to a bounded number (a chunk), never a whole data set.
+    """
+    n_rows = (rows.stop - (rows.start or 0)) if isinstance(rows, slice) else len(rows)
+    gradients = torch.empty(n_rows, fmodel.n_params, dtype=fmodel.dtype, device=fmodel.device)
+    for position, block in iter_gradients(fmodel, data, batch_size, rows):
+        gradients[position] = block
     return gradients
 
 

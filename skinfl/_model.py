@@ -18,9 +18,10 @@ from torch.func import functional_call, vmap
 
 BUILTIN_LOSSES = ("cross_entropy", "mse", "bce_with_logits")
 
-# torch loss modules that behave like a built-in loss for target checks and
-# for the y=None measurement; the module itself still computes the loss, so
-# options such as class weights or label smoothing are honoured.
+# torch loss modules computed here from their options (class weights, label
+# smoothing, positive weights), so that their per-sample losses and their
+# batch mean are exactly torch's. A subclass may change forward, so only the
+# classes themselves are recognised; anything else is a custom loss.
 _MODULE_KINDS = {
     nn.CrossEntropyLoss: "cross_entropy",
     nn.MSELoss: "mse",
@@ -37,19 +38,22 @@ def _mean_over_non_batch_dims(values):
     return values.reshape(values.shape[0], -1).mean(dim=1)
 
 
-def _builtin_per_sample(kind, output, target):
-    if kind == "cross_entropy":
-        return F.cross_entropy(output, target, reduction="none")
-    if kind == "mse":
-        return _mean_over_non_batch_dims(F.mse_loss(output, target, reduction="none"))
-    return _mean_over_non_batch_dims(
-        F.binary_cross_entropy_with_logits(output, target, reduction="none")
-    )
+def _elements_per_sample(output):
+    return output[0].numel() if output.ndim > 1 else 1
 
 
 @dataclass
 class LossSpec:
     """A resolved ``loss`` parameter.
+
+    The training loss is always the mean of per-sample losses
+    ``l_i / normalizer``. For every loss but a class-weighted cross-entropy
+    the normalizer is 1. torch's ``CrossEntropyLoss(weight=w)`` averages
+    ``w[y_i] * l_i`` with the weights' sum, ``sum_i w[y_i] l_i / sum_i
+    w[y_i]``; with ``normalizer`` the mean class weight of the fitted data,
+    the mean of ``w[y_i] l_i / normalizer`` is exactly that, and removing
+    point ``i`` still changes the training loss by its per-sample term over
+    ``n``. ``fitted`` sets it.
 
     Attributes
     ----------
@@ -58,15 +62,23 @@ class LossSpec:
         used when no target is given.
     function : callable or None
         The user's loss module or callable, or None for a built-in string.
+    normalizer : float
+        Divides every per-sample loss (see above).
     """
 
     kind: str
     function: object = None
+    normalizer: float = 1.0
 
     @classmethod
-    def resolve(cls, loss):
+    def resolve(cls, loss, device=None):
+        """The spec of a ``loss`` parameter; a loss module is copied to ``device``."""
+        if isinstance(loss, LossSpec):
+            return loss
         if isinstance(loss, str):
             return cls(kind=loss)
+        if isinstance(loss, nn.Module) and device is not None:
+            loss = copy.deepcopy(loss).to(device)
         for module_type, kind in _MODULE_KINDS.items():
             if type(loss) is module_type:
                 return cls(kind=kind, function=loss)
@@ -76,10 +88,56 @@ class LossSpec:
     def is_classification(self):
         return self.kind in ("cross_entropy", "bce_with_logits")
 
-    def per_sample(self, output, target):
-        """Loss of every sample in a batch, shape ``(n,)``."""
-        if self.function is None:
-            return _builtin_per_sample(self.kind, output, target)
+    @property
+    def is_module(self):
+        """A recognised torch loss module, computed from its options."""
+        return self.kind != "custom" and self.function is not None
+
+    def _option(self, name, default=None):
+        return getattr(self.function, name, default) if self.is_module else default
+
+    def sample_weights(self, target):
+        """Per-sample weights ``w[y_i]`` of the weighted mean, or None when unweighted."""
+        if self.kind != "cross_entropy":
+            return None
+        weight = self._option("weight")
+        ignore_index = self._option("ignore_index", -100)
+        if weight is None and not (0 <= ignore_index):
+            return None
+        weights = torch.ones(len(target), dtype=torch.float64) if weight is None else weight.double().cpu()[target.cpu()]
+        return weights * (target.cpu() != ignore_index)
+
+    def fitted(self, target_chunks):
+        """This spec with ``normalizer`` the mean class weight over the fitted targets."""
+        total, count = 0.0, 0
+        for target in target_chunks:
+            weights = self.sample_weights(target)
+            if weights is None:
+                return self
+            total += float(weights.sum())
+            count += len(target)
+        if total <= 0:
+            raise ValueError(
+                "Every training sample has zero weight under the loss's class weights (or ignore_index); "
+                "the training loss is undefined."
+            )
+        return LossSpec(self.kind, self.function, total / count)
+
+    def _unnormalized(self, output, target):
+        if self.kind == "cross_entropy":
+            return F.cross_entropy(
+                output, target, reduction="none", weight=self._option("weight"),
+                ignore_index=self._option("ignore_index", -100),
+                label_smoothing=self._option("label_smoothing", 0.0),
+            )
+        if self.kind == "mse":
+            return _mean_over_non_batch_dims(F.mse_loss(output, target, reduction="none"))
+        if self.kind == "bce_with_logits":
+            return _mean_over_non_batch_dims(F.binary_cross_entropy_with_logits(
+                output, target, reduction="none", weight=self._option("weight"),
+                pos_weight=self._option("pos_weight"),
+            ))
+
         # A user loss returns one scalar for a batch; calling it on batches of
         # one sample (under vmap) gives per-sample losses whatever its
         # reduction is, so the training loss is always their mean.
@@ -87,6 +145,11 @@ class LossSpec:
             return self.function(out_i.unsqueeze(0), target_i.unsqueeze(0)).reshape(())
 
         return vmap(one)(output, target)
+
+    def per_sample(self, output, target):
+        """Loss of every sample in a batch, shape ``(n,)``."""
+        values = self._unnormalized(output, target)
+        return values if self.normalizer == 1.0 else values / self.normalizer
 
     def measurement(self, output):
         """Per-sample quantity differentiated when no target is given.
@@ -111,6 +174,41 @@ class LossSpec:
             "'mse' (or their torch.nn modules), not for a custom loss callable. "
             "Pass the targets y explicitly."
         )
+
+    def sampled_targets(self, output, generator):
+        """Targets drawn from the model's predictive distribution at ``output``.
+
+        The loss gradient at such targets, times :meth:`fisher_scale`, has
+        covariance ``J^T H J`` over the draws: the Gauss-Newton matrix, here
+        the true Fisher. Cross-entropy draws a class from the softmax,
+        binary cross-entropy a label from the sigmoid, and squared error
+        ``output + N(0, 1/2)`` (the Gaussian whose negative log-likelihood is
+        ``(output - target)**2`` up to a constant).
+        """
+        output = output.detach()
+        if self.kind == "cross_entropy":
+            return torch.multinomial(torch.softmax(output, dim=1), 1, generator=generator).squeeze(1)
+        if self.kind == "bce_with_logits":
+            return torch.bernoulli(torch.sigmoid(output), generator=generator)
+        if self.kind == "mse":
+            noise = torch.randn(output.shape, generator=generator, dtype=output.dtype, device=output.device)
+            return output + noise * 0.5**0.5
+        raise ValueError(
+            "Sampling targets from the model's predictive distribution needs a known likelihood: "
+            "loss='cross_entropy', 'bce_with_logits' or 'mse' (or their torch.nn modules), not a "
+            "custom loss callable."
+        )
+
+    def fisher_scale(self, output):
+        """Factor that gives sampled-target gradients the Gauss-Newton covariance.
+
+        Losses averaged over ``d`` output elements per sample have gradient
+        covariance ``H / d`` at sampled targets, so their gradients are
+        scaled by ``sqrt(d)``.
+        """
+        if self.kind == "cross_entropy":
+            return 1.0
+        return float(_elements_per_sample(output)) ** 0.5
 
 
 class ParameterLayout:

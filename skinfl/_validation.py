@@ -11,7 +11,10 @@ import numpy as np
 import torch
 from sklearn.utils._param_validation import HasMethods, Interval, StrOptions  # noqa: F401  (re-exported)
 
-__all__ = ["HasMethods", "Interval", "StrOptions", "as_input_tensor", "as_target_tensor", "returns_torch", "to_output"]
+__all__ = [
+    "HasMethods", "Interval", "StrOptions", "as_input_tensor", "as_target_tensor", "check_input_shape",
+    "input_chunk_to_tensor", "returns_torch", "to_output",
+]
 
 
 def returns_torch(data):
@@ -47,33 +50,37 @@ def _as_tensor(data, name):
         )
     if array.dtype.kind == "c":
         raise ValueError(f"Complex data not supported: {name} is complex, influence functions need real-valued data.")
+    if not array.flags.writeable:  # read-only memmaps and pandas values: torch wants writable memory
+        return torch.tensor(array)
     return torch.as_tensor(np.ascontiguousarray(array))
 
 
-def as_input_tensor(X, dtype, device, name="X"):
-    """Check and convert model inputs: samples on axis 0, finite values.
-
-    Floating inputs are cast to the model's ``dtype``; integer inputs (token
-    ids, say) keep their integer type.
-    """
-    if X is None:
-        raise ValueError(f"{name} is None; pass the model inputs as an array or tensor.")
-    tensor = _as_tensor(X, name)
-    if tensor.ndim < 2:
+def check_input_shape(shape, name="X"):
+    """Check the shape of a whole input data set: samples on axis 0, something per sample."""
+    if len(shape) < 2:
         raise ValueError(
-            f"Expected 2D array or more for {name}, got {tensor.ndim}D with shape {tuple(tensor.shape)}: "
+            f"Expected 2D array or more for {name}, got {len(shape)}D with shape {tuple(shape)}: "
             f"samples go on the first axis. Reshape your data either using {name}.reshape(-1, 1) if it "
             f"has a single feature or {name}.reshape(1, -1) if it contains a single sample."
         )
-    if tensor.shape[0] == 0:
+    if shape[0] == 0:
         raise ValueError(
-            f"Found array with 0 sample(s) (shape={tuple(tensor.shape)}) while a minimum of 1 is required: {name} is empty."
+            f"Found array with 0 sample(s) (shape={tuple(shape)}) while a minimum of 1 is required: {name} is empty."
         )
-    if tensor.ndim > 1 and tensor[0].numel() == 0:
+    if int(np.prod(shape[1:], dtype=np.int64)) == 0:
         raise ValueError(
-            f"Found array with 0 feature(s) (shape={tuple(tensor.shape)}) while a minimum of 1 is required: "
+            f"Found array with 0 feature(s) (shape={tuple(shape)}) while a minimum of 1 is required: "
             f"{name} has no input values per sample."
         )
+
+
+def input_chunk_to_tensor(chunk, dtype, name="X"):
+    """Rows of model inputs as a tensor: finite, floating values cast to the model's ``dtype``.
+
+    Integer inputs (token ids, say) keep their integer type; the tensor stays
+    where the rows were (host for arrays, the tensor's device for tensors).
+    """
+    tensor = _as_tensor(chunk, name)
     if tensor.dtype == torch.bool:
         tensor = tensor.to(dtype)
     if tensor.is_floating_point():
@@ -83,7 +90,16 @@ def as_input_tensor(X, dtype, device, name="X"):
                 "before computing influences."
             )
         tensor = tensor.to(dtype)
-    return tensor.to(device)
+    return tensor
+
+
+def as_input_tensor(X, dtype, device, name="X"):
+    """Check and convert a whole set of model inputs (see :func:`input_chunk_to_tensor`)."""
+    if X is None:
+        raise ValueError(f"{name} is None; pass the model inputs as an array or tensor.")
+    tensor = _as_tensor(X, name)
+    check_input_shape(tuple(tensor.shape), name)
+    return input_chunk_to_tensor(tensor, dtype, name).to(device)
 
 
 def check_same_length(X, y, names=("X", "y")):
@@ -111,8 +127,11 @@ def _reshape_to_outputs(target, output_shape, name, loss_kind):
     )
 
 
-def as_target_tensor(y, loss, output_shape, dtype, device, name="y"):
-    """Check and convert targets for ``loss`` given the model's output shape."""
+def as_target_tensor(y, loss, output_shape, dtype, device=None, name="y"):
+    """Check and convert targets for ``loss`` given the model's output shape.
+
+    ``device=None`` leaves the tensor where the targets were.
+    """
     tensor = _as_tensor(y, name)
     if tensor.ndim == 0:
         raise ValueError(f"{name} is a scalar; pass one target per sample.")
@@ -130,10 +149,14 @@ def as_target_tensor(y, loss, output_shape, dtype, device, name="y"):
                 f"{name} must lie in [0, 1] for loss='bce_with_logits' (probabilities or 0/1 labels); "
                 f"got values from {tensor.min().item():g} to {tensor.max().item():g}."
             )
-        return tensor.to(device)
+        return _moved(tensor, device)
     if tensor.is_floating_point():
         tensor = tensor.to(dtype)
-    return tensor.to(device)
+    return _moved(tensor, device)
+
+
+def _moved(tensor, device):
+    return tensor if device is None else tensor.to(device)
 
 
 def _class_labels(tensor, output_shape, name, device):
@@ -157,7 +180,7 @@ def _class_labels(tensor, output_shape, name, device):
             f"outputs, so labels must lie in 0..{n_classes - 1}. Encode labels with "
             "sklearn.preprocessing.LabelEncoder, or check that this is the model trained on them."
         )
-    return labels.to(device)
+    return _moved(labels, device)
 
 
 def as_model_data(model, loss, X, y, names=("X", "y")):

@@ -1,27 +1,46 @@
 """The estimator every influence approximation shares.
 
-A subclass implements two things: ``_fit_curvature(curvature)``, which builds
-its approximation of the inverse of ``C + regularization * I`` from a
-:class:`~skinfl._curvature.CurvatureOperator` over the fitted data, and
-``_solve(gradients)``, which applies that inverse to rows of gradients.
+A solver implements three hooks:
+
+- ``_compute_factors(curvature)``: the costly work that does not depend on
+  ``regularization`` (a curvature matrix, eigenpairs, a sketch), from a
+  :class:`~skinfl._curvature.CurvatureOperator` over the fitted data. It
+  returns ``(tensors, metadata)``: a dict of tensors and a JSON-able dict.
+  The base class caches them on disk with ``memory=``, so that a search over
+  ``regularization`` computes them once per training set.
+- ``_build_inverse()``: the cheap step from ``self._factors`` and
+  ``regularization`` to the inverse (a factorisation, a preconditioner).
+- ``_apply_inverse(gradients)``: rows ``(C + regularization I)^-1 g``.
+
 Everything users call (``fit``, ``transform``, ``influences``,
-``self_influence``, ``score``, pickling) lives here, once.
+``top_influences``, ``self_influence``, ``score``, pickling) lives here,
+once, and works through the data in chunks: its extra memory is that of a
+few batches of gradients plus the solver's fitted state, whatever the
+number of samples.
 """
 
 from __future__ import annotations
 
-import io
+import os
 import warnings
+from dataclasses import dataclass, field
 from numbers import Integral, Real
 
 import numpy as np
 import torch
+from sklearn import get_config
 from sklearn.base import BaseEstimator, TransformerMixin
+from sklearn.utils import check_random_state
 from sklearn.utils.validation import check_is_fitted
 from torch import nn
 
+from . import __version__
+from ._cache import directory_of, stored_tensors
 from ._curvature import SECOND_ORDER_MODES, CurvatureOperator
-from ._gradients import all_gradients, batch_slices, iter_gradients, perturbation_batch
+from ._data import DataSource, TargetSpec
+from ._devices import available_device, first_device, moved
+from ._fingerprint import fingerprint
+from ._gradients import batch_slices, gradients_of, iter_gradients, perturbation_batch
 from ._model import (
     BUILTIN_LOSSES,
     FunctionalModel,
@@ -29,16 +48,8 @@ from ._model import (
     evaluation_copy,
     mode_dependent_modules_in_training,
 )
-from ._validation import (
-    Interval,
-    StrOptions,
-    as_input_tensor,
-    as_target_tensor,
-    check_same_length,
-    returns_torch,
-    to_output,
-    validate_estimator_params,
-)
+from ._results import DEFAULT_MAX_RESULT_BYTES, RunningTopK, allocate, write
+from ._validation import HasMethods, Interval, StrOptions, returns_torch, to_output, validate_estimator_params
 from .exceptions import TrainingModeWarning
 
 _REGISTRY = {}
@@ -46,11 +57,38 @@ _REGISTRY = {}
 # (test factors) x (training samples) pairs per perturbation batch: each pair
 # holds a gradient of the input, so this bounds that memory.
 _MAX_PERTURBATION_PAIRS = 2**14
+# Held-out points whose residual the score checks (see BaseInfluence.score).
+SCORE_PROBES = 100
 
 
 def registered_estimators():
     """The influence estimator classes, by name, in definition order."""
     return dict(_REGISTRY)
+
+
+@dataclass(frozen=True)
+class ExactnessCheck:
+    """How the test suite checks an estimator against exact references.
+
+    Every registered estimator declares one as ``_exactness``; the
+    exactness, invariance, persistence and GPU tests run over the registry
+    with it, so a new estimator is covered by declaring its class.
+
+    Attributes
+    ----------
+    params : dict
+        Parameters under which the estimator inverts ``C + lambda I``
+        exactly up to rounding (a tight tolerance, a full rank).
+    rtol, atol : float
+        Tolerance of the comparison with the exact answer in float64.
+    second_order : tuple of str
+        The curvatures it supports.
+    """
+
+    params: dict = field(default_factory=dict)
+    rtol: float = 1e-9
+    atol: float = 1e-12
+    second_order: tuple = SECOND_ORDER_MODES
 
 
 class BaseInfluence(TransformerMixin, BaseEstimator):
@@ -67,7 +105,13 @@ class BaseInfluence(TransformerMixin, BaseEstimator):
         "batch_size": [Interval(Integral, 1, None, closed="left")],
         "device": [str, torch.device, None],
         "progress": ["boolean"],
+        "memory": [None, str, os.PathLike, HasMethods(["cache"])],
+        "random_state": ["random_state"],
     }
+    # Parameters the fitted factors depend on, besides the model, the data,
+    # the loss and second_order: part of the factor cache key.
+    _factor_parameters = ()
+    _exactness = ExactnessCheck()
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -75,10 +119,13 @@ class BaseInfluence(TransformerMixin, BaseEstimator):
             _REGISTRY[cls.__name__] = cls
 
     # ------------------------------------------------------------------ hooks
-    def _fit_curvature(self, curvature):  # pragma: no cover - abstract
+    def _compute_factors(self, curvature):  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def _solve(self, gradients):  # pragma: no cover - abstract
+    def _build_inverse(self):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _apply_inverse(self, gradients):  # pragma: no cover - abstract
         raise NotImplementedError
 
     # -------------------------------------------------------------- fitting
@@ -86,13 +133,15 @@ class BaseInfluence(TransformerMixin, BaseEstimator):
         """Build the inverse-curvature approximation on training data.
 
         The model is not trained: it is taken as trained on data like
-        ``(X, y)``. The data are kept so that :meth:`influences` can score
-        every fitted point.
+        ``(X, y)``. ``X`` and ``y`` are kept by reference, not copied, so
+        that :meth:`influences` can score every fitted point; they are read
+        in batches of ``batch_size`` and streamed to the device.
 
         Parameters
         ----------
         X : array-like or torch.Tensor of shape (n_samples, ...)
-            Training inputs, as the model takes them.
+            Training inputs, as the model takes them. A ``numpy.memmap`` (or
+            any object indexable along axis 0) stays where it is.
         y : array-like or torch.Tensor of shape (n_samples, ...)
             Training targets for ``loss``. Required.
 
@@ -124,31 +173,68 @@ class BaseInfluence(TransformerMixin, BaseEstimator):
                 TrainingModeWarning,
                 stacklevel=2,
             )
-        loss = LossSpec.resolve(self.loss)
-        X_t = as_input_tensor(X, _model_dtype(self.model), device)
-        module = _evaluation_copy_for(self.model, device, X_t)
+        loss = LossSpec.resolve(self.loss, device)
+        inputs = DataSource(X, y, input_dtype=model_dtype(self.model), device=device)
+        first = inputs.inputs(slice(0, 1))
+        module = _evaluation_copy_for(self.model, device, first)
         fmodel = FunctionalModel(module, loss, trainable)
-        output_shape = _probe_output_shape(fmodel, X_t)
-        y_t = as_target_tensor(y, loss, output_shape, fmodel.dtype, device)
-        check_same_length(X_t, y_t)
+        output_shape = _probe_output_shape(fmodel, first)
+        data = inputs.with_targets(TargetSpec(loss, tuple(output_shape), fmodel.dtype)).validate()
 
-        self.model_ = fmodel.module
-        self.loss_ = loss
+        self.model_ = module
+        self.loss_ = loss.fitted(data.iter_targets())
         self.trainable_parameters_ = trainable
         self.device_ = device
         self.n_params_ = fmodel.n_params
-        self.n_samples_fit_ = len(X_t)
-        self.input_shape_ = tuple(X_t.shape[1:])
+        self.n_samples_fit_ = len(data)
+        self.input_shape_ = tuple(data.input_shape)
         self.n_features_in_ = int(np.prod(self.input_shape_, dtype=int))
         self.output_shape_ = tuple(output_shape)
-        self._fit_X = X_t
-        self._fit_y = y_t
-        self._fit_curvature(self._curvature_over(X_t, y_t))
+        self._fit_data = data
+        self._fit_factors()
+        self._build_inverse()
         return self
+
+    def _fit_factors(self):
+        """Compute the factors, or read them from ``memory`` when it holds them for this fit."""
+        directory = directory_of(self.memory)
+        self._factor_seed = _seed_of(self.random_state)
+
+        def compute():
+            return self._compute_factors(self._curvature())
+
+        if directory is None:
+            tensors, metadata = compute()
+        else:
+            tensors, metadata = stored_tensors(directory, self._factor_key(), compute)
+        # Contiguous, as they read back from a file: the same memory layout gives bitwise the same results.
+        self._factors = {name: tensor.to(self.device_).contiguous() for name, tensor in tensors.items()}
+        self._factor_metadata = metadata
+
+    def _factor_key(self):
+        """Hash of everything the factors depend on (see :mod:`skinfl._fingerprint`)."""
+        settings = {name: getattr(self, name) for name in self._factor_parameters if name != "random_state"}
+        if "random_state" in self._factor_parameters:
+            settings["random_state"] = self._factor_seed
+        return fingerprint(
+            "skinfl-factors", __version__, type(self).__name__, settings, self.second_order,
+            self.model_, self.trainable_parameters_, self.loss_.kind, self.loss_.function,
+            self.loss_.normalizer, self._fit_data.X, self._fit_data.y,
+        )
+
+    def _generator(self):
+        """A torch generator on ``device_`` for the fit's randomness, seeded from ``random_state``."""
+        seed = self._factor_seed
+        if seed is None:
+            seed = int(np.random.randint(2**31 - 1))
+        return torch.Generator(device=self.device_).manual_seed(seed)
 
     # ------------------------------------------------------------ inference
     def transform(self, X, y=None):
         """Influence factors ``(C + regularization I)^-1 grad l(x, y)``.
+
+        Computed ``batch_size`` rows at a time; the result itself has
+        ``n_samples x n_params_`` values.
 
         Parameters
         ----------
@@ -164,17 +250,28 @@ class BaseInfluence(TransformerMixin, BaseEstimator):
         factors : ndarray or torch.Tensor of shape (n_samples, n_params)
             A torch tensor on ``device_`` if ``X`` is one, else a numpy array.
         """
-        X_t, y_t = self._check_data(X, y)
-        factors = self._solve(self._gradients(X_t, y_t))
-        return to_output(factors, returns_torch(X))
+        data = self._check_data(X, y)
+        result = allocate((len(data), self.n_params_), self._dtype(), returns_torch(X), self.device_,
+                          max_bytes=None)
+        for position, gradients in iter_gradients(self._functional_model(), data, self.batch_size,
+                                                  progress=self.progress, desc="transform"):
+            write(result, position, self._apply_inverse(gradients))
+        return result
 
-    def influences(self, X_test, y_test=None, X=None, y=None, mode="up"):
+    def influences(self, X_test, y_test=None, X=None, y=None, *, mode="up", out=None,
+                   max_result_bytes=DEFAULT_MAX_RESULT_BYTES):
         """Influence of training points on the loss at test points.
 
         ``influences[i, j] = <(C + regularization I)^-1 g(test_i), g(train_j)>``
         with ``g`` the loss gradients. Positive means helpful: up-weighting
         training point ``j`` lowers the loss at test point ``i``; removing it
         changes that loss by about ``influences[i, j] / n_samples_fit_``.
+
+        The matrix is computed in blocks and written into the result as it
+        goes; with ``out`` (a ``numpy.memmap``, say) it never has to fit in
+        memory. The smaller side (test or training points) is inverted, at
+        most as many of its points at a time as fit in scikit-learn's
+        ``working_memory``; the other side streams past in batches.
 
         Parameters
         ----------
@@ -183,40 +280,105 @@ class BaseInfluence(TransformerMixin, BaseEstimator):
         y_test : array-like or torch.Tensor of shape (n_test, ...), default=None
             Test targets; None uses the prediction measurement (see
             :meth:`transform`).
-        X, y : array-like or torch.Tensor, default=None
+        X : array-like or torch.Tensor of shape (n_train, ...), default=None
             Training points to score. None scores the data given to ``fit``.
+        y : array-like or torch.Tensor of shape (n_train, ...), default=None
+            Their targets, required with ``X``: training points are scored by
+            the gradient of their training loss.
         mode : {"up", "perturbation"}, default="up"
             ``"up"``: up-weighting influence, shape ``(n_test, n_train)``.
             ``"perturbation"``: ``<(C + regularization I)^-1 g(test_i),
             grad_x grad_theta l(x_j, y_j)>``, the sensitivity to perturbing the
             input of training point ``j``, shape ``(n_test, n_train, *x_shape)``.
+        out : ndarray or torch.Tensor, default=None
+            Array of the result's shape to write into and return, for
+            example ``numpy.lib.format.open_memmap(path, mode="w+",
+            dtype="float32", shape=(n_test, n_train))``.
+        max_result_bytes : int or None, default=2**31
+            Without ``out``, a result larger than this many bytes (2 GiB) is
+            refused with an error that says how large it would be; None
+            lifts the limit.
 
         Returns
         -------
         influences : ndarray or torch.Tensor
-            A torch tensor on ``device_`` if ``X_test`` is one, else a numpy array.
+            ``out`` if given; else a torch tensor on ``device_`` if
+            ``X_test`` is one, else a numpy array.
         """
         if mode not in ("up", "perturbation"):
             raise ValueError(f"mode must be 'up' or 'perturbation', got {mode!r}.")
-        X_test_t, y_test_t = self._check_data(X_test, y_test, names=("X_test", "y_test"))
-        if X is None:
-            if y is not None:
-                raise ValueError("y was given without X; pass both, or neither to score the fitted data.")
-            X_t, y_t = self._fit_X, self._fit_y
-        else:
-            X_t, y_t = self._check_data(X, y, names=("X", "y"))
-
+        test = self._check_data(X_test, y_test, names=("X_test", "y_test"))
+        train = self._training_data(X, y)
+        shape = (len(test), len(train)) if mode == "up" else (len(test), len(train), *self.input_shape_)
+        result = allocate(shape, self._dtype(), returns_torch(X_test), self.device_, out, max_result_bytes)
         if mode == "up":
-            result = self._up_influences(X_test_t, y_test_t, X_t, y_t)
+            self._write_up_influences(test, train, result)
         else:
-            result = self._perturbation_influences(X_test_t, y_test_t, X_t, y_t)
-        return to_output(result, returns_torch(X_test))
+            self._write_perturbation_influences(test, train, result)
+        return result
+
+    def top_influences(self, X_test, y_test=None, *, k=10, X=None, y=None, which="helpful"):
+        """The ``k`` most helpful or harmful training points of each test point.
+
+        Streams over the training data without building the influence matrix:
+        memory is that of the test points' factors and one batch of training
+        gradients, whatever the number of training points.
+
+        Parameters
+        ----------
+        X_test : array-like or torch.Tensor of shape (n_test, ...)
+            Test inputs.
+        y_test : array-like or torch.Tensor of shape (n_test, ...), default=None
+            Test targets; None uses the prediction measurement (see
+            :meth:`transform`).
+        k : int, default=10
+            Training points returned per test point.
+        X : array-like or torch.Tensor of shape (n_train, ...), default=None
+            Training points to rank. None ranks the data given to ``fit``.
+        y : array-like or torch.Tensor of shape (n_train, ...), default=None
+            Their targets, required with ``X``.
+        which : {"helpful", "harmful", "both"}, default="helpful"
+            ``"helpful"``: the largest influences first. ``"harmful"``: the
+            most negative first. ``"both"``: the ``k`` most helpful followed
+            by the ``k`` most harmful, in one pass.
+
+        Returns
+        -------
+        indices : ndarray or torch.Tensor of shape (n_test, k), or (n_test, 2 * k)
+            Row indices into the training points.
+        values : ndarray or torch.Tensor of the same shape
+            Their influences, ``influences(X_test, y_test, X, y)[i, indices[i]]``.
+        """
+        if which not in ("helpful", "harmful", "both"):
+            raise ValueError(f"which must be 'helpful', 'harmful' or 'both', got {which!r}.")
+        test = self._check_data(X_test, y_test, names=("X_test", "y_test"))
+        train = self._training_data(X, y)
+        if not isinstance(k, Integral) or not 1 <= k <= len(train):
+            raise ValueError(f"k must be an integer from 1 to the {len(train)} training points, got {k!r}.")
+        orders = {"helpful": [True], "harmful": [False], "both": [True, False]}[which]
+        like_torch = returns_torch(X_test)
+        shape = (len(test), k * len(orders))
+        indices = allocate(shape, torch.int64, like_torch, self.device_, max_bytes=None)
+        values = allocate(shape, self._dtype(), like_torch, self.device_, max_bytes=None)
+        fmodel = self._functional_model()
+        for held in self._held_chunks(len(test)):
+            factors = self._factors_of(test, held)
+            tops = [RunningTopK(k, largest) for largest in orders]
+            for position, gradients in iter_gradients(fmodel, train, self.batch_size, progress=self.progress,
+                                                      desc="top influences"):
+                block = factors @ gradients.T
+                for top in tops:
+                    top.update(block, position.start)
+            write(indices, held, torch.cat([top.indices for top in tops], dim=1))
+            write(values, held, torch.cat([top.values for top in tops], dim=1))
+        return indices, values
 
     def self_influence(self, X, y=None):
         """Self-influence ``<(C + regularization I)^-1 g_i, g_i>`` of each sample.
 
         Large values mark points the model depends on most, often
-        mislabelled or atypical ones.
+        mislabelled or atypical ones. Computed ``batch_size`` samples at a
+        time.
 
         Parameters
         ----------
@@ -230,9 +392,11 @@ class BaseInfluence(TransformerMixin, BaseEstimator):
         self_influence : ndarray or torch.Tensor of shape (n_samples,)
             A torch tensor on ``device_`` if ``X`` is one, else a numpy array.
         """
-        X_t, y_t = self._check_data(X, y)
-        gradients = self._gradients(X_t, y_t)
-        values = (self._solve(gradients) * gradients).sum(dim=1)
+        data = self._check_data(X, y)
+        values = torch.empty(len(data), dtype=self._dtype(), device=self.device_)
+        for position, gradients in iter_gradients(self._functional_model(), data, self.batch_size,
+                                                  progress=self.progress, desc="self-influence"):
+            values[position] = (self._apply_inverse(gradients) * gradients).sum(dim=1)
         return to_output(values, returns_torch(X))
 
     def score(self, X, y):
@@ -241,22 +405,30 @@ class BaseInfluence(TransformerMixin, BaseEstimator):
         The estimator approximates ``(C_fit + lambda I)^-1`` with ``C_fit`` the
         curvature of the fitted data. Influence needs the inverse of the
         curvature of the *population*, so the inverse is checked against the
-        curvature ``C_val`` of held-out data ``(X, y)``, computed here with no
-        regularization, on the held-out gradients ``g_v`` themselves:
+        curvature ``C_val`` of held-out data ``(X, y)`` (all ``m`` points, no
+        regularization), at up to 100 held-out gradients ``g_v``, the probes:
 
         .. math::
 
-            \mathrm{score} = -\frac{1}{m}\sum_{v=1}^{m}
+            \mathrm{score} = -\frac{1}{|P|}\sum_{v \in P}
             \frac{\lVert C_{\mathrm{val}}\, u_v - g_v \rVert^2}{\lVert g_v \rVert^2},
             \qquad u_v = (C_{\mathrm{fit}} + \lambda I)^{-1} g_v .
+
+        The probes ``P`` are the first 100 points with a nonzero gradient in
+        the order ``check_random_state(random_state).permutation(m)`` (all of
+        them when there are fewer). The score is an unbiased estimate of the
+        same average over every held-out point, at a cost linear in ``m``:
+        100 solves and 100 curvature products over the held-out data. Fix
+        ``random_state`` so that the candidates of a search are scored on the
+        same probes.
 
         A perfect inverse gives 0. It is not degenerate in ``lambda``: as
         ``lambda -> infinity``, ``u_v -> 0`` and the score tends to -1 (nothing
         explained); as ``lambda -> 0``, directions that the fitted data barely
         constrain are amplified by ``1 / eigenvalue`` and, where held-out
         curvature disagrees, the score falls far below -1. No retraining is
-        involved. Samples with a zero gradient are skipped. For scores against
-        retraining ground truth, see ``skinfl.metrics``.
+        involved. For scores against retraining ground truth, see
+        ``skinfl.metrics``.
 
         Parameters
         ----------
@@ -272,16 +444,66 @@ class BaseInfluence(TransformerMixin, BaseEstimator):
         """
         if y is None:
             raise ValueError("score needs targets y: it compares against the curvature of the held-out loss.")
-        X_t, y_t = self._check_data(X, y)
-        gradients = self._gradients(X_t, y_t)
-        norms = (gradients * gradients).sum(dim=1)
-        keep = norms > torch.finfo(gradients.dtype).tiny
-        if not bool(keep.any()):
+        data = self._check_data(X, y)
+        fmodel = self._functional_model()
+        order = check_random_state(self.random_state).permutation(len(data))
+        probes = []
+        for start in range(0, len(order), SCORE_PROBES):
+            candidates = gradients_of(fmodel, data, self.batch_size, order[start:start + SCORE_PROBES])
+            norms = (candidates * candidates).sum(dim=1)
+            probes.append(candidates[norms > torch.finfo(candidates.dtype).tiny])
+            if sum(len(p) for p in probes) >= SCORE_PROBES:
+                break
+        gradients = torch.cat(probes)[:SCORE_PROBES]
+        if not len(gradients):
             warnings.warn("Every held-out sample has a zero gradient; the score is undefined (nan).", stacklevel=2)
             return float("nan")
-        factors = self._solve(gradients[keep])
-        residuals = self._curvature_over(X_t, y_t).matmat(factors) - gradients[keep]
-        return float(-((residuals * residuals).sum(dim=1) / norms[keep]).mean())
+        factors = self._apply_inverse(gradients)
+        residuals = self._curvature(data).matmat(factors) - gradients
+        return float(-((residuals * residuals).sum(dim=1) / (gradients * gradients).sum(dim=1)).mean())
+
+    # --------------------------------------------------------------- streaming
+    def _held_chunks(self, n_rows):
+        """Slices of rows whose factors are held at once: as many as fit in ``working_memory``."""
+        itemsize = torch.tensor([], dtype=self._dtype()).element_size()
+        budget = get_config()["working_memory"] * 2**20 // (self.n_params_ * itemsize)
+        return batch_slices(n_rows, max(self.batch_size, int(budget)))
+
+    def _factors_of(self, data, rows):
+        """Factors ``(C + lambda I)^-1 g`` of ``rows`` of ``data``, solved ``batch_size`` rows at a time."""
+        fmodel = self._functional_model()
+        factors = torch.empty(rows.stop - rows.start, self.n_params_, dtype=fmodel.dtype, device=self.device_)
+        for position, gradients in iter_gradients(fmodel, data, self.batch_size, rows):
+            factors[position] = self._apply_inverse(gradients)
+        return factors
+
+    def _write_up_influences(self, test, train, result):
+        fmodel = self._functional_model()
+        # <A^-1 a, b> = <a, A^-1 b> for symmetric A: invert on the smaller side.
+        held_data, streamed_data, transposed = (test, train, False) if len(test) <= len(train) else (train, test, True)
+        for held in self._held_chunks(len(held_data)):
+            factors = self._factors_of(held_data, held)
+            for position, gradients in iter_gradients(fmodel, streamed_data, self.batch_size,
+                                                      progress=self.progress, desc="influences"):
+                block = factors @ gradients.T
+                if transposed:
+                    write(result, (position, held), block.T)
+                else:
+                    write(result, (held, position), block)
+
+    def _write_perturbation_influences(self, test, train, result):
+        fmodel = self._functional_model()
+        for held in self._held_chunks(len(test)):
+            factors = self._factors_of(test, held)
+            batch_size = max(1, min(self.batch_size, _MAX_PERTURBATION_PAIRS // len(factors)))
+            for batch in batch_slices(len(train), batch_size):
+                x, y = train.batch(batch)
+                if not x.is_floating_point():
+                    raise ValueError(
+                        "mode='perturbation' differentiates with respect to the inputs, which must be floating point."
+                    )
+                with torch.no_grad():
+                    write(result, (held, batch), perturbation_batch(fmodel, factors, x, y))
 
     # ------------------------------------------------------------- plumbing
     def __sklearn_tags__(self):
@@ -290,6 +512,10 @@ class BaseInfluence(TransformerMixin, BaseEstimator):
         tags.input_tags.allow_nan = False
         tags.non_deterministic = False
         return tags
+
+    def _dtype(self):
+        """Floating dtype of the fitted model copy: the dtype influences are computed in."""
+        return model_dtype(self.model_)
 
     def _resolve_device(self):
         if self.device is not None:
@@ -311,137 +537,134 @@ class BaseInfluence(TransformerMixin, BaseEstimator):
     def _functional_model(self):
         return FunctionalModel(self.model_, self.loss_, self.trainable_parameters_)
 
-    def _curvature_over(self, X, y):
-        return CurvatureOperator(
-            self._functional_model(), X, y, self.second_order, self.batch_size, self.progress
-        )
+    def _curvature(self, data=None):
+        """Curvature operator over ``data`` (default: the fitted data)."""
+        if data is None:
+            data = self._fit_data
+            if data is None:
+                raise ValueError(
+                    f"This {type(self).__name__} was saved without its training data (include_data=False), "
+                    "and it needs curvature products over that data. Save it with include_data=True, or "
+                    "fit it again."
+                )
+        return CurvatureOperator(self._functional_model(), data, self.second_order, self.batch_size, self.progress)
 
-    def _gradients(self, X, y):
-        return all_gradients(self._functional_model(), X, y, self.batch_size, self.progress)
+    def _training_data(self, X, y):
+        """The training side of ``influences``: the fitted data, or checked ``(X, y)``."""
+        if X is None:
+            if y is not None:
+                raise ValueError("y was given without X; pass both, or neither to score the fitted data.")
+            if self._fit_data is None:
+                raise ValueError(
+                    f"This {type(self).__name__} was saved without its training data (include_data=False); "
+                    "pass the training points to score as X, y."
+                )
+            return self._fit_data
+        if y is None:
+            raise ValueError(
+                "y is required with X: training points are scored by the gradient of their training loss, "
+                "which needs their targets."
+            )
+        return self._check_data(X, y, names=("X", "y"))
 
     def _check_data(self, X, y, names=("X", "y")):
         check_is_fitted(self)
-        fmodel_dtype = _model_dtype(self.model_)
-        X_t = as_input_tensor(X, fmodel_dtype, self.device_, names[0])
-        if tuple(X_t.shape[1:]) != self.input_shape_:
-            if X_t.ndim == 2 and len(self.input_shape_) == 1:
+        targets = TargetSpec(self.loss_, self.output_shape_, self._dtype())
+        data = DataSource(X, y, input_dtype=self._dtype(), device=self.device_, targets=targets, names=names)
+        if tuple(data.input_shape) != self.input_shape_:
+            if len(data.input_shape) == 1 and len(self.input_shape_) == 1:
                 raise ValueError(
-                    f"{names[0]} has {X_t.shape[1]} features, but {type(self).__name__} is expecting "
+                    f"{names[0]} has {data.input_shape[0]} features, but {type(self).__name__} is expecting "
                     f"{self.input_shape_[0]} features as input."
                 )
             raise ValueError(
-                f"{names[0]} has per-sample shape {tuple(X_t.shape[1:])}, but {type(self).__name__} "
+                f"{names[0]} has per-sample shape {tuple(data.input_shape)}, but {type(self).__name__} "
                 f"was fitted on inputs of per-sample shape {self.input_shape_}."
             )
-        if y is None:
-            return X_t, None
-        y_t = as_target_tensor(y, self.loss_, self.output_shape_, fmodel_dtype, self.device_, names[1])
-        check_same_length(X_t, y_t, names)
-        return X_t, y_t
-
-    def _up_influences(self, X_test, y_test, X, y):
-        fmodel = self._functional_model()
-        result = torch.empty(len(X_test), len(X), dtype=fmodel.dtype, device=self.device_)
-        # <A^-1 a, b> = <a, A^-1 b> for symmetric A: invert on the smaller side.
-        if len(X_test) <= len(X):
-            factors = self._solve(self._gradients(X_test, y_test))
-            for batch, gradients in iter_gradients(fmodel, X, y, self.batch_size, self.progress):
-                result[:, batch] = factors @ gradients.T
-        else:
-            factors = self._solve(self._gradients(X, y))
-            for batch, gradients in iter_gradients(fmodel, X_test, y_test, self.batch_size, self.progress):
-                result[batch] = gradients @ factors.T
-        return result
-
-    def _perturbation_influences(self, X_test, y_test, X, y):
-        if not X.is_floating_point():
-            raise ValueError("mode='perturbation' differentiates with respect to the inputs, which must be floating point.")
-        fmodel = self._functional_model()
-        factors = self._solve(self._gradients(X_test, y_test))
-        result = torch.empty(len(X_test), *X.shape, dtype=fmodel.dtype, device=self.device_)
-        batch_size = max(1, min(self.batch_size, _MAX_PERTURBATION_PAIRS // len(X_test)))
-        with torch.no_grad():
-            for batch in batch_slices(len(X), batch_size):
-                y_batch = None if y is None else y[batch]
-                result[:, batch] = perturbation_batch(fmodel, factors, X[batch], y_batch)
-        return result
+        return data.validate()
 
     # -------------------------------------------------------------- pickling
     def __getstate__(self):
-        # torch.save keeps tensors (and modules) device-tagged; loading them
-        # with a map_location lets an estimator fitted on a GPU load anywhere.
+        # Tensors and modules go to the host, each with the device it was on,
+        # so that an estimator fitted on a GPU unpickles anywhere.
         state = super().__getstate__()
-        buffer = io.BytesIO()
-        torch.save(state, buffer)
-        device = state.get("device_")
-        return {"torch_state": buffer.getvalue(), "device": None if device is None else str(device)}
+        devices = {key: first_device(value) for key, value in state.items()}
+        packed = {key: _portable(key, value, torch.device("cpu"), copy_modules=True) for key, value in state.items()}
+        return {"skinfl_state": packed, "devices": {k: None if d is None else str(d) for k, d in devices.items()}}
 
     def __setstate__(self, packed):
-        saved = packed.get("device")
-        target = _available_device(saved)
-        if target is None:  # unfitted: only the user's model holds tensors
-            target_map = None if torch.cuda.is_available() else "cpu"
-        else:
-            target_map = target
-        state = torch.load(io.BytesIO(packed["torch_state"]), map_location=target_map, weights_only=False)
-        if saved is not None:
-            if torch.device(saved) != target:
-                warnings.warn(
-                    f"This estimator was fitted on {saved}, which is not available here; "
-                    f"it was loaded on {target}.",
-                    UserWarning,
-                    stacklevel=2,
-                )
-            state["device_"] = target
-        super().__setstate__(state)
+        if "skinfl_state" not in packed:
+            raise ValueError(
+                "This estimator was pickled by an older skinfl, whose format is no longer read; fit it again."
+            )
+        state, devices = packed["skinfl_state"], packed["devices"]
+        saved = state.get("device_")
+        target = available_device(saved)
+        if saved is not None and torch.device(saved) != target:
+            warnings.warn(
+                f"This estimator was fitted on {saved}, which is not available here; it was loaded on {target}.",
+                UserWarning,
+                stacklevel=2,
+            )
+        restored = {}
+        for key, value in state.items():
+            device = target if key.endswith("_") or key.startswith("_") else available_device(devices.get(key))
+            restored[key] = value if device is None else _portable(key, value, device, copy_modules=False)
+        super().__setstate__(restored)
 
 
-def _available_device(saved):
-    if saved is None:
+def _portable(key, value, device, copy_modules):
+    """``value`` moved to ``device``; the ``device`` parameter itself is kept as given."""
+    if key == "device":
+        return value
+    return moved(value, device, copy_modules)
+
+
+def _seed_of(random_state):
+    """An integer seed from ``random_state`` (None stays None: each computation draws its own)."""
+    if random_state is None:
         return None
-    device = torch.device(saved)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        return torch.device("cpu")
-    if device.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
-        return torch.device("cpu")
-    return device
+    if isinstance(random_state, Integral):
+        return int(random_state)
+    return int(check_random_state(random_state).randint(2**31 - 1))
 
 
-def _model_dtype(model):
-    for parameter in model.parameters():  # lazy (uninitialised) parameters know their dtype too
+def model_dtype(model):
+    """Floating dtype of ``model``'s parameters (lazy ones too)."""
+    for parameter in model.parameters():
         return parameter.dtype
     return torch.get_default_dtype()
 
 
-def _inputs_do_not_fit(X, error):
-    """The error for a model that cannot be evaluated on ``X[:1]``."""
+def _inputs_do_not_fit(x, error):
+    """The error for a model that cannot be evaluated on the first sample."""
     hint = (
         " X holds integers, which are passed to the model as they are (as token ids for an "
         "embedding layer would be); cast X to float for a model that takes real values."
-        if not X.is_floating_point()
+        if not x.is_floating_point()
         else ""
     )
     return ValueError(
-        f"The model could not be evaluated on X[:1] of shape {tuple(X[:1].shape)} "
+        f"The model could not be evaluated on X[:1] of shape {tuple(x.shape)} "
         f"({type(error).__name__}: {error}). Check that X has the input shape the "
         f"model was trained on (for example the number of features).{hint}"
     )
 
 
-def _evaluation_copy_for(model, device, X):
+def _evaluation_copy_for(model, device, first):
     try:
-        return evaluation_copy(model, device, example=X[:1])
+        return evaluation_copy(model, device, example=first)
     except Exception as error:  # materialising lazy modules runs the model
-        raise _inputs_do_not_fit(X, error) from error
+        raise _inputs_do_not_fit(first, error) from error
 
 
-def _probe_output_shape(fmodel, X):
-    """Per-sample output shape of the model, with a clear error if X does not fit it."""
+def _probe_output_shape(fmodel, first):
+    """Per-sample output shape of the model, with a clear error if the inputs do not fit it."""
     try:
         with torch.no_grad():
-            output = fmodel.output(fmodel.params, X[:1])
+            output = fmodel.output(fmodel.params, first)
     except Exception as error:  # any failure here means the inputs do not fit the model
-        raise _inputs_do_not_fit(X, error) from error
+        raise _inputs_do_not_fit(first, error) from error
     if not isinstance(output, torch.Tensor) or output.ndim == 0 or output.shape[0] != 1:
         raise ValueError(
             "The model must return one output tensor with samples on the first axis; "

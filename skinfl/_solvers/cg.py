@@ -8,102 +8,32 @@ from numbers import Integral, Real
 
 import torch
 
-from sklearn.utils import check_random_state
-
-from .._sketch import nystroem_sketch
+from .._linalg.cg import BREAKDOWN, MAX_ITER, NEGATIVE_CURVATURE, batched_conjugate_gradient
+from .._linalg.nystroem import nystroem_sketch
 from .._validation import Interval, StrOptions
-from ..base import BaseInfluence
+from ..base import BaseInfluence, ExactnessCheck
 from ..exceptions import CgConvergenceWarning
 
 
 @dataclass
-class CgReport:
-    """What one batched solve did (for diagnostics and the warning)."""
-
-    n_iter: int
-    n_systems: int
-    converged: torch.Tensor
-    relative_residuals: torch.Tensor
-    indefinite: torch.Tensor
-
-
-def batched_conjugate_gradient(apply_matrix, rhs, *, rtol, atol, max_iter, preconditioner=None):
-    """Solve ``A x_i = b_i`` for every row ``b_i`` of ``rhs`` together.
-
-    Each system keeps its own step sizes, so this is ``k`` independent CG
-    runs; only the matrix products are shared, one ``apply_matrix`` call per
-    iteration on the rows still running. A system stops when
-    ``||r_i|| <= max(rtol * ||b_i||, atol)``, or when it meets a direction of
-    non-positive curvature (``A`` not positive definite), which is reported.
-
-    Parameters
-    ----------
-    apply_matrix : callable
-        ``(m, n) -> (m, n)`` rows ``A v``.
-    rhs : torch.Tensor of shape (k, n)
-    rtol, atol : float
-    max_iter : int
-    preconditioner : object with ``apply(rows) -> rows``, optional
-        Applies an approximation of ``A^-1`` (symmetric positive definite).
-
-    Returns
-    -------
-    solution : torch.Tensor of shape (k, n)
-    report : CgReport
-    """
-    n_systems = len(rhs)
-    solution = torch.zeros_like(rhs)
-    residual = rhs.clone()
-    rhs_norm = torch.linalg.vector_norm(rhs, dim=1)
-    threshold = torch.clamp(rtol * rhs_norm, min=atol)
-
-    def precondition(vectors):
-        return vectors if preconditioner is None else preconditioner.apply(vectors)
-
-    direction = precondition(residual).clone()  # updated in place: must not alias residual
-    residual_dot = (residual * direction).sum(dim=1)
-    residual_norm = rhs_norm.clone()
-    active = residual_norm > threshold
-    indefinite = torch.zeros(n_systems, dtype=torch.bool, device=rhs.device)
-
-    n_iter = 0
-    while n_iter < max_iter and bool(active.any()):
-        n_iter += 1
-        rows = active.nonzero().squeeze(1)
-        p = direction[rows]
-        ap = apply_matrix(p)
-        curvature = (p * ap).sum(dim=1)
-        bad = curvature <= 0
-        if bool(bad.any()):
-            indefinite[rows[bad]] = True
-            active[rows[bad]] = False
-            keep = ~bad
-            rows, p, ap, curvature = rows[keep], p[keep], ap[keep], curvature[keep]
-        step = residual_dot[rows] / curvature
-        solution[rows] += step[:, None] * p
-        r = residual[rows] - step[:, None] * ap
-        residual[rows] = r
-        residual_norm[rows] = torch.linalg.vector_norm(r, dim=1)
-        z = precondition(r)
-        new_dot = (r * z).sum(dim=1)
-        direction[rows] = z + (new_dot / residual_dot[rows])[:, None] * p
-        residual_dot[rows] = new_dot
-        active[rows] = residual_norm[rows] > threshold[rows]
-
-    converged = (residual_norm <= threshold) & ~indefinite
-    relative = residual_norm / torch.clamp(rhs_norm, min=torch.finfo(rhs.dtype).tiny)
-    return solution, CgReport(n_iter, n_systems, converged, relative, indefinite)
-
-
-@dataclass
 class JacobiPreconditioner:
-    """Divides by ``diag(C_GN) + lambda``, the exact Gauss-Newton diagonal."""
+    """Divides by ``diag(C_GN) + lambda``, a sampled estimate of the Gauss-Newton diagonal."""
 
     diagonal: torch.Tensor
 
+    @staticmethod
+    def compute_factors(curvature, rank, generator):
+        if curvature.fmodel.loss.kind == "custom":
+            raise ValueError(
+                "preconditioner='jacobi' estimates the Gauss-Newton diagonal from targets sampled from the "
+                "model's predictive distribution, which needs loss='cross_entropy', 'bce_with_logits' or "
+                "'mse' (or their torch.nn modules); with a custom loss use preconditioner='nystroem' or None."
+            )
+        return {"diagonal": curvature.sampled_gauss_newton_diagonal(generator)}
+
     @classmethod
-    def fit(cls, curvature, regularization, rank, generator):
-        diagonal = curvature.gauss_newton_diagonal() + regularization
+    def build(cls, factors, regularization):
+        diagonal = factors["diagonal"] + regularization
         # Parameters with no curvature at all (dead units) would divide by zero.
         floor = float(diagonal.mean()) * torch.finfo(diagonal.dtype).eps ** 0.5
         return cls(torch.clamp(diagonal, min=max(floor, torch.finfo(diagonal.dtype).tiny)))
@@ -127,12 +57,17 @@ class NystroemPreconditioner:
     eigenvectors: torch.Tensor
     scale: torch.Tensor
 
-    @classmethod
-    def fit(cls, curvature, regularization, rank, generator):
+    @staticmethod
+    def compute_factors(curvature, rank, generator):
         sketch = nystroem_sketch(curvature, rank, generator)
-        floor = sketch.eigenvalues[-1] if len(sketch.eigenvalues) else sketch.eigenvalues.new_zeros(())
-        scale = (floor + regularization) / (sketch.eigenvalues + regularization)
-        return cls(sketch.eigenvalues, sketch.eigenvectors, scale)
+        return {"eigenvalues": sketch.eigenvalues, "eigenvectors": sketch.eigenvectors}
+
+    @classmethod
+    def build(cls, factors, regularization):
+        eigenvalues = factors["eigenvalues"]
+        floor = eigenvalues[-1] if len(eigenvalues) else eigenvalues.new_zeros(())
+        scale = (floor + regularization) / (eigenvalues + regularization)
+        return cls(eigenvalues, factors["eigenvectors"], scale)
 
     def apply(self, rows):
         coordinates = rows @ self.eigenvectors
@@ -143,26 +78,35 @@ _PRECONDITIONERS = {"jacobi": JacobiPreconditioner, "nystroem": NystroemPrecondi
 
 
 def _warn_if_unconverged(report, max_iter, preconditioner, second_order):
-    n_failed = int((~report.converged).sum())
+    """One warning per call, whose advice fits why systems stopped."""
+    n_failed = report.n_systems - int(report.converged.sum())
     if n_failed == 0:
         return
-    n_indefinite = int(report.indefinite.sum())
     worst = float(report.relative_residuals[~report.converged].max())
-    advice = [f"raise max_iter (now {max_iter})", "raise regularization"]
-    if preconditioner is None:
-        advice.append("use preconditioner='nystroem'")
-    message = (
+    parts = [
         f"Conjugate gradient did not converge for {n_failed} of {report.n_systems} systems "
-        f"after {report.n_iter} iterations; worst relative residual {worst:.3g}. "
-    )
-    if n_indefinite:
-        message += (
-            f"{n_indefinite} met negative curvature: the {second_order} plus regularization is "
-            "not positive definite (the model is not at a minimum); raise regularization or use "
-            "second_order='gauss_newton'. "
+        f"(stopped after {report.n_iter} of at most {max_iter} iterations; worst relative residual {worst:.3g})."
+    ]
+    n_max_iter = report.count(MAX_ITER)
+    if n_max_iter:
+        advice = [f"raise max_iter (now {max_iter})", "raise regularization"]
+        if preconditioner is None:
+            advice.append("use preconditioner='nystroem'")
+        parts.append(f"{n_max_iter} ran out of iterations; to converge: " + ", ".join(advice) + ".")
+    n_negative = report.count(NEGATIVE_CURVATURE)
+    if n_negative:
+        parts.append(
+            f"{n_negative} met negative curvature: the {second_order} plus regularization is not positive "
+            "definite (the model is not at a minimum), so more iterations cannot help; raise regularization "
+            "or use second_order='gauss_newton'."
         )
-    message += "To converge: " + ", ".join(advice) + "."
-    warnings.warn(message, CgConvergenceWarning, stacklevel=4)
+    n_broken = report.count(BREAKDOWN)
+    if n_broken:
+        parts.append(
+            f"{n_broken} broke down on non-finite values (their factors are NaN): check the model and data "
+            "for overflow, or raise regularization."
+        )
+    warnings.warn(" ".join(parts), CgConvergenceWarning, stacklevel=5)
 
 
 class CgInfluence(BaseInfluence):
@@ -200,20 +144,33 @@ class CgInfluence(BaseInfluence):
         ``preconditioner_rank`` Nystroem approximation of the curvature
         (one batched product of ``preconditioner_rank`` vectors), which
         removes the large eigenvalues that slow CG down; usually several
-        times fewer iterations. ``"jacobi"``: divides by the exact diagonal of
+        times fewer iterations. ``"jacobi"``: divides by the diagonal of
         the Gauss-Newton matrix plus ``lambda``, which helps when parameters
-        have very different curvature scales. None: plain CG.
+        have very different curvature scales; the diagonal is estimated from
+        per-sample gradients at targets sampled from the model's predictive
+        distribution (at least 1024 draws), so it needs a built-in loss or
+        its torch module. None: plain CG.
     preconditioner_rank : int, default=100
         Rank of the ``"nystroem"`` preconditioner (capped at ``n_params``).
     batch_size : int, default=512
-        Samples per batched pass over the data.
+        Samples per batched pass over the data; also the number of
+        gradients solved together, which bounds the memory of every method.
     device : str or torch.device, default=None
         Where the work runs; None uses the model's device.
     progress : bool, default=False
         Show tqdm progress bars.
+    memory : str, joblib.Memory or None, default=None
+        Directory (or ``joblib.Memory``) in which to cache the
+        preconditioner's sketch or diagonal. They depend on the model, the
+        data, ``loss``, ``second_order``, ``preconditioner``,
+        ``preconditioner_rank`` and ``random_state``, not on
+        ``regularization``, ``rtol`` or ``max_iter``: with a cache, a
+        ``GridSearchCV`` over those computes them once per training set.
+        Entries are tensors and JSON, never unpickled.
     random_state : int, RandomState instance or None, default=None
-        Seeds the Nystroem test matrix. Results agree to ``rtol`` whatever
-        the seed; fix it for bitwise reproducibility.
+        Seeds the Nystroem test matrix, the targets sampled for the Jacobi
+        diagonal and the probes of :meth:`score`. Results agree to ``rtol``
+        whatever the seed; fix it for bitwise reproducibility.
 
     Attributes
     ----------
@@ -263,8 +220,9 @@ class CgInfluence(BaseInfluence):
         "max_iter": [Interval(Integral, 1, None, closed="left")],
         "preconditioner": [StrOptions(set(_PRECONDITIONERS)), None],
         "preconditioner_rank": [Interval(Integral, 1, None, closed="left")],
-        "random_state": ["random_state"],
     }
+    _factor_parameters = ("preconditioner", "preconditioner_rank", "random_state")
+    _exactness = ExactnessCheck(params={"rtol": 1e-12, "max_iter": 5000}, rtol=1e-8, atol=1e-10)
 
     def __init__(
         self,
@@ -281,6 +239,7 @@ class CgInfluence(BaseInfluence):
         batch_size=512,
         device=None,
         progress=False,
+        memory=None,
         random_state=None,
     ):
         self.model = model
@@ -295,19 +254,24 @@ class CgInfluence(BaseInfluence):
         self.batch_size = batch_size
         self.device = device
         self.progress = progress
+        self.memory = memory
         self.random_state = random_state
 
-    def _fit_curvature(self, curvature):
+    def _compute_factors(self, curvature):
+        if self.preconditioner is None:
+            return {}, {}
+        factors = _PRECONDITIONERS[self.preconditioner].compute_factors(
+            curvature, self.preconditioner_rank, self._generator()
+        )
+        return factors, {}
+
+    def _build_inverse(self):
         self.preconditioner_ = None
         if self.preconditioner is not None:
-            seed = check_random_state(self.random_state).randint(2**31 - 1)
-            generator = torch.Generator().manual_seed(int(seed))
-            self.preconditioner_ = _PRECONDITIONERS[self.preconditioner].fit(
-                curvature, self.regularization, self.preconditioner_rank, generator
-            )
+            self.preconditioner_ = _PRECONDITIONERS[self.preconditioner].build(self._factors, self.regularization)
 
-    def _solve(self, gradients):
-        curvature = self._curvature_over(self._fit_X, self._fit_y)
+    def _apply_inverse(self, gradients):
+        curvature = self._curvature()
         regularization = self.regularization
 
         def apply_matrix(vectors):

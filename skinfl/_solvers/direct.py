@@ -2,30 +2,24 @@
 
 from __future__ import annotations
 
-import os
 import warnings
 from numbers import Integral
 
-import joblib
 import torch
 
-from .. import __version__
-from .._cache import directory_of, stored, token
-from .._validation import HasMethods, Interval, StrOptions
-from ..base import BaseInfluence
+from .._validation import Interval, StrOptions
+from ..base import BaseInfluence, ExactnessCheck
 from ..exceptions import NotPositiveDefiniteWarning
 
 _BYTES_PER_FLOAT64 = 8
 
 
-def _factorize_cholesky(matrix):
-    factor, info = torch.linalg.cholesky_ex(matrix)
+def _factorize_cholesky(curvature, regularization):
+    """Cholesky factor of ``curvature + regularization I``, or None if it is not positive definite."""
+    system = curvature.clone()
+    system.diagonal().add_(regularization)
+    factor, info = torch.linalg.cholesky_ex(system, out=(system, torch.empty((), dtype=torch.int32)))
     return factor if int(info) == 0 else None
-
-
-def _factorize_eigh(matrix):
-    eigenvalues, eigenvectors = torch.linalg.eigh(matrix)
-    return eigenvalues, eigenvectors
 
 
 class DirectInfluence(BaseInfluence):
@@ -57,7 +51,8 @@ class DirectInfluence(BaseInfluence):
         Largest model (in trainable parameters) for which the matrix is built;
         it takes ``8 * n_params**2`` bytes.
     batch_size : int, default=512
-        Samples per batched pass over the data.
+        Samples per batched pass over the data; also the number of
+        gradients solved at a time, which bounds the memory of every method.
     device : str or torch.device, default=None
         Where the work runs; None uses the model's device.
     progress : bool, default=False
@@ -68,7 +63,11 @@ class DirectInfluence(BaseInfluence):
         the data, ``loss`` and ``second_order``, but not on
         ``regularization`` or ``solver``: with a cache, a ``GridSearchCV``
         over those builds it once, and every other candidate only
-        factorises it. Entries take ``8 * n_params**2`` bytes on disk.
+        factorises it. Entries are tensors and JSON, never unpickled, and
+        take ``8 * n_params**2`` bytes on disk.
+    random_state : int, RandomState instance or None, default=None
+        Draws the probes of :meth:`score`; the influences themselves are
+        deterministic.
 
     Attributes
     ----------
@@ -94,7 +93,7 @@ class DirectInfluence(BaseInfluence):
         The factorisation used.
     eigenvalues_ : torch.Tensor of shape (n_params,) or None
         Eigenvalues of the curvature ``C`` (without regularization), in
-        descending order, when ``solver_ == "eigh"``; None otherwise.
+        descending order, in float64, when ``solver_ == "eigh"``; None otherwise.
 
     See Also
     --------
@@ -116,8 +115,8 @@ class DirectInfluence(BaseInfluence):
         **BaseInfluence._parameter_constraints,
         "solver": [StrOptions({"auto", "cholesky", "eigh"})],
         "max_params": [Interval(Integral, 1, None, closed="left")],
-        "memory": [None, str, os.PathLike, HasMethods(["cache"])],
     }
+    _exactness = ExactnessCheck(params={}, rtol=1e-9, atol=1e-12)
 
     def __init__(
         self,
@@ -132,6 +131,7 @@ class DirectInfluence(BaseInfluence):
         device=None,
         progress=False,
         memory=None,
+        random_state=None,
     ):
         self.model = model
         self.loss = loss
@@ -143,8 +143,9 @@ class DirectInfluence(BaseInfluence):
         self.device = device
         self.progress = progress
         self.memory = memory
+        self.random_state = random_state
 
-    def _fit_curvature(self, curvature):
+    def _compute_factors(self, curvature):
         n_params = curvature.n_params
         if n_params > self.max_params:
             gigabytes = _BYTES_PER_FLOAT64 * n_params**2 / 1e9
@@ -154,13 +155,17 @@ class DirectInfluence(BaseInfluence):
                 "Use CgInfluence, which never forms the matrix, for this model, or raise "
                 "max_params if the memory is there."
             )
-        matrix = self._curvature_matrix(curvature).to(torch.float64)
-        matrix.diagonal().add_(self.regularization)
+        return {"curvature": curvature.dense(torch.float64)}, {}
+
+    def _build_inverse(self):
+        curvature = self._factors["curvature"]
         self.eigenvalues_ = None
-        factor = None if self.solver == "eigh" else _factorize_cholesky(matrix)
+        factor = None
+        if self.solver != "eigh":
+            factor = _factorize_cholesky(curvature, self.regularization)
         if factor is not None:
             self.solver_ = "cholesky"
-            self._factor = factor
+            self._factorization = factor
             return
         if self.solver == "cholesky":
             raise ValueError(
@@ -168,33 +173,11 @@ class DirectInfluence(BaseInfluence):
                 "cannot factorise it. Raise regularization, use second_order='gauss_newton', "
                 "or solver='eigh' to invert it as it is."
             )
-        eigenvalues, eigenvectors = _factorize_eigh(matrix)
+        eigenvalues, eigenvectors = torch.linalg.eigh(curvature)  # of C: lambda only shifts them
         self.solver_ = "eigh"
-        self._factor = (eigenvalues, eigenvectors)
-        self.eigenvalues_ = (eigenvalues - self.regularization).flip(0)
-        self._warn_about_spectrum(eigenvalues)
-
-    def _curvature_matrix(self, curvature):
-        """The dense curvature, read from ``memory`` when it holds it for this model and data."""
-        directory = directory_of(self.memory)
-        if directory is None:
-            return curvature.dense()
-        weights = {name: tensor.detach().cpu().numpy() for name, tensor in self.model_.state_dict().items()}
-        parts = [
-            "curvature", __version__, repr(self.model_), weights, self.trainable_parameters_,
-            token(self.loss), self.second_order, self._fit_X, self._fit_y,
-        ]
-        tokens = [token(part) for part in parts]
-        if any(t.startswith("id-") for t in tokens):
-            warnings.warn(
-                "The loss cannot be pickled, so the curvature matrix cannot be cached in memory; "
-                "it is computed without the cache. Use a module-level loss function.",
-                UserWarning,
-                stacklevel=4,
-            )
-            return curvature.dense()
-        matrix = stored(directory, joblib.hash(tokens), lambda: curvature.dense().cpu())
-        return matrix.to(self.device_)
+        self._factorization = (eigenvalues + self.regularization, eigenvectors)
+        self.eigenvalues_ = eigenvalues.flip(0)
+        self._warn_about_spectrum(eigenvalues + self.regularization)
 
     def _warn_about_spectrum(self, eigenvalues):
         smallest = float(eigenvalues[0])
@@ -218,11 +201,11 @@ class DirectInfluence(BaseInfluence):
                 stacklevel=4,
             )
 
-    def _solve(self, gradients):
+    def _apply_inverse(self, gradients):
         rhs = gradients.to(torch.float64).T
         if self.solver_ == "cholesky":
-            solution = torch.cholesky_solve(rhs, self._factor)
+            solution = torch.cholesky_solve(rhs, self._factorization)
         else:
-            eigenvalues, eigenvectors = self._factor
+            eigenvalues, eigenvectors = self._factorization
             solution = eigenvectors @ ((eigenvectors.T @ rhs) / eigenvalues[:, None])
         return solution.T.to(gradients.dtype)

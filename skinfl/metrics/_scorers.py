@@ -13,10 +13,12 @@ gets its own copy of the scorer: pass ``memory`` (a directory or a
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 
 import joblib
 import numpy as np
+import torch
 from sklearn.base import clone
 from sklearn.utils import check_random_state
 from sklearn.utils.validation import check_is_fitted
@@ -24,6 +26,8 @@ from sklearn.utils.validation import check_is_fitted
 from .._cache import directory_of, stored, token
 from ..base import BaseInfluence
 from ._ground_truth import (
+    DatamodelTruth,
+    LeaveOneOutTruth,
     datamodel_truth,
     leave_one_out_truth,
     random_subsets,
@@ -50,9 +54,52 @@ def _fitted_influence_estimator(estimator, scorer):
     return estimator
 
 
+def _as_numpy(data):
+    if hasattr(data, "detach"):
+        return data.detach().cpu().numpy()
+    return np.asarray(data)
+
+
+def _fitted_data(estimator):
+    """The data the estimator was fitted on, as it keeps them (arrays, tensors, memmaps)."""
+    if estimator._fit_data is None:
+        raise ValueError(
+            f"This {type(estimator).__name__} was saved without its training data (include_data=False); "
+            "scorers need it: fit the estimator again."
+        )
+    return estimator._fit_data.arrays()
+
+
 def _training_data(estimator):
     """The data the estimator was fitted on, as numpy arrays (what ``retrain`` receives)."""
-    return estimator._fit_X.cpu().numpy(), estimator._fit_y.cpu().numpy()
+    return tuple(_as_numpy(data) for data in _fitted_data(estimator))
+
+
+# Cached values are tensors and JSON on disk (never pickles): the ground-truth
+# types are written field by field and rebuilt from this list only.
+_CACHED_TYPES = {cls.__name__: cls for cls in (LeaveOneOutTruth, DatamodelTruth)}
+
+
+def _encode(value):
+    if isinstance(value, np.ndarray):
+        return {"array": torch.from_numpy(np.ascontiguousarray(value))}, {"type": "ndarray"}
+    tensors, scalars = {}, {}
+    for field in dataclasses.fields(value):
+        item = getattr(value, field.name)
+        if isinstance(item, np.ndarray):
+            tensors[field.name] = torch.from_numpy(np.ascontiguousarray(item))
+        else:
+            scalars[field.name] = item
+    return tensors, {"type": type(value).__name__, "scalars": scalars}
+
+
+def _decode(tensors, metadata):
+    if metadata.get("type") == "ndarray":
+        return tensors["array"].numpy()
+    cls = _CACHED_TYPES.get(metadata.get("type"))
+    if cls is None:
+        raise ValueError(f"Unknown cached ground-truth type {metadata.get('type')!r}.")
+    return cls(**{name: tensor.numpy() for name, tensor in tensors.items()}, **metadata["scalars"])
 
 
 class _CachingScorer:
@@ -108,7 +155,7 @@ class _CachingScorer:
                 )
             else:
                 disk_key = joblib.hash([*data_tokens, procedure_token])
-        value = stored(directory if disk_key else None, disk_key, compute)
+        value = stored(directory if disk_key else None, disk_key, compute, _encode, _decode)
         self._cache[memory_key] = value
         return value
 
@@ -378,7 +425,7 @@ class MislabelScorer:
         _check_metric(self.metric, {"roc_auc", "fraction_found"})
         estimator = _fitted_influence_estimator(estimator, type(self).__name__)
         mask = flipped_mask(self.flipped, estimator.n_samples_fit_)
-        values = estimator.self_influence(estimator._fit_X, estimator._fit_y)
+        values = _as_numpy(estimator.self_influence(*_fitted_data(estimator)))
         return mislabel_detection(values, mask, top_fraction=self.top_fraction)[self.metric]
 
     def __repr__(self):
@@ -430,7 +477,7 @@ class ReferenceAgreementScorer(_CachingScorer):
         """
         if not isinstance(self.reference, BaseInfluence):
             raise TypeError(f"reference must be a skinfl influence estimator, got {type(self.reference).__name__}.")
-        X, y = estimator._fit_X, estimator._fit_y
+        X, y = _fitted_data(estimator)
 
         def compute():
             fitted = clone(self.reference).fit(X, y)

@@ -1,0 +1,180 @@
+"""Data referenced where the user keeps it, validated in chunks, streamed to the device.
+
+An estimator never copies a data set whole, onto the device or anywhere
+else: it keeps a reference to what it was given (a numpy array or memmap, a
+torch tensor, any object indexable along axis 0) and reads row batches when
+it needs them, converting each batch to the model's dtype and moving it to
+the device (through pinned memory, without blocking, on CUDA). A memmap thus
+stays on disk. Lists and tuples are turned into one numpy array, and pandas
+objects into their numpy values, since they are in memory already.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ._validation import as_target_tensor, check_input_shape, input_chunk_to_tensor
+
+# Rows read at a time when a whole data set is checked or hashed: about this many bytes.
+_VALIDATION_CHUNK_BYTES = 32 * 2**20
+
+
+def reference(data, name="X"):
+    """``data`` as something indexed by rows, without copying arrays and tensors."""
+    if isinstance(data, torch.Tensor) and data.layout != torch.strided:
+        raise TypeError(f"Sparse tensors are not supported for {name}; convert with {name}.to_dense().")
+    if isinstance(data, (torch.Tensor, np.ndarray)):
+        return data
+    if hasattr(data, "toarray") or hasattr(data, "tocsr"):  # scipy.sparse
+        raise TypeError(f"Sparse data is not supported for {name}; convert it with {name}.toarray().")
+    if hasattr(data, "iloc") and hasattr(data, "to_numpy"):  # pandas: [rows] would select columns
+        return data.to_numpy()
+    if isinstance(data, (list, tuple)) or not (hasattr(data, "__getitem__") and hasattr(data, "__len__")):
+        return np.asarray(data)
+    return data
+
+
+def rows_of(data, index):
+    """Rows ``index`` (a slice or a 1-D integer array) of referenced data."""
+    if isinstance(index, slice) or isinstance(data, np.ndarray):
+        return data[index]
+    if isinstance(data, torch.Tensor):
+        return data[torch.as_tensor(index, device=data.device)]
+    try:
+        return data[index]
+    except (TypeError, IndexError, KeyError, ValueError):  # indexables without fancy indexing
+        return np.stack([np.asarray(data[int(i)]) for i in index])
+
+
+def sample_shape(data):
+    """Shape of the whole data set, read from its first row when it has no ``shape``."""
+    shape = getattr(data, "shape", None)
+    if shape is not None and not isinstance(data, torch.Tensor):
+        return tuple(int(s) for s in shape)
+    if isinstance(data, torch.Tensor):
+        return tuple(data.shape)
+    if len(data) == 0:
+        return (0,)
+    return (len(data), *np.asarray(data[0]).shape)
+
+
+def chunk_rows(shape, itemsize=8, budget=_VALIDATION_CHUNK_BYTES):
+    """Rows per chunk so that one chunk holds about ``budget`` bytes."""
+    per_row = max(1, int(np.prod(shape[1:], dtype=np.int64)) * itemsize)
+    return max(1, budget // per_row)
+
+
+@dataclass
+class TargetSpec:
+    """How targets are checked and converted: for ``loss`` on outputs of ``output_shape``."""
+
+    loss: object
+    output_shape: tuple
+    dtype: torch.dtype
+
+    def convert(self, chunk, name):
+        """Checked target tensor of ``chunk``, where the rows were."""
+        return as_target_tensor(chunk, self.loss, self.output_shape, self.dtype, None, name)
+
+
+class DataSource:
+    """Inputs (and targets) of one data set, read in batches on ``device``.
+
+    Parameters
+    ----------
+    X : array-like or torch.Tensor
+        Inputs, samples on the first axis; kept by reference (see :func:`reference`).
+    y : array-like, torch.Tensor or None
+        Targets, or None (the prediction measurement is used instead).
+    input_dtype : torch.dtype
+        The model's floating dtype; floating inputs are cast to it, integer
+        inputs (token ids) keep their type.
+    device : torch.device
+        Where batches go.
+    targets : TargetSpec or None
+        How targets are converted; None while the model's output shape is
+        not known yet (only inputs can be read then).
+    names : tuple of str
+        Names of X and y in error messages.
+    """
+
+    def __init__(self, X, y, *, input_dtype, device, targets=None, names=("X", "y")):
+        if X is None:
+            raise ValueError(f"{names[0]} is None; pass the model inputs as an array or tensor.")
+        self.X = reference(X, names[0])
+        self.y = None if y is None else reference(y, names[1])
+        self.input_dtype = input_dtype
+        self.device = torch.device(device)
+        self.targets = targets
+        self.names = names
+        self.shape = sample_shape(self.X)
+        check_input_shape(self.shape, names[0])
+
+    def __len__(self):
+        return self.shape[0]
+
+    @property
+    def input_shape(self):
+        """Per-sample input shape."""
+        return self.shape[1:]
+
+    def with_targets(self, targets):
+        """The same data, with targets converted by ``targets`` (a TargetSpec)."""
+        source = DataSource.__new__(DataSource)
+        source.__dict__.update(self.__dict__)
+        source.targets = targets
+        return source
+
+    def _to_device(self, tensor):
+        if tensor.device == self.device:
+            return tensor
+        if self.device.type == "cuda" and tensor.device.type == "cpu":
+            return tensor.pin_memory().to(self.device, non_blocking=True)
+        return tensor.to(self.device)
+
+    def inputs(self, index):
+        """Inputs of rows ``index`` on the device."""
+        return self._to_device(input_chunk_to_tensor(rows_of(self.X, index), self.input_dtype, self.names[0]))
+
+    def batch(self, index):
+        """``(inputs, targets)`` of rows ``index`` on the device; targets None without y."""
+        x = self.inputs(index)
+        if self.y is None:
+            return x, None
+        return x, self._to_device(self.targets.convert(rows_of(self.y, index), self.names[1]))
+
+    def validate(self):
+        """Check every value (finite, of the right kind and shape), reading in chunks.
+
+        Raises the same errors as the conversions do, before any work starts.
+        """
+        n = len(self)
+        if self.y is not None:
+            n_targets = sample_shape(self.y)[0] if sample_shape(self.y) else 0
+            if len(sample_shape(self.y)) == 0:
+                raise ValueError(f"{self.names[1]} is a scalar; pass one target per sample.")
+            if n_targets != n:
+                raise ValueError(
+                    f"{self.names[0]} and {self.names[1]} have different numbers of samples: {n} and {n_targets}."
+                )
+        rows = chunk_rows(self.shape)
+        for start in range(0, n, rows):
+            index = slice(start, min(start + rows, n))
+            input_chunk_to_tensor(rows_of(self.X, index), self.input_dtype, self.names[0])
+            if self.y is not None and self.targets is not None:
+                self.targets.convert(rows_of(self.y, index), self.names[1])
+        return self
+
+    def iter_targets(self, rows=None):
+        """Converted targets in chunks, on the host (for statistics over the labels)."""
+        n = len(self)
+        rows = rows or chunk_rows(sample_shape(self.y))
+        for start in range(0, n, rows):
+            yield self.targets.convert(rows_of(self.y, slice(start, min(start + rows, n))), self.names[1])
+
+    def arrays(self):
+        """``(X, y)`` as kept: what a retraining procedure receives."""
+        return self.X, self.y

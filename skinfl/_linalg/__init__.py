@@ -1,0 +1,1 @@
+"""Matrix-free linear algebra shared by the solvers: conjugate gradient, Nystroem sketches."""

@@ -1,0 +1,126 @@
+"""Conjugate gradient on many right-hand sides at once, sharing the matrix products."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+# Why a system stopped (CgReport.status).
+CONVERGED, MAX_ITER, NEGATIVE_CURVATURE, BREAKDOWN = 0, 1, 2, 3
+
+
+@dataclass
+class CgReport:
+    """What one batched solve did (for diagnostics and warnings).
+
+    Attributes
+    ----------
+    n_iter : int
+        Iterations run (the largest over the systems).
+    status : torch.Tensor of int, shape (k,)
+        Per system: ``CONVERGED``, ``MAX_ITER`` (ran out of iterations),
+        ``NEGATIVE_CURVATURE`` (met a direction ``p`` with ``p^T A p <= 0``:
+        ``A`` is not positive definite) or ``BREAKDOWN`` (non-finite values).
+    relative_residuals : torch.Tensor of shape (k,)
+        ``||r_i|| / ||b_i||`` at the end (0 for a zero right-hand side).
+    """
+
+    n_iter: int
+    status: torch.Tensor
+    relative_residuals: torch.Tensor
+
+    @property
+    def n_systems(self):
+        return len(self.status)
+
+    @property
+    def converged(self):
+        return self.status == CONVERGED
+
+    def count(self, status):
+        return int((self.status == status).sum())
+
+
+def batched_conjugate_gradient(apply_matrix, rhs, *, rtol, atol, max_iter, preconditioner=None):
+    """Solve ``A x_i = b_i`` for every row ``b_i`` of ``rhs`` together.
+
+    Each system keeps its own step sizes, so this is ``k`` independent CG
+    runs; only the matrix products are shared, one ``apply_matrix`` call per
+    iteration on the rows still running. A system stops when
+    ``||r_i|| <= max(rtol * ||b_i||, atol)``, or when it meets a direction of
+    non-positive curvature (``A`` not positive definite), or non-finite
+    values; the report says which.
+
+    The systems are solved for the unit vectors ``b_i / ||b_i||`` and scaled
+    back, so that a tiny right-hand side neither underflows nor stops on a
+    curvature that rounds to zero; a zero right-hand side has the zero
+    solution and runs no iteration.
+
+    Parameters
+    ----------
+    apply_matrix : callable
+        ``(m, n) -> (m, n)`` rows ``A v``.
+    rhs : torch.Tensor of shape (k, n)
+    rtol, atol : float
+    max_iter : int
+    preconditioner : object with ``apply(rows) -> rows``, optional
+        Applies an approximation of ``A^-1`` (symmetric positive definite).
+
+    Returns
+    -------
+    solution : torch.Tensor of shape (k, n)
+    report : CgReport
+    """
+    norms = torch.linalg.vector_norm(rhs, dim=1)
+    solvable = norms > 0
+    unit = rhs / torch.where(solvable, norms, torch.ones_like(norms))[:, None]
+    # In units of ||b_i||: rtol, or atol relative to this right-hand side.
+    threshold = torch.clamp(atol / torch.where(solvable, norms, torch.ones_like(norms)), min=rtol)
+
+    def precondition(vectors):
+        return vectors if preconditioner is None else preconditioner.apply(vectors)
+
+    solution = torch.zeros_like(unit)
+    residual = unit.clone()
+    direction = precondition(residual).clone()  # updated in place: must not alias residual
+    residual_dot = (residual * direction).sum(dim=1)
+    residual_norm = torch.where(solvable, torch.ones_like(norms), torch.zeros_like(norms))
+    status = torch.full((len(rhs),), MAX_ITER, dtype=torch.int64, device=rhs.device)
+    status[~solvable] = CONVERGED
+    status[~torch.isfinite(norms)] = BREAKDOWN  # a non-finite gradient: nothing to solve
+    active = solvable & (residual_norm > threshold)
+    status[solvable & ~active] = CONVERGED
+
+    n_iter = 0
+    while n_iter < max_iter and bool(active.any()):
+        n_iter += 1
+        rows = active.nonzero().squeeze(1)
+        p = direction[rows]
+        ap = apply_matrix(p)
+        curvature = (p * ap).sum(dim=1)
+        broken = ~torch.isfinite(curvature) | ~torch.isfinite(residual_dot[rows])
+        negative = ~broken & (curvature <= 0)
+        stopped = broken | negative
+        if bool(stopped.any()):
+            status[rows[broken]] = BREAKDOWN
+            status[rows[negative]] = NEGATIVE_CURVATURE
+            active[rows[stopped]] = False
+            keep = ~stopped
+            rows, p, ap, curvature = rows[keep], p[keep], ap[keep], curvature[keep]
+        step = residual_dot[rows] / curvature
+        solution[rows] += step[:, None] * p
+        r = residual[rows] - step[:, None] * ap
+        residual[rows] = r
+        residual_norm[rows] = torch.linalg.vector_norm(r, dim=1)
+        z = precondition(r)
+        new_dot = (r * z).sum(dim=1)
+        direction[rows] = z + (new_dot / residual_dot[rows])[:, None] * p
+        residual_dot[rows] = new_dot
+        done = residual_norm[rows] <= threshold[rows]
+        status[rows[done]] = CONVERGED
+        active[rows] = ~done
+
+    solution *= torch.where(solvable, norms, torch.zeros_like(norms))[:, None]
+    solution[status == BREAKDOWN] = float("nan")  # never a silent number for a failed system
+    return solution, CgReport(n_iter, status, residual_norm)

@@ -1,0 +1,307 @@
+"""``save`` and ``load``: a fitted estimator as tensors plus JSON; loading runs no code.
+
+A saved estimator is one file in the safetensors layout (see
+:mod:`skinfl._tensorfile`): the model's weights, the fitted factors, the
+loss's tensor arguments and, optionally, the training data as tensors; the
+estimator's parameters and fitted attributes as JSON. The code, the model's
+architecture, comes from the caller of :func:`load`: the saved weights are
+loaded into a copy of the model it passes. Nothing is unpickled, so a file
+from an untrusted source cannot run code; a file that was modified after it
+was written is refused (its SHA-256 digest no longer matches).
+"""
+
+from __future__ import annotations
+
+import copy
+import numbers
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from sklearn.utils.validation import check_is_fitted
+from torch import nn
+
+from . import __version__
+from ._cache import directory_of
+from ._data import DataSource, TargetSpec
+from ._devices import available_device
+from ._model import LossSpec, evaluation_copy, has_lazy_parameters
+from ._tensorfile import TensorFile, write
+from ._validation import validate_estimator_params
+from .base import BaseInfluence, model_dtype, registered_estimators
+
+FORMAT_VERSION = 1
+_FITTED = ("n_params_", "n_samples_fit_", "n_features_in_", "input_shape_", "output_shape_", "trainable_parameters_")
+_MODULE_INTERNALS = {"_parameters", "_buffers", "_modules", "training", "_non_persistent_buffers_set"}
+
+
+# ------------------------------------------------------------------ saving
+def save(estimator, path, include_data=True):
+    """Save a fitted estimator as tensors and JSON, safe to load from any source.
+
+    The file holds the estimator's parameters, its fitted factors, the
+    weights of its model and, with ``include_data=True``, the training data
+    it was fitted on (written in chunks, so a memmap is never loaded whole).
+    The model's code is not saved: :func:`load` takes the model again.
+
+    Parameters
+    ----------
+    estimator : BaseInfluence
+        A fitted skinfl estimator.
+    path : str or os.PathLike
+        Where to write; the file appears there once complete. The suffix
+        ``.skinfl`` is customary; the file is also a valid safetensors file.
+    include_data : bool, default=True
+        Save the training data. Without it the file holds parameters and
+        factors only; ``influences`` on the loaded estimator then needs the
+        training points ``X, y``, and estimators that solve with curvature
+        products over the training data (``CgInfluence``) need them to be
+        saved.
+
+    Returns
+    -------
+    path : pathlib.Path
+        The path written.
+
+    See Also
+    --------
+    load : Read the estimator back.
+
+    Examples
+    --------
+    >>> import tempfile, torch, skinfl
+    >>> from pathlib import Path
+    >>> _ = torch.manual_seed(0)
+    >>> model = torch.nn.Linear(3, 2)
+    >>> X, y = torch.randn(20, 3), torch.randint(0, 2, (20,))
+    >>> est = skinfl.DirectInfluence(model, regularization=0.1).fit(X, y)
+    >>> with tempfile.TemporaryDirectory() as folder:
+    ...     path = skinfl.save(est, Path(folder) / "est.skinfl")
+    ...     loaded = skinfl.load(path, model)
+    >>> torch.equal(loaded.influences(X[:2], y[:2]), est.influences(X[:2], y[:2]))
+    True
+    """
+    if not isinstance(estimator, BaseInfluence):
+        raise TypeError(f"save takes a skinfl influence estimator, got {type(estimator).__name__}.")
+    check_is_fitted(estimator)
+    tensors = {f"model.{name}": tensor.detach().cpu() for name, tensor in estimator.model_.state_dict().items()}
+    tensors.update({f"factors.{name}": tensor.detach().cpu() for name, tensor in estimator._factors.items()})
+    loss_description, loss_tensors = _describe_loss(estimator.loss)
+    tensors.update({f"loss.{name}": tensor for name, tensor in loss_tensors.items()})
+    data = estimator._fit_data
+    saved_data = include_data and data is not None
+    if saved_data:
+        tensors["data.X"] = _savable(data.X, "X")
+        if data.y is not None:
+            tensors["data.y"] = _savable(data.y, "y")
+    first_input = data.inputs(slice(0, 1)) if data is not None else None
+    metadata = {
+        "format_version": FORMAT_VERSION,
+        "skinfl_version": __version__,
+        "estimator": type(estimator).__name__,
+        "params": _json_params(estimator),
+        "loss": loss_description,
+        "loss_normalizer": estimator.loss_.normalizer,
+        "fitted": {name: _jsonable(getattr(estimator, name)) for name in _FITTED},
+        "device": str(estimator.device_),
+        "model": {"class": f"{type(estimator.model).__module__}.{type(estimator.model).__qualname__}",
+                  "training": bool(estimator.model.training)},
+        "factor_metadata": estimator._factor_metadata,
+        "factor_seed": estimator._factor_seed,
+        "data": {"included": bool(saved_data),
+                 "input_dtype": str(first_input.dtype) if first_input is not None else str(estimator._dtype())},
+    }
+    write(path, tensors, metadata)
+    return Path(path)
+
+
+def _savable(data, name):
+    if isinstance(data, torch.Tensor):
+        return data.detach().cpu()
+    if isinstance(data, np.ndarray) or (hasattr(data, "shape") and hasattr(data, "dtype")):
+        if np.dtype(data.dtype).kind not in "biuf":
+            raise TypeError(f"The training {name} has dtype {data.dtype}, which cannot be saved; use include_data=False.")
+        return data
+    return np.asarray(data)
+
+
+def _jsonable(value):
+    if isinstance(value, (bool, str)) or value is None:
+        return value
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real):
+        return float(value)
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(item) for item in value]
+    if isinstance(value, torch.device):
+        return str(value)
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    raise TypeError(f"{type(value).__name__} is not saved as JSON")
+
+
+def _json_params(estimator):
+    params = {}
+    for name, value in estimator.get_params(deep=False).items():
+        if name in ("model", "loss"):
+            continue
+        if name == "memory":
+            value = directory_of(value)
+        elif name == "random_state" and not (value is None or isinstance(value, numbers.Integral)):
+            value = None  # a RandomState instance: the factors were drawn with it already (factor_seed)
+        try:
+            params[name] = _jsonable(value)
+        except TypeError as error:
+            raise TypeError(f"The parameter {name}={value!r} cannot be saved: {error}.") from error
+    return params
+
+
+def _describe_loss(loss):
+    """The ``loss`` parameter as JSON plus tensors: a name, a torch loss class with its arguments, or custom."""
+    if isinstance(loss, str):
+        return {"kind": "builtin", "name": loss}, {}
+    cls = type(loss)
+    if isinstance(loss, nn.modules.loss._Loss) and getattr(nn, cls.__name__, None) is cls:
+        attributes = {key: _jsonable(value) for key, value in vars(loss).items()
+                      if key not in _MODULE_INTERNALS and not key.startswith("_")}
+        buffers = {name: tensor.detach().cpu() for name, tensor in loss.named_buffers()}
+        return {"kind": "torch", "class": cls.__name__, "attributes": attributes, "buffers": sorted(buffers)}, buffers
+    name = getattr(loss, "__qualname__", cls.__qualname__)
+    return {"kind": "custom", "name": f"{getattr(loss, '__module__', cls.__module__)}.{name}"}, {}
+
+
+# ------------------------------------------------------------------ loading
+def load(path, model, loss=None):
+    """Load an estimator saved by :func:`save`; no code in the file runs.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        The saved file.
+    model : torch.nn.Module
+        A model of the saved architecture (its weights do not matter): the
+        saved weights are loaded into a copy of it, which becomes the
+        estimator's ``model``. A model whose parameters do not match raises
+        a ``ValueError``.
+    loss : str, torch.nn.Module or callable, default=None
+        The training loss. Built-in losses and torch loss modules are saved
+        and rebuilt; a custom callable is not saved and must be passed
+        again. A loss given here is used instead of the saved one.
+
+    Returns
+    -------
+    estimator : BaseInfluence
+        The fitted estimator, on the device it was fitted on when that
+        exists here (else the first GPU, else the CPU, with a warning).
+
+    See Also
+    --------
+    save : Write an estimator.
+    """
+    file = TensorFile(path).verify()
+    meta = file.metadata
+    try:
+        return _restore(file, meta, model, loss)
+    except (KeyError, TypeError, AttributeError) as error:
+        if isinstance(error, TypeError) and not isinstance(model, nn.Module):
+            raise
+        raise ValueError(f"{path} is not a valid skinfl file: its metadata is incomplete ({error!r}).") from error
+
+
+def _restore(file, meta, model, loss):
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise ValueError(
+            f"{file.path} uses skinfl file format {meta.get('format_version')!r}; this skinfl "
+            f"({__version__}) reads format {FORMAT_VERSION}."
+        )
+    cls = registered_estimators().get(meta["estimator"])
+    if cls is None:
+        raise ValueError(f"{file.path} holds an unknown estimator {meta['estimator']!r}.")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"load needs the model (a torch.nn.Module of the saved architecture), got {type(model).__name__}.")
+
+    saved = meta["device"]
+    device = available_device(saved)
+    if torch.device(saved) != device:
+        warnings.warn(f"This estimator was fitted on {saved}, which is not available here; it was loaded on {device}.",
+                      UserWarning, stacklevel=3)
+    fitted = meta["fitted"]
+    trainable = list(fitted["trainable_parameters_"])
+    user_model = _model_with_saved_weights(file, meta, model, trainable)
+    loss_param = loss if loss is not None else _rebuild_loss(file, meta["loss"])
+    estimator = cls(**{**meta["params"], "model": user_model, "loss": loss_param})
+    validate_estimator_params(estimator)
+
+    input_dtype = getattr(torch, meta["data"]["input_dtype"].replace("torch.", ""))
+    example = None
+    if has_lazy_parameters(user_model):
+        example = torch.zeros((1, *fitted["input_shape_"]), dtype=input_dtype, device=device)
+    estimator.model_ = evaluation_copy(user_model, device, example=example)
+    resolved = LossSpec.resolve(loss_param, device)
+    estimator.loss_ = LossSpec(resolved.kind, resolved.function, float(meta["loss_normalizer"]))
+    estimator.device_ = device
+    for name in _FITTED:
+        value = fitted[name]
+        setattr(estimator, name, tuple(value) if name.endswith("shape_") else value)
+    estimator._fit_data = _saved_data(file, meta, estimator) if meta["data"]["included"] else None
+    estimator._factors = {name[len("factors."):]: file.tensor(name, device)
+                          for name in file.names() if name.startswith("factors.")}
+    estimator._factor_metadata = meta["factor_metadata"]
+    estimator._factor_seed = meta["factor_seed"]
+    estimator._build_inverse()
+    return estimator
+
+
+def _model_with_saved_weights(file, meta, model, trainable):
+    weights = {name[len("model."):]: file.tensor(name) for name in file.names() if name.startswith("model.")}
+    restored = copy.deepcopy(model)
+    target = next((t.device for t in restored.parameters() if not isinstance(t, nn.parameter.UninitializedParameter)),
+                  torch.device("cpu"))
+    try:
+        restored.load_state_dict({name: t.to(target) for name, t in weights.items()}, strict=True)
+    except RuntimeError as error:
+        raise ValueError(
+            f"The weights saved in {file.path} do not fit the model passed to load: {error}. Pass a model "
+            f"of the saved architecture ({meta['model']['class']})."
+        ) from error
+    names = dict(restored.named_parameters())
+    missing = [name for name in trainable if name not in names]
+    if missing:
+        raise ValueError(f"The model passed to load has no parameters {missing} that the saved estimator used.")
+    for name, parameter in names.items():
+        parameter.requires_grad_(name in trainable)
+    return restored.train(meta["model"]["training"])
+
+
+def _rebuild_loss(file, description):
+    kind = description["kind"]
+    if kind == "builtin":
+        return description["name"]
+    if kind == "custom":
+        raise ValueError(
+            f"The estimator in {file.path} was fitted with a custom loss ({description['name']}), which is code "
+            "and is not saved: pass it again, load(path, model, loss=...)."
+        )
+    cls = getattr(nn, description["class"], None)
+    if not (isinstance(cls, type) and issubclass(cls, nn.modules.loss._Loss)):
+        raise ValueError(f"{file.path} names an unknown torch loss {description['class']!r}.")
+    loss = cls()
+    for key, value in description["attributes"].items():
+        setattr(loss, key, value)
+    for name in description["buffers"]:
+        loss.register_buffer(name, file.tensor(f"loss.{name}"))
+    return loss
+
+
+def _saved_data(file, meta, estimator):
+    def array(name):
+        mapped = file.memmap(name)
+        return mapped if mapped is not None else file.tensor(name)
+
+    X = array("data.X")
+    y = array("data.y") if "data.y" in file.table else None
+    targets = TargetSpec(estimator.loss_, estimator.output_shape_, model_dtype(estimator.model_))
+    return DataSource(X, y, input_dtype=model_dtype(estimator.model_), device=estimator.device_, targets=targets)
