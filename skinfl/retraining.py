@@ -75,6 +75,11 @@ class LogisticRegressionRetrainer(BaseEstimator):
     dtype : torch.dtype, default=torch.float64
         Floating type of the returned layer.
 
+    See Also
+    --------
+    TorchRetrainer : A seeded training loop for any torch module.
+    skinfl.metrics.LeaveOneOutScorer : Scores influences against this retraining.
+
     Examples
     --------
     >>> from sklearn.datasets import load_breast_cancer
@@ -227,6 +232,11 @@ class TorchRetrainer(BaseEstimator):
         Seed for the initial weights and the sample order.
     device : str, torch.device or None, default=None
         Device to train on; None uses the module's device.
+
+    See Also
+    --------
+    LogisticRegressionRetrainer : Exact retraining of an L2 logistic regression.
+    skinfl.metrics.LdsScorer : Scores influences against this retraining.
 
     Examples
     --------

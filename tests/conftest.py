@@ -1,10 +1,35 @@
-"""Shared fixtures: small float64 problems with exact references."""
+"""Shared fixtures: small float64 problems with exact references, and the estimator registry."""
 
 import numpy as np
 import pytest
 import torch
 from torch import nn
 from torch.func import functional_call, hessian
+
+
+def exact_cases(second_orders=("hessian", "gauss_newton")):
+    """(estimator class, second_order) for every registered estimator and curvature it supports."""
+    from skinfl import registered_estimators
+
+    return [
+        pytest.param(cls, order, id=f"{name}-{order}")
+        for name, cls in registered_estimators().items()
+        for order in second_orders
+        if order in cls._exactness.second_order
+    ]
+
+
+def exact_classes(second_order="hessian"):
+    """Every registered estimator class that supports ``second_order``."""
+    from skinfl import registered_estimators
+
+    return [pytest.param(cls, id=name) for name, cls in registered_estimators().items()
+            if second_order in cls._exactness.second_order]
+
+
+def exact_estimator(cls, model, **params):
+    """``cls`` configured as its registry entry says it is exact, with ``params`` on top."""
+    return cls(model, **{**cls._exactness.params, **params})
 
 
 def mlp(n_in=4, n_hidden=5, n_out=3, seed=0):

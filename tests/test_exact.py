@@ -1,24 +1,27 @@
-"""Every estimator against closed forms and independently computed references."""
+"""Every registered estimator against closed forms and independently computed references.
+
+Each estimator class declares how it is made exact (``_exactness``: its
+parameters, tolerance and supported curvatures); the tests below run over
+the registry, so a new estimator is checked by declaring its class.
+"""
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import reference_gradients, reference_hessian
+from conftest import exact_cases, exact_classes, exact_estimator, reference_gradients, reference_hessian, train
+from torch import nn
 from torch.func import functional_call, jacrev
 
-from skinfl import CgInfluence, DirectInfluence
-
-TIGHT_CG = dict(rtol=1e-12, max_iter=5000)
+from skinfl import DirectInfluence
 
 
-def estimators(**common):
-    """Each estimator, configured to be exact up to rounding."""
-    return [DirectInfluence(None, **common), CgInfluence(None, **common, **TIGHT_CG)]
-
-
-def ids(estimator):
-    return type(estimator).__name__
+def assert_exact(cls, actual, expected):
+    check = cls._exactness
+    if isinstance(actual, np.ndarray):
+        np.testing.assert_allclose(actual, expected, rtol=check.rtol, atol=check.atol)
+    else:
+        torch.testing.assert_close(actual, expected, rtol=check.rtol, atol=check.atol)
 
 
 # ---------------------------------------------------------------- linear regression
@@ -27,9 +30,8 @@ def linear_gradients(X, y, weights):
     return 2 * (X @ weights - y) * X
 
 
-@pytest.mark.parametrize("second_order", ["hessian", "gauss_newton"])
-@pytest.mark.parametrize("make", [DirectInfluence, lambda **kw: CgInfluence(**kw, **TIGHT_CG)], ids=["direct", "cg"])
-def test_linear_regression_closed_form(linear_regression, make, second_order):
+@pytest.mark.parametrize("cls, second_order", exact_cases())
+def test_linear_regression_closed_form(linear_regression, cls, second_order):
     model, X, y, weights = linear_regression
     n, d = X.shape
     regularization = 0.05
@@ -37,25 +39,22 @@ def test_linear_regression_closed_form(linear_regression, make, second_order):
     G = linear_gradients(X, y, weights)
     inverse = np.linalg.inv(hessian)
 
-    est = make(model=model, loss="mse", regularization=regularization, second_order=second_order).fit(X, y)
+    est = exact_estimator(cls, model, loss="mse", regularization=regularization, second_order=second_order).fit(X, y)
 
-    np.testing.assert_allclose(est.transform(X[:7], y[:7]), G[:7] @ inverse, rtol=1e-9, atol=1e-12)
-    np.testing.assert_allclose(est.influences(X[:7], y[:7]), G[:7] @ inverse @ G.T, rtol=1e-9, atol=1e-12)
-    np.testing.assert_allclose(
-        est.self_influence(X, y), np.einsum("ij,jk,ik->i", G, inverse, G), rtol=1e-9, atol=1e-12
-    )
+    assert_exact(cls, est.transform(X[:7], y[:7]), G[:7] @ inverse)
+    assert_exact(cls, est.influences(X[:7], y[:7]), G[:7] @ inverse @ G.T)
+    assert_exact(cls, est.self_influence(X, y), np.einsum("ij,jk,ik->i", G, inverse, G))
     # Against other labelled data than the fitted points.
-    np.testing.assert_allclose(
-        est.influences(X[:3], y[:3], X[10:20], y[10:20]), G[:3] @ inverse @ G[10:20].T, rtol=1e-9, atol=1e-12
-    )
+    assert_exact(cls, est.influences(X[:3], y[:3], X[10:20], y[10:20]), G[:3] @ inverse @ G[10:20].T)
 
 
-def test_linear_regression_measurement_is_the_output(linear_regression):
+@pytest.mark.parametrize("cls", exact_classes("hessian"))
+def test_linear_regression_measurement_is_the_output(linear_regression, cls):
     """y=None for mse differentiates the output x^T w, whose gradient is x."""
     model, X, y, _ = linear_regression
-    est = DirectInfluence(model, loss="mse", regularization=0.0).fit(X, y)
-    hessian = 2 * X.T @ X / len(X)
-    np.testing.assert_allclose(est.transform(X[:5]), X[:5] @ np.linalg.inv(hessian), rtol=1e-9)
+    est = exact_estimator(cls, model, loss="mse", regularization=1e-3).fit(X, y)
+    hessian = 2 * X.T @ X / len(X) + 1e-3 * np.eye(X.shape[1])
+    assert_exact(cls, est.transform(X[:5]), X[:5] @ np.linalg.inv(hessian))
 
 
 def test_unregularized_influence_predicts_leave_one_out_exactly_to_first_order(linear_regression):
@@ -74,17 +73,16 @@ def test_unregularized_influence_predicts_leave_one_out_exactly_to_first_order(l
 
 
 # --------------------------------------------------------------------- small MLP
-@pytest.mark.parametrize("est", estimators(regularization=0.01), ids=ids)
-def test_mlp_against_explicit_hessian(classification_problem, est):
+@pytest.mark.parametrize("cls", exact_classes("hessian"))
+def test_mlp_against_explicit_hessian(classification_problem, cls):
     model, X, y = classification_problem
     hessian = reference_hessian(model, X, y, F.cross_entropy)
     system = hessian + 0.01 * torch.eye(len(hessian), dtype=hessian.dtype)
     G = reference_gradients(model, X, y, F.cross_entropy)
-    expected = G[:5] @ torch.linalg.solve(system, G.T)
 
-    est.set_params(model=model).fit(X, y)
-    torch.testing.assert_close(est.influences(X[:5], y[:5]), expected, rtol=1e-8, atol=1e-10)
-    torch.testing.assert_close(est.transform(X[:5], y[:5]), torch.linalg.solve(system, G[:5].T).T, rtol=1e-8, atol=1e-10)
+    est = exact_estimator(cls, model, regularization=0.01).fit(X, y)
+    assert_exact(cls, est.influences(X[:5], y[:5]), G[:5] @ torch.linalg.solve(system, G.T))
+    assert_exact(cls, est.transform(X[:5], y[:5]), torch.linalg.solve(system, G[:5].T).T)
 
 
 def softmax_gauss_newton(model, X):
@@ -103,7 +101,8 @@ def softmax_gauss_newton(model, X):
     return torch.stack(rows).mean(dim=0)
 
 
-def test_gauss_newton_of_linear_softmax_model_equals_its_hessian():
+@pytest.mark.parametrize("cls, second_order", exact_cases())
+def test_gauss_newton_of_linear_softmax_model_equals_its_hessian(cls, second_order):
     """A model linear in its parameters has no residual curvature term: GN = H."""
     torch.manual_seed(0)
     X = torch.randn(30, 3, dtype=torch.float64)
@@ -114,19 +113,18 @@ def test_gauss_newton_of_linear_softmax_model_equals_its_hessian():
 
     G = reference_gradients(model, X, y, F.cross_entropy)
     expected = G[:4] @ torch.linalg.solve(closed_form + 0.1 * torch.eye(len(closed_form), dtype=torch.float64), G.T)
-    for est in estimators(regularization=0.1, second_order="gauss_newton"):
-        est.set_params(model=model).fit(X, y)
-        torch.testing.assert_close(est.influences(X[:4], y[:4]), expected, rtol=1e-8, atol=1e-10)
+    est = exact_estimator(cls, model, regularization=0.1, second_order=second_order).fit(X, y)
+    assert_exact(cls, est.influences(X[:4], y[:4]), expected)
 
 
-@pytest.mark.parametrize("est", estimators(regularization=0.01, second_order="gauss_newton"), ids=ids)
-def test_gauss_newton_of_mlp_against_jacobian_formula(classification_problem, est):
+@pytest.mark.parametrize("cls", exact_classes("gauss_newton"))
+def test_gauss_newton_of_mlp_against_jacobian_formula(classification_problem, cls):
     model, X, y = classification_problem
     gn = softmax_gauss_newton(model, X)
     G = reference_gradients(model, X, y, F.cross_entropy)
     expected = G[:5] @ torch.linalg.solve(gn + 0.01 * torch.eye(len(gn), dtype=gn.dtype), G.T)
-    est.set_params(model=model).fit(X, y)
-    torch.testing.assert_close(est.influences(X[:5], y[:5]), expected, rtol=1e-8, atol=1e-10)
+    est = exact_estimator(cls, model, regularization=0.01, second_order="gauss_newton").fit(X, y)
+    assert_exact(cls, est.influences(X[:5], y[:5]), expected)
 
 
 def test_cross_entropy_measurement_is_loss_at_predicted_label(classification_problem):
@@ -136,11 +134,57 @@ def test_cross_entropy_measurement_is_loss_at_predicted_label(classification_pro
     torch.testing.assert_close(est.transform(X[:6]), est.transform(X[:6], predicted))
 
 
+# ---------------------------------------------------------- convolutional model
+@pytest.fixture(scope="module")
+def conv_problem():
+    """A small CNN on 6x6 images, trained to a minimum with weight decay."""
+    torch.manual_seed(0)
+    generator = torch.Generator().manual_seed(2)
+    X = torch.randn(48, 1, 6, 6, generator=generator, dtype=torch.float64)
+    y = ((X[:, 0, :3].mean(dim=(1, 2)) > 0).long() + (X[:, 0, :, 3:].mean(dim=(1, 2)) > 0.2).long())
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Tanh(), nn.Flatten(), nn.Linear(2 * 4 * 4, 3)).double()
+    return train(model, X, y, F.cross_entropy, steps=200, weight_decay=1e-2), X, y
+
+
+@pytest.mark.parametrize("cls, second_order", exact_cases())
+def test_conv_model_against_explicit_curvature(conv_problem, cls, second_order):
+    model, X, y = conv_problem
+    if second_order == "hessian":
+        curvature = reference_hessian(model, X, y, F.cross_entropy)
+    else:
+        curvature = softmax_gauss_newton(model, X)
+    system = curvature + 0.05 * torch.eye(len(curvature), dtype=torch.float64)
+    G = reference_gradients(model, X, y, F.cross_entropy)
+    est = exact_estimator(cls, model, regularization=0.05, second_order=second_order, batch_size=7).fit(X, y)
+    assert est.n_params_ == 2 * 9 + 2 + 32 * 3 + 3
+    assert_exact(cls, est.influences(X[:4], y[:4]), G[:4] @ torch.linalg.solve(system, G.T))
+    assert_exact(cls, est.self_influence(X[:6], y[:6]), torch.einsum("ij,ij->i", G[:6], torch.linalg.solve(system, G[:6].T).T))
+
+
+@pytest.mark.parametrize("cls", exact_classes("hessian"))
+def test_conv_perturbation_influence_matches_finite_differences(conv_problem, cls):
+    """Perturbation influence on images: central differences of up-weighting influence per pixel."""
+    model, X, y = conv_problem
+    est = exact_estimator(cls, model, regularization=0.05).fit(X, y)
+    X_test, y_test = X[:2], y[:2]
+    perturbation = est.influences(X_test, y_test, mode="perturbation")
+    assert perturbation.shape == (2, len(X), 1, 6, 6)
+    step = 1e-5
+    for j in (0, 17):
+        for pixel in ((0, 0, 0), (0, 2, 3), (0, 5, 5)):
+            shift = torch.zeros_like(X[j:j + 1])
+            shift[(0, *pixel)] = step
+            up = est.influences(X_test, y_test, X[j:j + 1] + shift, y[j:j + 1])
+            down = est.influences(X_test, y_test, X[j:j + 1] - shift, y[j:j + 1])
+            finite_difference = ((up - down) / (2 * step))[:, 0]
+            torch.testing.assert_close(perturbation[(slice(None), j, *pixel)], finite_difference, rtol=1e-6, atol=1e-8)
+
+
 # ------------------------------------------------------------- perturbation mode
 def test_perturbation_influence_matches_finite_differences(classification_problem):
     """Central differences of up-weighting influence in each input coordinate.
 
-    CG's perturbation influences are checked against these in test_solvers.
+    The other estimators' perturbation influences are checked against these below.
     """
     model, X, y = classification_problem
     est = DirectInfluence(model, regularization=0.05).fit(X, y)
@@ -157,3 +201,12 @@ def test_perturbation_influence_matches_finite_differences(classification_proble
             down = est.influences(X_test, y_test, X[j:j + 1] - shift, y[j:j + 1])
             finite_difference = ((up - down) / (2 * step))[:, 0]
             torch.testing.assert_close(perturbation[:, j, k], finite_difference, rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize("cls", exact_classes("hessian"))
+def test_perturbation_influence_equals_the_direct_one(classification_problem, cls):
+    model, X, y = classification_problem
+    direct = DirectInfluence(model, regularization=0.05).fit(X, y)
+    est = exact_estimator(cls, model, regularization=0.05).fit(X, y)
+    assert_exact(cls, est.influences(X[:3], y[:3], mode="perturbation"),
+                 direct.influences(X[:3], y[:3], mode="perturbation"))

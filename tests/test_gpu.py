@@ -6,8 +6,9 @@ import joblib
 import numpy as np
 import pytest
 import torch
+from conftest import exact_classes, exact_estimator
 
-from skinfl import CgInfluence, DirectInfluence
+import skinfl
 
 pytestmark = pytest.mark.gpu
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -22,23 +23,44 @@ def problem():
 
 
 @requires_cuda
-@pytest.mark.parametrize("cls", [DirectInfluence, CgInfluence])
+@pytest.mark.parametrize("cls", exact_classes())
 def test_cuda_matches_cpu(cls):
     model, X, y = problem()
-    kwargs = {"regularization": 0.1} if cls is DirectInfluence else {"regularization": 0.1, "rtol": 1e-10, "random_state": 0}
-    cpu = cls(model, **kwargs).fit(X, y)
-    gpu = cls(model, device="cuda", **kwargs).fit(X, y)
+    cpu = exact_estimator(cls, model, regularization=0.1, random_state=0).fit(X, y)
+    gpu = exact_estimator(cls, model, regularization=0.1, random_state=0, device="cuda").fit(X, y)
     assert gpu.device_.type == "cuda"
     on_gpu = gpu.influences(X[:5].cuda(), y[:5].cuda())
     assert on_gpu.device.type == "cuda"  # torch in, torch out on the estimator's device
     torch.testing.assert_close(on_gpu.cpu(), cpu.influences(X[:5], y[:5]), rtol=1e-7, atol=1e-9)
     assert isinstance(gpu.influences(X[:5].numpy(), y[:5].numpy()), np.ndarray)
+    indices, values = gpu.top_influences(X[:5].numpy(), y[:5].numpy(), k=3, which="both")
+    expected_indices, expected_values = cpu.top_influences(X[:5].numpy(), y[:5].numpy(), k=3, which="both")
+    assert np.array_equal(indices, expected_indices)
+    np.testing.assert_allclose(values, expected_values, rtol=1e-7)
+    np.testing.assert_allclose(gpu.self_influence(X.numpy(), y.numpy()), cpu.self_influence(X.numpy(), y.numpy()),
+                               rtol=1e-7)
 
 
 @requires_cuda
-def test_model_on_cuda_is_used_where_it_is_and_pickles():
+@pytest.mark.parametrize("cls", exact_classes())
+def test_data_on_the_host_is_streamed_not_copied(cls, tmp_path):
+    """A numpy memmap stays on disk; batches are moved to the GPU as they are needed."""
     model, X, y = problem()
-    est = DirectInfluence(model.cuda(), regularization=0.1).fit(X, y)
+    path = tmp_path / "X.npy"
+    np.save(path, X.numpy())
+    memmap = np.load(path, mmap_mode="r")
+    est = exact_estimator(cls, model.cuda(), regularization=0.1, random_state=0).fit(memmap, y.numpy())
+    assert est._fit_data.X is memmap and est.device_.type == "cuda"
+    reference = exact_estimator(cls, model.cpu(), regularization=0.1, random_state=0).fit(X, y)
+    np.testing.assert_allclose(est.influences(X[:3].numpy(), y[:3].numpy()),
+                               reference.influences(X[:3], y[:3]).numpy(), rtol=1e-7, atol=1e-9)
+
+
+@requires_cuda
+@pytest.mark.parametrize("cls", exact_classes())
+def test_model_on_cuda_is_used_where_it_is_and_saves(cls, tmp_path):
+    model, X, y = problem()
+    est = exact_estimator(cls, model.cuda(), regularization=0.1, random_state=0).fit(X, y)
     assert est.device_.type == "cuda"
     buffer = io.BytesIO()
     joblib.dump(est, buffer)
@@ -46,3 +68,7 @@ def test_model_on_cuda_is_used_where_it_is_and_pickles():
     loaded = joblib.load(buffer)
     assert loaded.device_.type == "cuda"
     assert np.array_equal(loaded.influences(X[:3].numpy(), y[:3].numpy()), est.influences(X[:3].numpy(), y[:3].numpy()))
+    skinfl.save(est, tmp_path / "est.skinfl")
+    safe = skinfl.load(tmp_path / "est.skinfl", model)
+    assert safe.device_.type == "cuda"
+    assert np.array_equal(safe.influences(X[:3].numpy(), y[:3].numpy()), est.influences(X[:3].numpy(), y[:3].numpy()))

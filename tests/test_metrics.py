@@ -125,8 +125,12 @@ def test_lds_on_linear_regression_and_its_interval(regression):
     result = linear_datamodeling_score(estimator.influences(X_query, y_query), truth)
     assert result.score > 0.95  # removing 10% keeps the linear prediction accurate
     per_query = result.per_query
-    half = stats.t.ppf(0.975, len(per_query) - 1) * per_query.std(ddof=1) / np.sqrt(len(per_query))
-    assert result.interval == pytest.approx((per_query.mean() - half, per_query.mean() + half))
+    # scipy's own Student-t interval of a mean, from the standard error of the mean.
+    expected = stats.t.interval(0.95, len(per_query) - 1, loc=per_query.mean(), scale=stats.sem(per_query))
+    assert result.interval == pytest.approx(expected, rel=1e-12)
+    assert linear_datamodeling_score(estimator.influences(X_query, y_query), truth, confidence=0.5).interval == (
+        pytest.approx(stats.t.interval(0.5, len(per_query) - 1, loc=per_query.mean(), scale=stats.sem(per_query)))
+    )
     assert result.interval[0] < result.score < result.interval[1]
     # A random influence matrix scores near 0, well below.
     noise = np.random.default_rng(0).normal(size=(len(X_query), len(X)))

@@ -94,4 +94,35 @@ def test_float32_models_compute_in_float32():
     out = est.influences(X[:2].numpy(), y[:2].numpy())
     assert out.dtype == np.float32
     exact = DirectInfluence(copy.deepcopy(model).double(), regularization=0.1).fit(X, y).influences(X[:2], y[:2])
-    np.testing.assert_allclose(out, exact.numpy(), rtol=1e-3, atol=1e-5)
+    # float32 rounding of gradients and products, amplified by the conditioning: about 1e-5 here,
+    # a few hundred float32 epsilons; a float64 path or a wrong result would not land here.
+    assert out.dtype == np.float32
+    np.testing.assert_allclose(out, exact.numpy(), rtol=5e-5, atol=0)
+    assert np.abs(out - exact.numpy()).max() > 0  # it really computed in float32
+
+
+@pytest.mark.parametrize("loss_module, loss_function, binary", [
+    (nn.CrossEntropyLoss(label_smoothing=0.2),
+     lambda out, target: nn.functional.cross_entropy(out, target, label_smoothing=0.2), False),
+    (nn.BCEWithLogitsLoss(pos_weight=torch.tensor([3.0], dtype=torch.float64)),
+     lambda out, target: nn.functional.binary_cross_entropy_with_logits(
+         out, target, pos_weight=torch.tensor([3.0], dtype=torch.float64)), True),
+])
+def test_loss_module_options_are_honoured_exactly(loss_module, loss_function, binary):
+    """Options that change the loss (label smoothing, positive weights) give that loss's influences."""
+    from conftest import reference_gradients, reference_hessian
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 1 if binary else 3)).double()
+    X, y = data()
+    if binary:
+        y = (X[:, 0] > 0).double()[:, None]
+    hessian = reference_hessian(model, X, y, loss_function)
+    G = reference_gradients(model, X, y, loss_function)
+    system = hessian + 0.5 * torch.eye(len(hessian), dtype=torch.float64)
+    expected = G[:4] @ torch.linalg.solve(system, G.T)
+    got = DirectInfluence(model, loss=loss_module, regularization=0.5, solver="eigh").fit(X, y).influences(X[:4], y[:4])
+    torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-12)
+    plain = DirectInfluence(model, loss="bce_with_logits" if binary else "cross_entropy", regularization=0.5,
+                            solver="eigh").fit(X, y).influences(X[:4], y[:4])
+    assert (plain - expected).abs().max() > 1e-3 * expected.abs().max()  # the option matters here

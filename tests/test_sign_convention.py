@@ -14,7 +14,7 @@ from sklearn.datasets import load_breast_cancer
 from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 
-from skinfl import CgInfluence, DirectInfluence
+from conftest import exact_classes, exact_estimator
 
 C = 0.05
 
@@ -44,11 +44,11 @@ def problem():
     return model, clf, X_train, y_train, X_test, y_test
 
 
-@pytest.mark.parametrize("cls", [DirectInfluence, CgInfluence])
+@pytest.mark.parametrize("cls", exact_classes())
 def test_removal_follows_the_sign_and_size_of_influence(problem, cls):
     model, clf, X_train, y_train, X_test, y_test = problem
     n = len(X_train)
-    est = cls(model, loss="bce_with_logits", regularization=1.0 / (C * n)).fit(X_train, y_train)
+    est = exact_estimator(cls, model, loss="bce_with_logits", regularization=1.0 / (C * n)).fit(X_train, y_train)
     # The test point whose loss is most sensitive to the training data.
     influences = est.influences(X_test, y_test)
     test = int(np.argmax(np.abs(influences).sum(axis=1)))

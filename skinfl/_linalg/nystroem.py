@@ -82,8 +82,9 @@ def nystroem_sketch(curvature, rank, generator):
     core = _gram(test, sketch)
     del test
     core_values, core_vectors = torch.linalg.eigh((core + core.T) / 2)
-    # Directions of negative curvature are dropped: they cannot be preconditioned.
-    keep = _kept(core_values, torch.float64)
+    # Directions of negative curvature are dropped: they cannot be preconditioned. So are those at the
+    # rounding level of the products (in the model's dtype), whose inverse square roots would be noise.
+    keep = _kept(core_values, dtype)
     inverse_root = core_vectors[:, keep] / core_values[keep].sqrt()
     factor = _combine(inverse_root.T, sketch, dtype)  # C_shift ~ factor.T @ factor
     del sketch

@@ -218,7 +218,13 @@ class LeaveOneOutScorer(_RetrainingScorer):
         Retrainings run in parallel with joblib.
     memory : str, joblib.Memory or None, default=None
         Also store the ground truth here, to share it between processes
-        (``GridSearchCV(n_jobs > 1)``) and sessions.
+        (``GridSearchCV(n_jobs > 1)``) and sessions. Entries are arrays and
+        JSON, never unpickled.
+
+    See Also
+    --------
+    leave_one_out_agreement : The score on arrays.
+    LdsScorer : Agreement with retraining on random subsets.
 
     Examples
     --------
@@ -325,6 +331,27 @@ class LdsScorer(_RetrainingScorer):
         Retrainings run in parallel with joblib.
     memory : str, joblib.Memory or None, default=None
         Also store the ground truth here (see :class:`LeaveOneOutScorer`).
+
+    See Also
+    --------
+    linear_datamodeling_score : The score on arrays, with its confidence interval.
+    LeaveOneOutScorer : Agreement with single removals.
+
+    Examples
+    --------
+    >>> from sklearn.datasets import load_breast_cancer
+    >>> from sklearn.preprocessing import StandardScaler
+    >>> from skinfl import DirectInfluence
+    >>> from skinfl.metrics import LdsScorer
+    >>> from skinfl.retraining import LogisticRegressionRetrainer
+    >>> X, y = load_breast_cancer(return_X_y=True)
+    >>> X = StandardScaler().fit_transform(X)
+    >>> retrain = LogisticRegressionRetrainer(C=0.1)
+    >>> estimator = DirectInfluence(retrain(X[:200], y[:200]), loss="bce_with_logits",
+    ...                             regularization=retrain.regularization_for(200)).fit(X[:200], y[:200])
+    >>> score = LdsScorer(retrain, n_subsets=20, random_state=0)(estimator, X[500:520], y[500:520])
+    >>> bool(score > 0.8)
+    True
     """
 
     def __init__(self, retrain, *, alpha=0.5, n_subsets=50, random_state=None, n_jobs=None, memory=None):
@@ -400,6 +427,28 @@ class MislabelScorer:
         ``top_fraction`` highest self-influences.
     top_fraction : float, default=0.1
         Fraction inspected for ``"fraction_found"``.
+
+    See Also
+    --------
+    mislabel_detection : The score on arrays.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from sklearn.datasets import load_breast_cancer
+    >>> from sklearn.preprocessing import StandardScaler
+    >>> from skinfl import DirectInfluence
+    >>> from skinfl.metrics import MislabelScorer
+    >>> from skinfl.retraining import LogisticRegressionRetrainer
+    >>> X, y = load_breast_cancer(return_X_y=True)
+    >>> X, y = StandardScaler().fit_transform(X)[:200], y[:200].copy()
+    >>> flipped = np.arange(0, 200, 20)
+    >>> y[flipped] = 1 - y[flipped]
+    >>> retrain = LogisticRegressionRetrainer(C=0.1)
+    >>> estimator = DirectInfluence(retrain(X, y), loss="bce_with_logits",
+    ...                             regularization=retrain.regularization_for(200)).fit(X, y)
+    >>> bool(MislabelScorer(flipped)(estimator) > 0.9)
+    True
     """
 
     def __init__(self, flipped, *, metric="roc_auc", top_fraction=0.1):
@@ -451,6 +500,25 @@ class ReferenceAgreementScorer(_CachingScorer):
     memory : str, joblib.Memory or None, default=None
         Also store the reference influences here (see
         :class:`LeaveOneOutScorer`).
+
+    See Also
+    --------
+    reference_agreement : The score on arrays.
+
+    Examples
+    --------
+    >>> from sklearn.datasets import load_breast_cancer
+    >>> from sklearn.preprocessing import StandardScaler
+    >>> from skinfl import CgInfluence, DirectInfluence
+    >>> from skinfl.metrics import ReferenceAgreementScorer
+    >>> from skinfl.retraining import LogisticRegressionRetrainer
+    >>> X, y = load_breast_cancer(return_X_y=True)
+    >>> X = StandardScaler().fit_transform(X)
+    >>> model = LogisticRegressionRetrainer(C=0.1)(X[:200], y[:200])
+    >>> scorer = ReferenceAgreementScorer(DirectInfluence(model, loss="bce_with_logits", regularization=0.005))
+    >>> estimator = CgInfluence(model, loss="bce_with_logits", regularization=0.005, random_state=0)
+    >>> bool(scorer(estimator.fit(X[:200], y[:200]), X[500:520], y[500:520]) > 0.99)
+    True
     """
 
     _procedure_attribute = "reference"
