@@ -21,6 +21,8 @@ number of samples.
 
 from __future__ import annotations
 
+import contextvars
+import functools
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -59,6 +61,44 @@ _REGISTRY = {}
 _MAX_PERTURBATION_PAIRS = 2**14
 # Held-out points whose residual the score checks (see BaseInfluence.score).
 SCORE_PROBES = 100
+
+
+# Reports of the solves made during one public call, gathered so that the
+# call warns once about all of them (see reporting_solves).
+_SOLVE_REPORTS = contextvars.ContextVar("skinfl_solve_reports", default=None)
+
+
+def record_solve(report):
+    """Keep a solver's report for the warning at the end of the public call; False outside one."""
+    reports = _SOLVE_REPORTS.get()
+    if reports is None:
+        return False
+    reports.append(report)
+    return True
+
+
+def reporting_solves(method):
+    """Run a public method gathering solver reports, then let the solver warn once about them.
+
+    The warning is raised from here, so that it points at the user's call.
+    """
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        if _SOLVE_REPORTS.get() is not None:  # a public method called by another: the outer one reports
+            return method(self, *args, **kwargs)
+        reports = []
+        token = _SOLVE_REPORTS.set(reports)
+        try:
+            result = method(self, *args, **kwargs)
+        finally:
+            _SOLVE_REPORTS.reset(token)
+        message = self._solve_warning(reports) if reports else None
+        if message is not None:
+            warnings.warn(message[0], message[1], stacklevel=2)
+        return result
+
+    return wrapper
 
 
 def registered_estimators():
@@ -127,6 +167,10 @@ class BaseInfluence(TransformerMixin, BaseEstimator):
 
     def _apply_inverse(self, gradients):  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def _solve_warning(self, reports):
+        """``(message, category)`` about the solves of one call, or None (iterative solvers)."""
+        return None
 
     # -------------------------------------------------------------- fitting
     def fit(self, X, y=None):
@@ -230,6 +274,7 @@ class BaseInfluence(TransformerMixin, BaseEstimator):
         return torch.Generator(device=self.device_).manual_seed(seed)
 
     # ------------------------------------------------------------ inference
+    @reporting_solves
     def transform(self, X, y=None):
         """Influence factors ``(C + regularization I)^-1 grad l(x, y)``.
 
@@ -258,6 +303,7 @@ class BaseInfluence(TransformerMixin, BaseEstimator):
             write(result, position, self._apply_inverse(gradients))
         return result
 
+    @reporting_solves
     def influences(self, X_test, y_test=None, X=None, y=None, *, mode="up", out=None,
                    max_result_bytes=DEFAULT_MAX_RESULT_BYTES):
         """Influence of training points on the loss at test points.
@@ -317,6 +363,7 @@ class BaseInfluence(TransformerMixin, BaseEstimator):
             self._write_perturbation_influences(test, train, result)
         return result
 
+    @reporting_solves
     def top_influences(self, X_test, y_test=None, *, k=10, X=None, y=None, which="helpful"):
         """The ``k`` most helpful or harmful training points of each test point.
 
@@ -373,6 +420,7 @@ class BaseInfluence(TransformerMixin, BaseEstimator):
             write(values, held, torch.cat([top.values for top in tops], dim=1))
         return indices, values
 
+    @reporting_solves
     def self_influence(self, X, y=None):
         """Self-influence ``<(C + regularization I)^-1 g_i, g_i>`` of each sample.
 
@@ -399,6 +447,7 @@ class BaseInfluence(TransformerMixin, BaseEstimator):
             values[position] = (self._apply_inverse(gradients) * gradients).sum(dim=1)
         return to_output(values, returns_torch(X))
 
+    @reporting_solves
     def score(self, X, y):
         r"""Held-out curvature residual of the inverse (higher is better, at most 0).
 

@@ -221,3 +221,14 @@ def test_jacobi_needs_a_known_likelihood(classification_problem):
     model, X, y = classification_problem
     with pytest.raises(ValueError, match="preconditioner='jacobi'.*custom loss use preconditioner='nystroem'"):
         CgInfluence(model, loss=F.cross_entropy, preconditioner="jacobi").fit(X, y)
+
+
+def test_one_warning_per_call_pointing_at_the_caller(classification_problem):
+    """Chunked solves of one call give one warning, counted over every chunk, at the user's line."""
+    model, X, y = classification_problem
+    cg = CgInfluence(model, regularization=0.01, rtol=1e-12, max_iter=2, preconditioner=None, batch_size=7).fit(X, y)
+    with pytest.warns(CgConvergenceWarning) as record:
+        cg.self_influence(X, y)  # 60 points in 9 chunks of 7
+    assert len(record) == 1
+    assert "did not converge for 60 of 60 systems" in str(record[0].message)
+    assert record[0].filename == __file__

@@ -8,10 +8,10 @@ from numbers import Integral, Real
 
 import torch
 
-from .._linalg.cg import BREAKDOWN, MAX_ITER, NEGATIVE_CURVATURE, batched_conjugate_gradient
+from .._linalg.cg import BREAKDOWN, CONVERGED, MAX_ITER, NEGATIVE_CURVATURE, batched_conjugate_gradient
 from .._linalg.nystroem import nystroem_sketch
 from .._validation import Interval, StrOptions
-from ..base import BaseInfluence, ExactnessCheck
+from ..base import BaseInfluence, ExactnessCheck, record_solve
 from ..exceptions import CgConvergenceWarning
 
 
@@ -77,36 +77,40 @@ class NystroemPreconditioner:
 _PRECONDITIONERS = {"jacobi": JacobiPreconditioner, "nystroem": NystroemPreconditioner}
 
 
-def _warn_if_unconverged(report, max_iter, preconditioner, second_order):
-    """One warning per call, whose advice fits why systems stopped."""
-    n_failed = report.n_systems - int(report.converged.sum())
+def _convergence_message(reports, max_iter, preconditioner, second_order):
+    """One message for the solves of a call, whose advice fits why systems stopped; None if all converged."""
+    status = torch.cat([report.status.cpu() for report in reports])
+    residuals = torch.cat([report.relative_residuals.cpu() for report in reports])
+    failed = status != CONVERGED
+    n_failed = int(failed.sum())
     if n_failed == 0:
-        return
-    worst = float(report.relative_residuals[~report.converged].max())
+        return None
+    n_iter = max(report.n_iter for report in reports)
+    worst = float(residuals[failed].nan_to_num(nan=float("inf")).max())
     parts = [
-        f"Conjugate gradient did not converge for {n_failed} of {report.n_systems} systems "
-        f"(stopped after {report.n_iter} of at most {max_iter} iterations; worst relative residual {worst:.3g})."
+        f"Conjugate gradient did not converge for {n_failed} of {len(status)} systems "
+        f"(stopped after {n_iter} of at most {max_iter} iterations; worst relative residual {worst:.3g})."
     ]
-    n_max_iter = report.count(MAX_ITER)
+    n_max_iter = int((status == MAX_ITER).sum())
     if n_max_iter:
         advice = [f"raise max_iter (now {max_iter})", "raise regularization"]
         if preconditioner is None:
             advice.append("use preconditioner='nystroem'")
         parts.append(f"{n_max_iter} ran out of iterations; to converge: " + ", ".join(advice) + ".")
-    n_negative = report.count(NEGATIVE_CURVATURE)
+    n_negative = int((status == NEGATIVE_CURVATURE).sum())
     if n_negative:
         parts.append(
             f"{n_negative} met negative curvature: the {second_order} plus regularization is not positive "
             "definite (the model is not at a minimum), so more iterations cannot help; raise regularization "
             "or use second_order='gauss_newton'."
         )
-    n_broken = report.count(BREAKDOWN)
+    n_broken = int((status == BREAKDOWN).sum())
     if n_broken:
         parts.append(
             f"{n_broken} broke down on non-finite values (their factors are NaN): check the model and data "
             "for overflow, or raise regularization."
         )
-    warnings.warn(" ".join(parts), CgConvergenceWarning, stacklevel=5)
+    return " ".join(parts)
 
 
 class CgInfluence(BaseInfluence):
@@ -285,5 +289,12 @@ class CgInfluence(BaseInfluence):
             max_iter=self.max_iter,
             preconditioner=self.preconditioner_,
         )
-        _warn_if_unconverged(report, self.max_iter, self.preconditioner, self.second_order)
+        if not record_solve(report):  # called outside a public method: warn now
+            message = self._solve_warning([report])
+            if message is not None:
+                warnings.warn(*message, stacklevel=2)
         return solution
+
+    def _solve_warning(self, reports):
+        message = _convergence_message(reports, self.max_iter, self.preconditioner, self.second_order)
+        return None if message is None else (message, CgConvergenceWarning)
