@@ -205,10 +205,10 @@ def load(path, model, loss=None):
     meta = file.metadata
     try:
         return _restore(file, meta, model, loss)
-    except (KeyError, TypeError, AttributeError) as error:
+    except (KeyError, TypeError, AttributeError, RuntimeError) as error:
         if isinstance(error, TypeError) and not isinstance(model, nn.Module):
             raise
-        raise ValueError(f"{path} is not a valid skinfl file: its metadata is incomplete ({error!r}).") from error
+        raise ValueError(f"{path} is not a valid skinfl file: its metadata is invalid ({error!r}).") from error
 
 
 def _restore(file, meta, model, loss):
@@ -257,6 +257,15 @@ def _restore(file, meta, model, loss):
 
 def _model_with_saved_weights(file, meta, model, trainable):
     weights = {name[len("model."):]: file.tensor(name) for name in file.names() if name.startswith("model.")}
+    current = model.state_dict()
+    for name, tensor in weights.items():
+        # load_state_dict would cast silently, and the factors were computed in the saved dtype.
+        if name in current and current[name].dtype != tensor.dtype:
+            raise ValueError(
+                f"The weights saved in {file.path} do not fit the model passed to load: {name} was saved as "
+                f"{tensor.dtype} and the model has {current[name].dtype}. Pass the model in the saved dtype "
+                f"(for example model.to({tensor.dtype}))."
+            )
     restored = copy.deepcopy(model)
     target = next((t.device for t in restored.parameters() if not isinstance(t, nn.parameter.UninitializedParameter)),
                   torch.device("cpu"))
@@ -290,6 +299,9 @@ def _rebuild_loss(file, description):
         raise ValueError(f"{file.path} names an unknown torch loss {description['class']!r}.")
     loss = cls()
     for key, value in description["attributes"].items():
+        # Only the options the class has: a file cannot add attributes or touch private ones.
+        if key.startswith("_") or not hasattr(loss, key) or isinstance(getattr(loss, key), (nn.Module, torch.Tensor)):
+            raise ValueError(f"{file.path} gives {description['class']} an unknown option {key!r}.")
         setattr(loss, key, value)
     for name in description["buffers"]:
         loss.register_buffer(name, file.tensor(f"loss.{name}"))
