@@ -61,8 +61,9 @@ def sample_shape(data):
     return (len(data), *np.asarray(data[0]).shape)
 
 
-def chunk_rows(shape, itemsize=8, budget=_VALIDATION_CHUNK_BYTES):
-    """Rows per chunk so that one chunk holds about ``budget`` bytes."""
+def chunk_rows(shape, itemsize=8, budget=None):
+    """Rows per chunk so that one chunk holds about ``budget`` bytes (default ``_VALIDATION_CHUNK_BYTES``)."""
+    budget = _VALIDATION_CHUNK_BYTES if budget is None else budget
     per_row = max(1, int(np.prod(shape[1:], dtype=np.int64)) * itemsize)
     return max(1, budget // per_row)
 

@@ -3,8 +3,9 @@
 A key must change whenever the cached result could: two models that differ
 only by a plain attribute (``self.scale = 3.0``) or by the code of their
 ``forward`` must not share a key. So modules are hashed by the qualified name
-and ``forward`` source of every submodule's class, every tensor (parameters
-and buffers) and every other attribute; functions by their code, defaults and
+and the source of every submodule's class and its bases (``forward`` and the
+methods it calls), the module-level functions those classes name, every
+tensor (parameters and buffers) and every other attribute; functions by their code, defaults and
 closure; arrays by their content, read in chunks so that a memmap is never
 loaded whole. Anything that cannot be described by value is hashed by its
 ``repr``, which at worst misses the cache: it never makes two different
@@ -106,7 +107,7 @@ class Fingerprint:
         for name, submodule in module.named_modules():
             cls = type(submodule)
             self._tag(f"submodule:{name}:{cls.__module__}.{cls.__qualname__}")
-            self._add_source(cls.forward)
+            self._add_class_code(cls)
             attributes = {k: v for k, v in vars(submodule).items() if k not in _MODULE_INTERNALS}
             self.add(attributes)
         for name, tensor in module.state_dict(keep_vars=True).items():
@@ -115,6 +116,26 @@ class Fingerprint:
                 self._tag("uninitialized")
             else:
                 self._add_tensor(tensor)
+
+    def _add_class_code(self, cls):
+        """The source of every class a module's behaviour comes from, below ``nn.Module``.
+
+        That covers ``forward`` and every method it calls, inherited ones
+        included, and the module-level functions those classes name (one
+        level deep: a helper of a helper is not followed).
+        """
+        for klass in cls.__mro__:
+            if klass in (nn.Module, object) or not issubclass(klass, nn.Module):
+                continue
+            self._add_source(klass)
+            namespace = vars(inspect.getmodule(klass)) if inspect.getmodule(klass) is not None else {}
+            for method in vars(klass).values():
+                code = getattr(method, "__code__", None)
+                for name in getattr(code, "co_names", ()):
+                    helper = namespace.get(name)
+                    if inspect.isfunction(helper):
+                        self._tag(f"helper:{name}")
+                        self._add_source(helper)
 
     def _add_function(self, function):
         self._tag(f"function:{getattr(function, '__module__', '')}.{getattr(function, '__qualname__', '')}")
