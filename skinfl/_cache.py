@@ -70,6 +70,26 @@ def entry_path(directory, key):
     return Path(directory) / "skinfl_cache" / f"{key}.safetensors"
 
 
+# Entries this process has verified, by (path, size, modification time): a search reads the
+# same entry once per candidate, and hashing it again each time would cost as much as reading it.
+_VERIFIED = set()
+
+
+def _read_entry(path):
+    stat = path.stat()
+    stamp = (str(path), stat.st_size, stat.st_mtime_ns)
+    entry = TensorFile(path)
+    if stamp not in _VERIFIED:
+        entry.verify()
+        _VERIFIED.add(stamp)
+    return {name: entry.tensor(name) for name in entry.names()}, entry.metadata
+
+
+def store_tensors(directory, key, tensors, metadata):
+    """Write (or replace) the entry ``key``: tensors to the host, then one atomic rename."""
+    write(entry_path(directory, key), {name: tensor.detach().cpu() for name, tensor in tensors.items()}, metadata)
+
+
 def stored_tensors(directory, key, compute):
     """``compute()`` -> ``(tensors, metadata)``, stored in and read back from ``directory``.
 
@@ -82,13 +102,12 @@ def stored_tensors(directory, key, compute):
     path = entry_path(directory, key)
     if path.exists():
         try:
-            entry = TensorFile(path).verify()
-            return {name: entry.tensor(name) for name in entry.names()}, entry.metadata
+            return _read_entry(path)
         except TensorFileError as error:
             warnings.warn(f"Ignoring an unreadable cache entry and computing it again: {error}", UserWarning,
                           stacklevel=3)
     tensors, metadata = compute()
-    write(path, {name: tensor.detach().cpu() for name, tensor in tensors.items()}, metadata)
+    store_tensors(directory, key, tensors, metadata)
     return tensors, metadata
 
 

@@ -37,7 +37,7 @@ from sklearn.utils.validation import check_is_fitted
 from torch import nn
 
 from . import __version__
-from ._cache import directory_of, stored_tensors
+from ._cache import directory_of, store_tensors, stored_tensors
 from ._curvature import SECOND_ORDER_MODES, CurvatureOperator
 from ._data import DataSource, TargetSpec
 from ._devices import available_device, first_device, moved
@@ -247,13 +247,23 @@ class BaseInfluence(TransformerMixin, BaseEstimator):
         def compute():
             return self._compute_factors(self._curvature())
 
+        self._factor_cache_key = None if directory is None else self._factor_key()
         if directory is None:
             tensors, metadata = compute()
         else:
-            tensors, metadata = stored_tensors(directory, self._factor_key(), compute)
+            tensors, metadata = stored_tensors(directory, self._factor_cache_key, compute)
         # Contiguous, as they read back from a file: the same memory layout gives bitwise the same results.
         self._factors = {name: tensor.to(self.device_).contiguous() for name, tensor in tensors.items()}
         self._factor_metadata = metadata
+
+    def _add_factors(self, tensors):
+        """Add factors derived later, still independent of ``regularization`` (an
+        eigendecomposition the first candidate needed, say), to the fitted ones and to
+        the cache entry, so that the next candidates of a search find them."""
+        self._factors.update({name: tensor.contiguous() for name, tensor in tensors.items()})
+        directory = directory_of(self.memory)
+        if directory is not None and getattr(self, "_factor_cache_key", None) is not None:
+            store_tensors(directory, self._factor_cache_key, self._factors, self._factor_metadata)
 
     def _factor_key(self):
         """Hash of everything the factors depend on (see :mod:`skinfl._fingerprint`)."""

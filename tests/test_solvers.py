@@ -232,3 +232,22 @@ def test_one_warning_per_call_pointing_at_the_caller(classification_problem):
     assert len(record) == 1
     assert "did not converge for 60 of 60 systems" in str(record[0].message)
     assert record[0].filename == __file__
+
+
+def test_direct_eigendecomposition_is_cached_with_the_curvature(tmp_path, monkeypatch):
+    """The indefinite fallback decomposes C (not C + lambda I) once per training set, for every candidate."""
+    model, X, y = untrained_problem()
+    calls = []
+    original = torch.linalg.eigh
+    monkeypatch.setattr(torch.linalg, "eigh", lambda matrix: calls.append(1) or original(matrix))
+    results = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NotPositiveDefiniteWarning)
+        for regularization in (0.0, 0.01, 0.02):
+            est = DirectInfluence(model, regularization=regularization, memory=str(tmp_path)).fit(X, y)
+            assert est.solver_ == "eigh"
+            results[regularization] = est.influences(X[:3], y[:3])
+        assert len(calls) == 1
+        for regularization, cached in results.items():
+            fresh = DirectInfluence(model, regularization=regularization).fit(X, y).influences(X[:3], y[:3])
+            assert torch.equal(cached, fresh)  # the same decomposition, bit for bit

@@ -15,11 +15,13 @@ _BYTES_PER_FLOAT64 = 8
 
 
 def _factorize_cholesky(curvature, regularization):
-    """Cholesky factor of ``curvature + regularization I``, or None if it is not positive definite."""
-    system = curvature.clone()
+    """Lower Cholesky factor of ``curvature + regularization I`` in float64, column-major; None if
+    the matrix is not positive definite."""
+    system = curvature.to(torch.float64, copy=True)
     system.diagonal().add_(regularization)
-    factor, info = torch.linalg.cholesky_ex(system, out=(system, torch.empty((), dtype=torch.int32)))
-    return factor if int(info) == 0 else None
+    info = torch.empty((), dtype=torch.int32, device=system.device)
+    torch.linalg.cholesky_ex(system, upper=True, out=(system, info))  # in place: U with C = U^T U
+    return system.mT if int(info) == 0 else None  # L = U^T, a column-major view
 
 
 class DirectInfluence(BaseInfluence):
@@ -46,7 +48,10 @@ class DirectInfluence(BaseInfluence):
         ``"cholesky"`` is fastest and requires ``C + lambda I`` positive
         definite. ``"eigh"`` also gives ``eigenvalues_`` and handles indefinite
         matrices. ``"auto"`` tries Cholesky and falls back to ``"eigh"`` with a
-        :class:`~skinfl.exceptions.NotPositiveDefiniteWarning`.
+        :class:`~skinfl.exceptions.NotPositiveDefiniteWarning`. The
+        eigendecomposition is of ``C``, so it does not depend on
+        ``regularization``: with ``memory`` it is cached with the curvature
+        the first time a candidate needs it, and read back by the others.
     max_params : int, default=10000
         Largest model (in trainable parameters) for which the matrix is built;
         it takes ``8 * n_params**2`` bytes.
@@ -155,27 +160,35 @@ class DirectInfluence(BaseInfluence):
                 "Use CgInfluence, which never forms the matrix, for this model, or raise "
                 "max_params if the memory is there."
             )
-        return {"curvature": curvature.dense(torch.float64)}, {}
+        # Products are summed in float64 and kept in the model's dtype, their own precision.
+        return {"curvature": curvature.dense(torch.float64).to(curvature.fmodel.dtype)}, {}
 
     def _build_inverse(self):
-        curvature = self._factors["curvature"]
         self.eigenvalues_ = None
-        factor = None
-        if self.solver != "eigh":
-            factor = _factorize_cholesky(curvature, self.regularization)
+        if self.solver == "eigh":
+            return self._build_from_eigenpairs()
+        factor = _factorize_cholesky(self._factors["curvature"], self.regularization)
         if factor is not None:
             self.solver_ = "cholesky"
             self._factorization = factor
-            return
+            return None
         if self.solver == "cholesky":
             raise ValueError(
                 "The curvature plus regularization is not positive definite, so solver='cholesky' "
                 "cannot factorise it. Raise regularization, use second_order='gauss_newton', "
                 "or solver='eigh' to invert it as it is."
             )
-        eigenvalues, eigenvectors = torch.linalg.eigh(curvature)  # of C: lambda only shifts them
+        return self._build_from_eigenpairs()
+
+    def _build_from_eigenpairs(self):
+        if "eigenvectors" not in self._factors:
+            # Of C, not of C + lambda I: a factor every regularization shares. It is added to the
+            # cached factors, so that the other candidates of a search that need it read it back.
+            eigenvalues, eigenvectors = torch.linalg.eigh(self._factors["curvature"].to(torch.float64))
+            self._add_factors({"eigenvalues": eigenvalues, "eigenvectors": eigenvectors})
+        eigenvalues = self._factors["eigenvalues"]
         self.solver_ = "eigh"
-        self._factorization = (eigenvalues + self.regularization, eigenvectors)
+        self._factorization = (eigenvalues + self.regularization, self._factors["eigenvectors"])
         self.eigenvalues_ = eigenvalues.flip(0)
         self._warn_about_spectrum(eigenvalues + self.regularization)
 
@@ -190,7 +203,7 @@ class DirectInfluence(BaseInfluence):
                 f"regularization > {-(smallest - self.regularization):.3g}, or "
                 "second_order='gauss_newton' (always positive semi-definite).",
                 NotPositiveDefiniteWarning,
-                stacklevel=4,
+                stacklevel=5,
             )
         largest = float(eigenvalues.abs().max())
         if float(eigenvalues.abs().min()) <= largest * torch.finfo(torch.float64).eps * len(eigenvalues):
@@ -198,13 +211,18 @@ class DirectInfluence(BaseInfluence):
                 "The curvature plus regularization is numerically singular; influences are "
                 "dominated by rounding. Raise regularization.",
                 NotPositiveDefiniteWarning,
-                stacklevel=4,
+                stacklevel=5,
             )
 
     def _apply_inverse(self, gradients):
         rhs = gradients.to(torch.float64).T
         if self.solver_ == "cholesky":
-            solution = torch.cholesky_solve(rhs, self._factorization)
+            # Two triangular solves on the column-major factor: torch.cholesky_solve would copy
+            # the whole factor at every call.
+            lower = self._factorization
+            solution = torch.linalg.solve_triangular(
+                lower.mT, torch.linalg.solve_triangular(lower, rhs, upper=False), upper=True
+            )
         else:
             eigenvalues, eigenvectors = self._factorization
             solution = eigenvectors @ ((eigenvectors.T @ rhs) / eigenvalues[:, None])
