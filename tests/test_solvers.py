@@ -251,3 +251,24 @@ def test_direct_eigendecomposition_is_cached_with_the_curvature(tmp_path, monkey
         for regularization, cached in results.items():
             fresh = DirectInfluence(model, regularization=regularization).fit(X, y).influences(X[:3], y[:3])
             assert torch.equal(cached, fresh)  # the same decomposition, bit for bit
+
+
+def test_tiny_gradients_are_solved_like_any_other():
+    """A confidently classified point has a gradient of 1e-22 to 1e-29 in float32. CG solves it to its
+    tolerance like any other, with no warning: no zero from an underflowing norm, no stop on a
+    curvature that rounds to zero, no NaN."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    X, y = torch.randn(200, 4), torch.randint(0, 3, (200,))
+    point = torch.randn(1, 4)
+    cg = CgInfluence(model, regularization=0.1, rtol=1e-6, random_state=0).fit(X, y)
+    direct = DirectInfluence(model, regularization=0.1).fit(X, y)
+    for scale in (100, 130, 160):
+        x = point * scale
+        label = model(x).argmax(dim=1)
+        expected = direct.influences(x, label)
+        assert 0 < expected.abs().max() < 1e-20  # the precondition: a tiny test gradient
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", CgConvergenceWarning)
+            got = cg.influences(x, label)
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4 * float(expected.abs().max()))

@@ -72,11 +72,16 @@ def batched_conjugate_gradient(apply_matrix, rhs, *, rtol, atol, max_iter, preco
     solution : torch.Tensor of shape (k, n)
     report : CgReport
     """
-    norms = torch.linalg.vector_norm(rhs, dim=1)
-    solvable = norms > 0
-    unit = rhs / torch.where(solvable, norms, torch.ones_like(norms))[:, None]
+    # ||b_i|| without underflow: squaring the entries of a 1e-25 gradient gives 0 in float32, so
+    # each row is divided by its largest entry first. The scale is kept as two factors.
+    largest = rhs.abs().amax(dim=1)
+    solvable = largest > 0
+    scaled = rhs / torch.where(solvable, largest, torch.ones_like(largest))[:, None]
+    scaled_norms = torch.linalg.vector_norm(scaled, dim=1)
+    unit = scaled / torch.where(solvable, scaled_norms, torch.ones_like(scaled_norms))[:, None]
+    norms = largest.double() * scaled_norms.double()  # float64: the true size, even when tiny
     # In units of ||b_i||: rtol, or atol relative to this right-hand side.
-    threshold = torch.clamp(atol / torch.where(solvable, norms, torch.ones_like(norms)), min=rtol)
+    threshold = torch.clamp(atol / torch.where(solvable, norms, torch.ones_like(norms)), min=rtol).to(rhs.dtype)
 
     def precondition(vectors):
         return vectors if preconditioner is None else preconditioner.apply(vectors)
@@ -85,10 +90,10 @@ def batched_conjugate_gradient(apply_matrix, rhs, *, rtol, atol, max_iter, preco
     residual = unit.clone()
     direction = precondition(residual).clone()  # updated in place: must not alias residual
     residual_dot = (residual * direction).sum(dim=1)
-    residual_norm = torch.where(solvable, torch.ones_like(norms), torch.zeros_like(norms))
+    residual_norm = torch.where(solvable, torch.ones_like(scaled_norms), torch.zeros_like(scaled_norms))
     status = torch.full((len(rhs),), MAX_ITER, dtype=torch.int64, device=rhs.device)
     status[~solvable] = CONVERGED
-    status[~torch.isfinite(norms)] = BREAKDOWN  # a non-finite gradient: nothing to solve
+    status[~torch.isfinite(largest)] = BREAKDOWN  # a non-finite gradient: nothing to solve
     active = solvable & (residual_norm > threshold)
     status[solvable & ~active] = CONVERGED
 
@@ -121,6 +126,7 @@ def batched_conjugate_gradient(apply_matrix, rhs, *, rtol, atol, max_iter, preco
         status[rows[done]] = CONVERGED
         active[rows] = ~done
 
-    solution *= torch.where(solvable, norms, torch.zeros_like(norms))[:, None]
+    solution *= torch.where(solvable, scaled_norms, torch.zeros_like(scaled_norms))[:, None]
+    solution *= torch.where(solvable, largest, torch.zeros_like(largest))[:, None]
     solution[status == BREAKDOWN] = float("nan")  # never a silent number for a failed system
     return solution, CgReport(n_iter, status, residual_norm)
