@@ -159,7 +159,10 @@ class CurvatureOperator:
         if sub_batch < 16 and block > _MIN_VECTOR_BLOCK:
             block = max(1, min(n_vectors, _MIN_VECTOR_BLOCK))
             sub_batch = _WORKING_SET_FLOATS // (block * self._saved_per_sample)
-        return block, int(min(max(sub_batch, 1), self.batch_size))
+        sub_batch = int(min(max(sub_batch, 1), self.batch_size, self.n_samples))
+        # Equal sub-batches: 459 + 53 samples costs nearly two full passes, 256 + 256 one.
+        n_sub_batches = -(-self.n_samples // sub_batch)
+        return block, -(-self.n_samples // n_sub_batches)
 
     def _accumulate(self, vector_rows, out, progress_desc=None):
         """Add the rows ``C_sum v`` (summed, not averaged, over samples) into ``out``.

@@ -87,7 +87,7 @@ def batched_conjugate_gradient(apply_matrix, rhs, *, rtol, atol, max_iter, preco
         return vectors if preconditioner is None else preconditioner.apply(vectors)
 
     solution = torch.zeros_like(unit)
-    residual = unit.clone()
+    residual = unit
     direction = precondition(residual).clone()  # updated in place: must not alias residual
     residual_dot = (residual * direction).sum(dim=1)
     residual_norm = torch.where(solvable, torch.ones_like(scaled_norms), torch.zeros_like(scaled_norms))
@@ -97,34 +97,43 @@ def batched_conjugate_gradient(apply_matrix, rhs, *, rtol, atol, max_iter, preco
     active = solvable & (residual_norm > threshold)
     status[solvable & ~active] = CONVERGED
 
+    # Iterate on a working set of rows that shrinks only when fewer than half of it still runs:
+    # converged rows ride along (unchanged) until then. Shapes then change about log2(k) times
+    # per solve, the same ones every chunk, so the allocator reuses its blocks; a new shape at
+    # every iteration fragments the heap and inflates the process's memory several times over.
+    working = active.nonzero().squeeze(1)
     n_iter = 0
     while n_iter < max_iter and bool(active.any()):
         n_iter += 1
-        rows = active.nonzero().squeeze(1)
-        p = direction[rows]
+        running = active[working]
+        if 2 * int(running.sum()) < len(working):
+            working = working[running]
+            running = active[working]
+        p = direction[working]
         ap = apply_matrix(p)
         curvature = (p * ap).sum(dim=1)
-        broken = ~torch.isfinite(curvature) | ~torch.isfinite(residual_dot[rows])
-        negative = ~broken & (curvature <= 0)
-        stopped = broken | negative
-        if bool(stopped.any()):
-            status[rows[broken]] = BREAKDOWN
-            status[rows[negative]] = NEGATIVE_CURVATURE
-            active[rows[stopped]] = False
-            keep = ~stopped
-            rows, p, ap, curvature = rows[keep], p[keep], ap[keep], curvature[keep]
-        step = residual_dot[rows] / curvature
-        solution[rows] += step[:, None] * p
-        r = residual[rows] - step[:, None] * ap
-        residual[rows] = r
-        residual_norm[rows] = torch.linalg.vector_norm(r, dim=1)
+        dot = residual_dot[working]
+        broken = running & (~torch.isfinite(curvature) | ~torch.isfinite(dot))
+        negative = running & ~broken & (curvature <= 0)
+        status[working[broken]] = BREAKDOWN
+        status[working[negative]] = NEGATIVE_CURVATURE
+        running = running & ~broken & ~negative
+        active[working] = running
+        step = torch.where(running, dot / torch.where(running, curvature, torch.ones_like(curvature)),
+                           torch.zeros_like(curvature))
+        solution[working] += step[:, None] * p
+        r = residual[working] - step[:, None] * ap
+        residual[working] = r
+        norms_now = torch.linalg.vector_norm(r, dim=1)
+        residual_norm[working] = torch.where(running, norms_now, residual_norm[working])
         z = precondition(r)
         new_dot = (r * z).sum(dim=1)
-        direction[rows] = z + (new_dot / residual_dot[rows])[:, None] * p
-        residual_dot[rows] = new_dot
-        done = residual_norm[rows] <= threshold[rows]
-        status[rows[done]] = CONVERGED
-        active[rows] = ~done
+        beta = torch.where(running, new_dot / torch.where(running, dot, torch.ones_like(dot)), torch.zeros_like(dot))
+        direction[working] = torch.where(running[:, None], z + beta[:, None] * p, p)
+        residual_dot[working] = torch.where(running, new_dot, dot)
+        done = running & (norms_now <= threshold[working])
+        status[working[done]] = CONVERGED
+        active[working] = running & ~done
 
     solution *= torch.where(solvable, scaled_norms, torch.zeros_like(scaled_norms))[:, None]
     solution *= torch.where(solvable, largest, torch.zeros_like(largest))[:, None]

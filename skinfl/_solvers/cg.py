@@ -8,6 +8,8 @@ from numbers import Integral, Real
 
 import torch
 
+from .._curvature import _MAX_VECTOR_BLOCK
+from .._gradients import batch_slices
 from .._linalg.cg import BREAKDOWN, CONVERGED, MAX_ITER, NEGATIVE_CURVATURE, batched_conjugate_gradient
 from .._linalg.nystroem import nystroem_sketch
 from .._validation import Interval, StrOptions
@@ -281,18 +283,23 @@ class CgInfluence(BaseInfluence):
         def apply_matrix(vectors):
             return curvature.matmat(vectors) + regularization * vectors
 
-        solution, report = batched_conjugate_gradient(
-            apply_matrix,
-            gradients,
-            rtol=self.rtol,
-            atol=self.atol,
-            max_iter=self.max_iter,
-            preconditioner=self.preconditioner_,
-        )
-        if not record_solve(report):  # called outside a public method: warn now
-            message = self._solve_warning([report])
-            if message is not None:
-                warnings.warn(*message, stacklevel=2)
+        # Systems are solved one product block at a time: the products cost the same per system
+        # (they run in blocks of this many vectors anyway), and CG's state, some ten copies of the
+        # right-hand sides, stays small.
+        solution = torch.empty_like(gradients)
+        for rows in batch_slices(len(gradients), _MAX_VECTOR_BLOCK):
+            solution[rows], report = batched_conjugate_gradient(
+                apply_matrix,
+                gradients[rows],
+                rtol=self.rtol,
+                atol=self.atol,
+                max_iter=self.max_iter,
+                preconditioner=self.preconditioner_,
+            )
+            if not record_solve(report):  # called outside a public method: warn now
+                message = self._solve_warning([report])
+                if message is not None:
+                    warnings.warn(*message, stacklevel=2)
         return solution
 
     def _solve_warning(self, reports):
