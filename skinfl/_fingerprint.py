@@ -155,12 +155,18 @@ class Fingerprint:
                 self._tag("empty-cell")
 
     def _add_source(self, function):
-        if function is None:
-            return
-        try:
-            self._tag(inspect.getsource(function))
-        except (OSError, TypeError):
-            self._tag(f"no-source:{getattr(function, '__qualname__', repr(function))}")
+        if function is not None:
+            self._tag(_source(function))
+
+
+@functools.lru_cache(maxsize=1024)
+def _source(function):
+    """Source of a class or function, read once per process (a search hashes the same classes again
+    for every candidate)."""
+    try:
+        return inspect.getsource(function)
+    except (OSError, TypeError):
+        return f"no-source:{getattr(function, '__qualname__', repr(function))}"
 
 
 def _is_array_like(value):

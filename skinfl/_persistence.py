@@ -96,7 +96,6 @@ def save(estimator, path, include_data=True):
         tensors["data.X"] = _savable(data.X, "X")
         if data.y is not None:
             tensors["data.y"] = _savable(data.y, "y")
-    first_input = data.inputs(slice(0, 1)) if data is not None else None
     metadata = {
         "format_version": FORMAT_VERSION,
         "skinfl_version": __version__,
@@ -110,8 +109,7 @@ def save(estimator, path, include_data=True):
                   "training": bool(estimator.model.training)},
         "factor_metadata": estimator._factor_metadata,
         "factor_seed": estimator._factor_seed,
-        "data": {"included": bool(saved_data),
-                 "input_dtype": str(first_input.dtype) if first_input is not None else str(estimator._dtype())},
+        "data": {"included": bool(saved_data), "input_dtype": str(estimator._input_dtype)},
     }
     write(path, tensors, metadata)
     return Path(path)
@@ -236,6 +234,8 @@ def _restore(file, meta, model, loss):
     validate_estimator_params(estimator)
 
     input_dtype = getattr(torch, meta["data"]["input_dtype"].replace("torch.", ""))
+    if not isinstance(input_dtype, torch.dtype):
+        raise ValueError(f"{file.path} names an unknown input dtype {meta['data']['input_dtype']!r}.")
     example = None
     if has_lazy_parameters(user_model):
         example = torch.zeros((1, *fitted["input_shape_"]), dtype=input_dtype, device=device)
@@ -246,6 +246,7 @@ def _restore(file, meta, model, loss):
     for name in _FITTED:
         value = fitted[name]
         setattr(estimator, name, tuple(value) if name.endswith("shape_") else value)
+    estimator._input_dtype = input_dtype
     estimator._fit_data = _saved_data(file, meta, estimator) if meta["data"]["included"] else None
     estimator._factors = {name[len("factors."):]: file.tensor(name, device)
                           for name in file.names() if name.startswith("factors.")}

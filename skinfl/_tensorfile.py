@@ -204,12 +204,14 @@ class TensorFile:
 
     def _checked_table(self, header):
         table, end_of_previous = {}, 0
-        entries = sorted(header.items(), key=lambda item: _offsets(item[1]))
-        for name, entry in entries:
+        for name, entry in header.items():
+            if _offsets(entry) is None:
+                raise self._error(f"tensor {name!r} has no valid data_offsets")
+        for name, entry in sorted(header.items(), key=lambda item: _offsets(item[1])):
             if not isinstance(entry, dict) or entry.get("dtype") not in _DTYPES:
                 raise self._error(f"tensor {name!r} has an unknown dtype")
             shape = entry.get("shape")
-            if not isinstance(shape, list) or not all(isinstance(s, int) and s >= 0 for s in shape):
+            if not isinstance(shape, list) or not all(type(s) is int and s >= 0 for s in shape):
                 raise self._error(f"tensor {name!r} has an invalid shape")
             begin, end = _offsets(entry)
             expected = int(np.prod(shape, dtype=np.int64)) * _ITEMSIZE[entry["dtype"]]
@@ -266,7 +268,8 @@ class TensorFile:
 
 
 def _offsets(entry):
+    """``(begin, end)`` of a header entry, or None when it has none that are valid."""
     offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
-    if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)):
-        raise TensorFileError("A tensor entry of the header has no valid data_offsets.")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)):
+        return None
     return tuple(offsets)

@@ -234,6 +234,7 @@ class BaseInfluence(TransformerMixin, BaseEstimator):
         self.input_shape_ = tuple(data.input_shape)
         self.n_features_in_ = int(np.prod(self.input_shape_, dtype=int))
         self.output_shape_ = tuple(output_shape)
+        self._input_dtype = first.dtype  # integer for token ids: what a lazy module is materialised on
         self._fit_data = data
         self._fit_factors()
         self._build_inverse()

@@ -7,6 +7,16 @@ from torch import nn
 from torch.func import functional_call, hessian
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a module of tiny models: intra-op threads only add synchronisation
+    there, and on a busy machine they stall (5 to 50 times slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def exact_cases(second_orders=("hessian", "gauss_newton")):
     """(estimator class, second_order) for every registered estimator and curvature it supports."""
     from skinfl import registered_estimators

@@ -272,3 +272,13 @@ def test_tiny_gradients_are_solved_like_any_other():
             warnings.simplefilter("error", CgConvergenceWarning)
             got = cg.influences(x, label)
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4 * float(expected.abs().max()))
+
+
+def test_freed_memory_is_handed_back_where_the_allocator_allows():
+    import platform
+
+    from skinfl import _memory
+
+    _memory.release_freed_memory()  # never fails
+    if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
+        assert _memory._malloc_trim() is not None

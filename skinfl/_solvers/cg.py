@@ -12,6 +12,7 @@ from .._curvature import _MAX_VECTOR_BLOCK
 from .._gradients import batch_slices
 from .._linalg.cg import BREAKDOWN, CONVERGED, MAX_ITER, NEGATIVE_CURVATURE, batched_conjugate_gradient
 from .._linalg.nystroem import nystroem_sketch
+from .._memory import release_freed_memory
 from .._validation import Interval, StrOptions
 from ..base import BaseInfluence, ExactnessCheck, record_solve
 from ..exceptions import CgConvergenceWarning
@@ -300,6 +301,7 @@ class CgInfluence(BaseInfluence):
                 message = self._solve_warning([report])
                 if message is not None:
                     warnings.warn(*message, stacklevel=2)
+        release_freed_memory()  # the solves' temporaries, before the next chunk allocates them again
         return solution
 
     def _solve_warning(self, reports):
