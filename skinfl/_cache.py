@@ -16,6 +16,7 @@ is computed again and replaced, with a warning.
 
 from __future__ import annotations
 
+import functools
 import os
 import pickle
 import re
@@ -75,14 +76,28 @@ def entry_path(directory, key):
 _VERIFIED = set()
 
 
-def _read_entry(path):
-    stat = path.stat()
-    stamp = (str(path), stat.st_size, stat.st_mtime_ns)
-    entry = TensorFile(path)
-    if stamp not in _VERIFIED:
-        entry.verify()
-        _VERIFIED.add(stamp)
-    return {name: entry.tensor(name) for name in entry.names()}, entry.metadata
+def read_entry(directory, key):
+    """``(loaders, metadata)`` of the entry ``key``, or None when there is none or it does not read back.
+
+    ``loaders`` maps each tensor's name to a function that reads it (on the
+    CPU), so that a caller reads only the tensors it uses. A damaged entry
+    gives a warning and None, so that it is computed again.
+    """
+    path = entry_path(directory, key)
+    if not path.exists():
+        return None
+    try:
+        stat = path.stat()
+        stamp = (str(path), stat.st_size, stat.st_mtime_ns)
+        entry = TensorFile(path)
+        if stamp not in _VERIFIED:
+            entry.verify()
+            _VERIFIED.add(stamp)
+    except (TensorFileError, OSError) as error:
+        warnings.warn(f"Ignoring an unreadable cache entry and computing it again: {error}", UserWarning,
+                      stacklevel=3)
+        return None
+    return {name: functools.partial(entry.tensor, name) for name in entry.names()}, entry.metadata
 
 
 def store_tensors(directory, key, tensors, metadata):
@@ -99,13 +114,10 @@ def stored_tensors(directory, key, compute):
     """
     if directory is None:
         return compute()
-    path = entry_path(directory, key)
-    if path.exists():
-        try:
-            return _read_entry(path)
-        except TensorFileError as error:
-            warnings.warn(f"Ignoring an unreadable cache entry and computing it again: {error}", UserWarning,
-                          stacklevel=3)
+    entry = read_entry(directory, key)
+    if entry is not None:
+        loaders, metadata = entry
+        return {name: load() for name, load in loaders.items()}, metadata
     tensors, metadata = compute()
     store_tensors(directory, key, tensors, metadata)
     return tensors, metadata

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+from collections.abc import Mapping
 
 import torch
 from torch import nn
@@ -50,7 +51,7 @@ def first_device(value):
 
 
 def _children(value):
-    if isinstance(value, dict):
+    if isinstance(value, Mapping):
         return list(value.values())
     if isinstance(value, (list, tuple)):
         return list(value)
@@ -76,6 +77,8 @@ def moved(value, device, copy_modules):
         if first_device(value) in (None, device):
             return value
         return (copy.deepcopy(value) if copy_modules else value).to(device)
+    if isinstance(value, Mapping) and not isinstance(value, dict):  # fitted factors: a plain dict
+        return {key: moved(item, device, copy_modules) for key, item in value.items()}
     if isinstance(value, dict):
         return type(value)((key, moved(item, device, copy_modules)) for key, item in value.items())
     if isinstance(value, (list, tuple)) and not hasattr(value, "_fields"):

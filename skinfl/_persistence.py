@@ -30,7 +30,7 @@ from ._devices import available_device
 from ._model import LossSpec, evaluation_copy, has_lazy_parameters
 from ._tensorfile import TensorFile, write
 from ._validation import validate_estimator_params
-from .base import BaseInfluence, model_dtype, registered_estimators
+from .base import BaseInfluence, Factors, model_dtype, registered_estimators
 
 FORMAT_VERSION = 1
 _FITTED = ("n_params_", "n_samples_fit_", "n_features_in_", "input_shape_", "output_shape_", "trainable_parameters_")
@@ -248,8 +248,9 @@ def _restore(file, meta, model, loss):
         setattr(estimator, name, tuple(value) if name.endswith("shape_") else value)
     estimator._input_dtype = input_dtype
     estimator._fit_data = _saved_data(file, meta, estimator) if meta["data"]["included"] else None
-    estimator._factors = {name[len("factors."):]: file.tensor(name, device)
-                          for name in file.names() if name.startswith("factors.")}
+    estimator._factors = Factors({name[len("factors."):]: file.tensor(name, device)
+                                  for name in file.names() if name.startswith("factors.")}, device)
+    estimator._factor_cache_key = None  # not from the cache: nothing is written back
     estimator._factor_metadata = meta["factor_metadata"]
     estimator._factor_seed = meta["factor_seed"]
     estimator._build_inverse()

@@ -25,6 +25,7 @@ import contextvars
 import functools
 import os
 import warnings
+from collections.abc import MutableMapping
 from dataclasses import dataclass, field
 from numbers import Integral, Real
 
@@ -37,7 +38,7 @@ from sklearn.utils.validation import check_is_fitted
 from torch import nn
 
 from . import __version__
-from ._cache import directory_of, store_tensors, stored_tensors
+from ._cache import directory_of, read_entry, store_tensors
 from ._curvature import SECOND_ORDER_MODES, CurvatureOperator
 from ._data import DataSource, TargetSpec
 from ._devices import available_device, first_device, moved
@@ -237,34 +238,42 @@ class BaseInfluence(TransformerMixin, BaseEstimator):
         self._input_dtype = first.dtype  # integer for token ids: what a lazy module is materialised on
         self._fit_data = data
         self._fit_factors()
-        self._build_inverse()
+        try:
+            self._build_inverse()
+        finally:  # the factors are good whatever regularization this candidate has
+            self._store_new_factors()
         return self
 
     def _fit_factors(self):
-        """Compute the factors, or read them from ``memory`` when it holds them for this fit."""
+        """The factors: read from ``memory`` when it holds them for this fit, else computed.
+
+        A new entry is written by :meth:`_store_new_factors` once the inverse
+        is built, with what building it added (see :meth:`_add_factors`).
+        """
         directory = directory_of(self.memory)
         self._factor_seed = _seed_of(self.random_state)
-
-        def compute():
-            return self._compute_factors(self._curvature())
-
         self._factor_cache_key = None if directory is None else self._factor_key()
-        if directory is None:
-            tensors, metadata = compute()
+        entry = None if directory is None else read_entry(directory, self._factor_cache_key)
+        if entry is None:
+            tensors, metadata = self._compute_factors(self._curvature())
         else:
-            tensors, metadata = stored_tensors(directory, self._factor_cache_key, compute)
-        # Contiguous, as they read back from a file: the same memory layout gives bitwise the same results.
-        self._factors = {name: tensor.to(self.device_).contiguous() for name, tensor in tensors.items()}
+            tensors, metadata = entry
+        self._factors = Factors(tensors, self.device_)
         self._factor_metadata = metadata
+        self._factors_unstored = directory is not None and entry is None
 
     def _add_factors(self, tensors):
         """Add factors derived later, still independent of ``regularization`` (an
-        eigendecomposition the first candidate needed, say), to the fitted ones and to
-        the cache entry, so that the next candidates of a search find them."""
-        self._factors.update({name: tensor.contiguous() for name, tensor in tensors.items()})
-        directory = directory_of(self.memory)
-        if directory is not None and getattr(self, "_factor_cache_key", None) is not None:
-            store_tensors(directory, self._factor_cache_key, self._factors, self._factor_metadata)
+        eigendecomposition the first candidate needed, say): the next candidates of a
+        search find them in the cache."""
+        self._factors.update(tensors)
+        self._factors_unstored = directory_of(self.memory) is not None and self._factor_cache_key is not None
+
+    def _store_new_factors(self):
+        if getattr(self, "_factors_unstored", False):
+            store_tensors(directory_of(self.memory), self._factor_cache_key, dict(self._factors.items()),
+                          self._factor_metadata)
+        self._factors_unstored = False
 
     def _factor_key(self):
         """Hash of everything the factors depend on (see :mod:`skinfl._fingerprint`)."""
@@ -671,6 +680,50 @@ class BaseInfluence(TransformerMixin, BaseEstimator):
             device = target if key.endswith("_") or key.startswith("_") else available_device(devices.get(key))
             restored[key] = value if device is None else _portable(key, value, device, copy_modules=False)
         super().__setstate__(restored)
+
+
+class Factors(MutableMapping):
+    """Fitted factors by name, on the estimator's device, contiguous; read from a cache file when first used.
+
+    Values given as functions (readers of a cache entry) are called on first
+    access, so a candidate reads only the factors it uses: the curvature for
+    a Cholesky factorisation, not the eigenvectors, and the other way round.
+    Pickles as a plain dict.
+    """
+
+    def __init__(self, values, device):
+        self._device = device
+        self._readers = {name: value for name, value in values.items() if callable(value)}
+        self._tensors = {}
+        for name, value in values.items():
+            if not callable(value):
+                self[name] = value
+
+    def __getitem__(self, name):
+        if name not in self._tensors:
+            self._tensors[name] = self._readers.pop(name)().to(self._device).contiguous()
+        return self._tensors[name]
+
+    def __setitem__(self, name, tensor):
+        self._readers.pop(name, None)
+        # Contiguous, as they read back from a file: the same memory layout gives bitwise the same results.
+        self._tensors[name] = tensor.to(self._device).contiguous()
+
+    def __delitem__(self, name):
+        self._readers.pop(name, None)
+        self._tensors.pop(name, None)
+
+    def __contains__(self, name):  # without reading it
+        return name in self._tensors or name in self._readers
+
+    def __iter__(self):
+        return iter([*self._tensors, *self._readers])
+
+    def __len__(self):
+        return len(self._tensors) + len(self._readers)
+
+    def __reduce__(self):
+        return dict, (dict(self.items()),)
 
 
 def _portable(key, value, device, copy_modules):
