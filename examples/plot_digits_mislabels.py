@@ -11,7 +11,7 @@ brings most of the corrupted labels to the top of the list. The estimator's
 matrix is built once per fold and cached), and the fitted estimator is saved
 and reloaded safely, as tensors and JSON.
 
-It runs on a laptop CPU in well under a minute, or on a GPU when one is available.
+It runs on a laptop CPU in seconds, or on a GPU when one is available.
 """
 
 # %%

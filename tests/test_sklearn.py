@@ -51,7 +51,11 @@ def test_sklearn_compatible_estimator(estimator, check):
 
 
 def test_registry_lists_every_estimator():
+    import skinfl
+
     assert {"DirectInfluence", "CgInfluence"} <= set(registered_estimators())
+    for name, cls in registered_estimators().items():  # every registered estimator is public
+        assert getattr(skinfl, name) is cls and name in skinfl.__all__
     for cls in registered_estimators().values():
         assert set(cls._exactness.params) <= set(cls(None).get_params()), cls  # its exact configuration is valid
         assert set(cls._factor_parameters) <= set(cls(None).get_params()), cls

@@ -1,4 +1,10 @@
-"""One module per approximation of the inverse curvature."""
+"""One module per approximation of the inverse curvature.
+
+Each module defines one estimator class, which registers itself when it is
+defined (``BaseInfluence.__init_subclass__``): the tests then check it as its
+``_exactness`` says. A new solver is a module, its class, and one import
+line here; ``skinfl`` exports what ``__all__`` lists.
+"""
 
 from .cg import CgInfluence
 from .direct import DirectInfluence
