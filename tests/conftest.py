@@ -42,6 +42,23 @@ def exact_estimator(cls, model, **params):
     return cls(model, **{**cls._exactness.params, **params})
 
 
+def exact_positive_definite(name, model, **params):
+    """Registered estimator ``name``, exact, on the Gauss-Newton curvature where it supports it, seeded.
+
+    Gauss-Newton plus regularization 0.1 is positive definite for any model
+    and any subset of data, so every solver is exact and iterative ones
+    converge in a few iterations.
+    """
+    from skinfl import registered_estimators
+
+    cls = registered_estimators()[name]
+    modes = cls._exactness.second_order
+    settings = dict(regularization=0.1, random_state=0, **cls._exactness.params,
+                    second_order="gauss_newton" if "gauss_newton" in modes else modes[0])
+    settings.update(params)
+    return cls(model, **settings)
+
+
 def mlp(n_in=4, n_hidden=5, n_out=3, seed=0):
     torch.manual_seed(seed)
     return nn.Sequential(nn.Linear(n_in, n_hidden), nn.Tanh(), nn.Linear(n_hidden, n_out)).double()

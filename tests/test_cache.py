@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import train
+from conftest import exact_positive_definite, train
 from sklearn.model_selection import GridSearchCV
 from torch import nn
 
@@ -48,18 +48,7 @@ OTHER_VALUES = {
 }
 
 
-def make(name, model, **params):
-    """Registered estimator ``name``, configured to be exact, with ``params`` on top.
-
-    Gauss-Newton curvature where supported: positive definite for every
-    model variant below, so every solver is exact on all of them.
-    """
-    cls = skinfl.registered_estimators()[name]
-    modes = cls._exactness.second_order
-    settings = dict(regularization=0.1, random_state=0, **cls._exactness.params,
-                    second_order="gauss_newton" if "gauss_newton" in modes else modes[0])
-    settings.update(params)
-    return cls(model, **settings)
+make = exact_positive_definite
 
 
 def results(est, X, y):

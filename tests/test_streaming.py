@@ -18,7 +18,7 @@ import pytest
 import sklearn
 import torch
 import torch.nn.functional as F
-from conftest import reference_gradients, reference_hessian, train
+from conftest import exact_positive_definite, reference_gradients, reference_hessian, train
 from sklearn.utils import check_random_state
 from torch import nn
 
@@ -32,19 +32,7 @@ NAMES = [name for name, _ in ESTIMATORS]
 N_TRAIN = 200
 
 
-def make(name, model, **params):
-    """Registered estimator ``name``, configured to be exact, with ``params`` on top.
-
-    The curvature is the Gauss-Newton matrix where supported: positive
-    definite on any subset of the data, so that iterative solvers converge
-    in a few iterations (streaming does not depend on the curvature kind).
-    """
-    cls = skinfl.registered_estimators()[name]
-    modes = cls._exactness.second_order
-    settings = dict(regularization=0.1, random_state=0, **cls._exactness.params,
-                    second_order="gauss_newton" if "gauss_newton" in modes else modes[0])
-    settings.update(params)
-    return cls(model, **settings)
+make = exact_positive_definite
 
 
 def assert_close(actual, expected, rtol=1e-12):
