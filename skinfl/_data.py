@@ -52,10 +52,8 @@ def rows_of(data, index):
 def sample_shape(data):
     """Shape of the whole data set, read from its first row when it has no ``shape``."""
     shape = getattr(data, "shape", None)
-    if shape is not None and not isinstance(data, torch.Tensor):
+    if shape is not None:
         return tuple(int(s) for s in shape)
-    if isinstance(data, torch.Tensor):
-        return tuple(data.shape)
     if len(data) == 0:
         return (0,)
     return (len(data), *np.asarray(data[0]).shape)
@@ -154,9 +152,10 @@ class DataSource:
         """
         n = len(self)
         if self.y is not None:
-            n_targets = sample_shape(self.y)[0] if sample_shape(self.y) else 0
-            if len(sample_shape(self.y)) == 0:
+            target_shape = sample_shape(self.y)
+            if len(target_shape) == 0:
                 raise ValueError(f"{self.names[1]} is a scalar; pass one target per sample.")
+            n_targets = target_shape[0]
             if n_targets != n:
                 raise ValueError(
                     f"{self.names[0]} and {self.names[1]} have different numbers of samples: {n} and {n_targets}."

@@ -34,7 +34,6 @@ from .base import BaseInfluence, Factors, model_dtype, registered_estimators
 
 FORMAT_VERSION = 1
 _FITTED = ("n_params_", "n_samples_fit_", "n_features_in_", "input_shape_", "output_shape_", "trainable_parameters_")
-_MODULE_INTERNALS = {"_parameters", "_buffers", "_modules", "training", "_non_persistent_buffers_set"}
 
 
 # ------------------------------------------------------------------ saving
@@ -163,8 +162,9 @@ def _describe_loss(loss):
         return {"kind": "builtin", "name": loss}, {}
     cls = type(loss)
     if isinstance(loss, nn.modules.loss._Loss) and getattr(nn, cls.__name__, None) is cls:
+        # Its options: the public plain attributes (torch keeps the module's own state private).
         attributes = {key: _jsonable(value) for key, value in vars(loss).items()
-                      if key not in _MODULE_INTERNALS and not key.startswith("_")}
+                      if not key.startswith("_") and key != "training"}
         buffers = {name: tensor.detach().cpu() for name, tensor in loss.named_buffers()}
         return {"kind": "torch", "class": cls.__name__, "attributes": attributes, "buffers": sorted(buffers)}, buffers
     name = getattr(loss, "__qualname__", cls.__qualname__)
@@ -199,13 +199,13 @@ def load(path, model, loss=None):
     --------
     save : Write an estimator.
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"load needs the model (a torch.nn.Module of the saved architecture), got {type(model).__name__}.")
     file = TensorFile(path).verify()
     meta = file.metadata
     try:
         return _restore(file, meta, model, loss)
     except (KeyError, TypeError, AttributeError, RuntimeError) as error:
-        if isinstance(error, TypeError) and not isinstance(model, nn.Module):
-            raise
         raise ValueError(f"{path} is not a valid skinfl file: its metadata is invalid ({error!r}).") from error
 
 
@@ -218,9 +218,6 @@ def _restore(file, meta, model, loss):
     cls = registered_estimators().get(meta["estimator"])
     if cls is None:
         raise ValueError(f"{file.path} holds an unknown estimator {meta['estimator']!r}.")
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"load needs the model (a torch.nn.Module of the saved architecture), got {type(model).__name__}.")
-
     saved = meta["device"]
     device = available_device(saved)
     if torch.device(saved) != device:

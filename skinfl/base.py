@@ -267,10 +267,10 @@ class BaseInfluence(TransformerMixin, BaseEstimator):
         eigendecomposition the first candidate needed, say): the next candidates of a
         search find them in the cache."""
         self._factors.update(tensors)
-        self._factors_unstored = directory_of(self.memory) is not None and self._factor_cache_key is not None
+        self._factors_unstored = self._factor_cache_key is not None  # a key only with memory
 
     def _store_new_factors(self):
-        if getattr(self, "_factors_unstored", False):
+        if self._factors_unstored:
             store_tensors(directory_of(self.memory), self._factor_cache_key, dict(self._factors.items()),
                           self._factor_metadata)
         self._factors_unstored = False
@@ -318,9 +318,8 @@ class BaseInfluence(TransformerMixin, BaseEstimator):
         data = self._check_data(X, y)
         result = allocate((len(data), self.n_params_), self._dtype(), returns_torch(X), self.device_,
                           max_bytes=None)
-        for position, gradients in iter_gradients(self._functional_model(), data, self.batch_size,
-                                                  progress=self.progress, desc="transform"):
-            write(result, position, self._apply_inverse(gradients))
+        for position, _, factors in self._solved_batches(data, desc="transform"):
+            write(result, position, factors)
         return result
 
     @reporting_solves
@@ -462,9 +461,8 @@ class BaseInfluence(TransformerMixin, BaseEstimator):
         """
         data = self._check_data(X, y)
         values = torch.empty(len(data), dtype=self._dtype(), device=self.device_)
-        for position, gradients in iter_gradients(self._functional_model(), data, self.batch_size,
-                                                  progress=self.progress, desc="self-influence"):
-            values[position] = (self._apply_inverse(gradients) * gradients).sum(dim=1)
+        for position, gradients, factors in self._solved_batches(data, desc="self-influence"):
+            values[position] = (factors * gradients).sum(dim=1)
         return to_output(values, returns_torch(X))
 
     @reporting_solves
@@ -538,12 +536,21 @@ class BaseInfluence(TransformerMixin, BaseEstimator):
         budget = get_config()["working_memory"] * 2**20 // (self.n_params_ * itemsize)
         return batch_slices(n_rows, max(self.batch_size, int(budget)))
 
+    def _solved_batches(self, data, rows=None, desc=None):
+        """Yield ``(position, gradients, factors)`` over ``rows`` of ``data``, ``batch_size`` at a time.
+
+        ``factors`` are ``(C + lambda I)^-1 g`` of the batch's gradients; one
+        batch of each is alive at a time.
+        """
+        for position, gradients in iter_gradients(self._functional_model(), data, self.batch_size, rows,
+                                                  progress=self.progress and desc is not None, desc=desc):
+            yield position, gradients, self._apply_inverse(gradients)
+
     def _factors_of(self, data, rows):
-        """Factors ``(C + lambda I)^-1 g`` of ``rows`` of ``data``, solved ``batch_size`` rows at a time."""
-        fmodel = self._functional_model()
-        factors = torch.empty(rows.stop - rows.start, self.n_params_, dtype=fmodel.dtype, device=self.device_)
-        for position, gradients in iter_gradients(fmodel, data, self.batch_size, rows):
-            factors[position] = self._apply_inverse(gradients)
+        """Factors of ``rows`` of ``data``, held together (see :meth:`_held_chunks`)."""
+        factors = torch.empty(rows.stop - rows.start, self.n_params_, dtype=self._dtype(), device=self.device_)
+        for position, _, solved in self._solved_batches(data, rows):
+            factors[position] = solved
         return factors
 
     def _write_up_influences(self, test, train, result):

@@ -31,15 +31,8 @@ class CgReport:
     relative_residuals: torch.Tensor
 
     @property
-    def n_systems(self):
-        return len(self.status)
-
-    @property
     def converged(self):
         return self.status == CONVERGED
-
-    def count(self, status):
-        return int((self.status == status).sum())
 
 
 def batched_conjugate_gradient(apply_matrix, rhs, *, rtol, atol, max_iter, preconditioner=None):
