@@ -124,12 +124,25 @@ class ExactnessCheck:
         Tolerance of the comparison with the exact answer in float64.
     second_order : tuple of str
         The curvatures it supports.
+    full_rank : str or None
+        Name of a parameter that the tests set to the model's number of
+        trainable parameters (a ``rank``): the estimator is exact at full
+        rank only.
+    inverts_curvature : bool
+        False for an estimator that, by design, inverts something other than
+        ``C + lambda I`` in every limit (DataInf's harmonic mean of rank-one
+        terms): it is left out of the tests against the exact inverse of the
+        curvature, and checked against its own closed form instead. The
+        other registry-driven tests (persistence, caching, streaming,
+        scikit-learn checks) still cover it.
     """
 
     params: dict = field(default_factory=dict)
     rtol: float = 1e-9
     atol: float = 1e-12
     second_order: tuple = SECOND_ORDER_MODES
+    full_rank: str | None = None
+    inverts_curvature: bool = True
 
 
 class BaseInfluence(TransformerMixin, BaseEstimator):

@@ -25,7 +25,7 @@ def exact_cases(second_orders=("hessian", "gauss_newton")):
         pytest.param(cls, order, id=f"{name}-{order}")
         for name, cls in registered_estimators().items()
         for order in second_orders
-        if order in cls._exactness.second_order
+        if order in cls._exactness.second_order and cls._exactness.inverts_curvature
     ]
 
 
@@ -34,12 +34,20 @@ def exact_classes(second_order="hessian"):
     from skinfl import registered_estimators
 
     return [pytest.param(cls, id=name) for name, cls in registered_estimators().items()
-            if second_order in cls._exactness.second_order]
+            if second_order in cls._exactness.second_order and cls._exactness.inverts_curvature]
+
+
+def exact_params(cls, model):
+    """The parameters under which ``cls`` is exact on ``model`` (a full rank set to its size)."""
+    params = dict(cls._exactness.params)
+    if cls._exactness.full_rank is not None:
+        params[cls._exactness.full_rank] = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return params
 
 
 def exact_estimator(cls, model, **params):
     """``cls`` configured as its registry entry says it is exact, with ``params`` on top."""
-    return cls(model, **{**cls._exactness.params, **params})
+    return cls(model, **{**exact_params(cls, model), **params})
 
 
 def exact_positive_definite(name, model, **params):
@@ -53,7 +61,7 @@ def exact_positive_definite(name, model, **params):
 
     cls = registered_estimators()[name]
     modes = cls._exactness.second_order
-    settings = dict(regularization=0.1, random_state=0, **cls._exactness.params,
+    settings = dict(regularization=0.1, random_state=0, **exact_params(cls, model),
                     second_order="gauss_newton" if "gauss_newton" in modes else modes[0])
     settings.update(params)
     return cls(model, **settings)

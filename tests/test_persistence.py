@@ -23,6 +23,8 @@ from sklearn.exceptions import NotFittedError
 from torch import nn
 
 import skinfl
+from conftest import exact_params
+
 from skinfl import load, registered_estimators, save
 from skinfl._devices import available_device
 from skinfl._tensorfile import TensorFile, TensorFileError, write
@@ -64,7 +66,7 @@ def mlp(hidden=5, seed=0):
 
 def make(cls, model, **overrides):
     """An estimator of ``cls`` under its exact parameters, seeded when it takes a seed."""
-    params = {"regularization": 0.1, **cls._exactness.params}
+    params = {"regularization": 0.1, **exact_params(cls, model)}
     if "random_state" in cls(model).get_params():
         params["random_state"] = 0
     params.update(overrides)
