@@ -1,10 +1,12 @@
-"""pyDVL's influences for the accuracy benchmark (started by accuracy.py).
+"""pyDVL's influences for the accuracy benchmarks (started by accuracy.py and loo_logreg.py).
 
     benchmarks/.venv-pydvl/bin/python benchmarks/_pydvl_accuracy.py JOB.json
 
 ``JOB.json`` names the work folder (holding ``data.npz`` and one
 ``<model>.pt`` state_dict per model, written by accuracy.py) and a list of
-tasks. A task fits one pyDVL estimator (``direct`` or ``cg``) on one model
+tasks. A task fits one pyDVL estimator (``direct`` or ``cg``; or, when the task
+has ``settings``, one of bench_solvers.py's methods built as
+_solver_worker.py builds them) on one model
 and its training data, then computes, for each requested output, either the
 influence matrix of a query set (``val`` or ``test``) or the self-influence
 of every training point (``self``), at a given regularization; the
@@ -108,7 +110,10 @@ def _run_task(task, work, data):
     loader = DataLoader(TensorDataset(X, y), batch_size=batch_size, shuffle=False)
     outputs = task["outputs"]
     first = outputs[0]["regularization"]
-    if task["method"] == "direct":
+    if "settings" in task:
+        # The solver benchmark's methods (loo_logreg.py): the same constructors as bench_solvers.py.
+        estimator = _solver_benchmark_estimator(task, model, first)
+    elif task["method"] == "direct":
         estimator = DirectInfluence(model, F.cross_entropy, regularization=first)
     else:
         estimator = CgInfluence(
@@ -158,7 +163,7 @@ def _run_task(task, work, data):
         "name": task["name"],
         "fit_s": fit_s,
         "outputs": records,
-        "settings": {
+        "settings": task.get("settings") or {
             "dataloader_batch_size": batch_size,
             **(
                 {
@@ -173,6 +178,36 @@ def _run_task(task, work, data):
         },
         "warnings": sorted(set(messages)),
     }
+
+
+def _solver_benchmark_estimator(task, model, regularization):
+    """pyDVL's estimator for a bench_solvers.py method (``task["settings"]``), after a small warm-up run.
+
+    The warm-up (the same method on a tiny model) keeps one-time costs out of the timings, as
+    :func:`_warm_up` does for Direct and CG.
+    """
+    import torch
+    from pydvl.influence import InfluenceMode
+    from torch.utils.data import DataLoader, TensorDataset
+
+    import _solver_worker as SW
+
+    family, _ = SW.parse_method(task["method"])
+    settings = dict(task["settings"], regularization=regularization)
+    warm = dict(settings, regularization=1.0)
+    for key, value in (("rank", 5), ("krylov_dimension", 20), ("preconditioner_rank", 5), ("max_iter", 5),
+                       ("scale", 100.0)):
+        if warm.get(key) is not None:
+            warm[key] = value
+    warm_model = P._mlp(hidden=4).to(torch.float64).eval()
+    X = torch.rand(10, 64, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    y = torch.arange(10)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        warm_estimator = SW._pydvl_estimator(family, warm_model, warm)
+        warm_estimator.fit(DataLoader(TensorDataset(X, y), batch_size=5))
+        warm_estimator.influences(X[:2], y[:2], X, y, mode=InfluenceMode.Up)
+    return SW._pydvl_estimator(family, model, settings)
 
 
 def main(job_path):

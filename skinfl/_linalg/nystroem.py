@@ -5,8 +5,10 @@ an orthonormalised Gaussian test matrix ``Omega`` of ``rank`` columns
 (Tropp et al., "Fixed-rank approximation of a positive-semidefinite matrix
 from streaming data", 2017, with the stabilising shift of their Algorithm 3).
 A Hessian that is not positive semi-definite (a model away from a minimum)
-keeps only the non-negative part of the core, which is what a preconditioner
-needs.
+keeps only the non-negative part of the core by default, which is what a
+preconditioner needs; ``positive_part=False`` keeps the negative part too,
+so that the approximation is ``C Omega (Omega^T C Omega)^+ Omega^T C`` for
+any symmetric ``C`` (exact at full rank, where ``Omega`` is orthogonal).
 
 Everything runs on the curvature's device in the model's dtype and holds at
 most about two ``rank x n_params`` blocks at a time besides the product
@@ -32,7 +34,8 @@ class NystroemSketch:
     Attributes
     ----------
     eigenvalues : torch.Tensor of shape (rank,)
-        Non-negative, in descending order.
+        In descending order; non-negative unless the sketch was taken with
+        ``positive_part=False``.
     eigenvectors : torch.Tensor of shape (n_params, rank)
         Orthonormal columns.
     """
@@ -64,10 +67,17 @@ def _kept(values, dtype):
     return values > values.max().clamp(min=0) * torch.finfo(dtype).eps * len(values)
 
 
-def nystroem_sketch(curvature, rank, generator):
+def _nonzero(values, dtype):
+    """Values of either sign clearly above rounding, relative to the largest in magnitude."""
+    return values.abs() > values.abs().max() * torch.finfo(dtype).eps * len(values)
+
+
+def nystroem_sketch(curvature, rank, generator, positive_part=True):
     """Rank-``rank`` Nystroem approximation of ``curvature`` (a CurvatureOperator).
 
-    ``generator`` is a ``torch.Generator`` on the curvature's device.
+    ``generator`` is a ``torch.Generator`` on the curvature's device. With
+    ``positive_part`` (the default) directions of negative curvature in the
+    core are dropped; without it they are kept, with negative eigenvalues.
     """
     fmodel = curvature.fmodel
     dtype, device = fmodel.dtype, fmodel.device
@@ -82,17 +92,27 @@ def nystroem_sketch(curvature, rank, generator):
     core = _gram(test, sketch)
     del test
     core_values, core_vectors = torch.linalg.eigh((core + core.T) / 2)
-    # Directions of negative curvature are dropped: they cannot be preconditioned. So are those at the
-    # rounding level of the products (in the model's dtype), whose inverse square roots would be noise.
-    keep = _kept(core_values, dtype)
-    inverse_root = core_vectors[:, keep] / core_values[keep].sqrt()
-    factor = _combine(inverse_root.T, sketch, dtype)  # C_shift ~ factor.T @ factor
+    # Directions at the rounding level of the products (in the model's dtype) are dropped: their inverse
+    # square roots would be noise. So are those of negative curvature, with positive_part: they cannot be
+    # preconditioned.
+    keep = _kept(core_values, dtype) if positive_part else _nonzero(core_values, dtype)
+    signs = core_values[keep].sign()
+    inverse_root = core_vectors[:, keep] / core_values[keep].abs().sqrt()
+    factor = _combine(inverse_root.T, sketch, dtype)  # C_shift ~ factor.T @ diag(signs) @ factor
     del sketch
 
     squares, vectors = torch.linalg.eigh(_gram(factor, factor))  # factor = W S U^T: W, S^2
     squares, vectors = squares.flip(0), vectors.flip(1)
     keep = _kept(squares, dtype)
     squares, vectors = squares[keep], vectors[:, keep]
-    eigenvectors = _combine((vectors / squares.sqrt()).T, factor, dtype).T  # U = factor.T W S^-1
-    eigenvalues = torch.clamp(squares - shift, min=0.0)
-    return NystroemSketch(eigenvalues=eigenvalues.to(dtype), eigenvectors=eigenvectors)
+    if bool((signs > 0).all()):
+        eigenvectors = _combine((vectors / squares.sqrt()).T, factor, dtype).T  # U = factor.T W S^-1
+        eigenvalues = torch.clamp(squares - shift, min=0.0)
+        return NystroemSketch(eigenvalues=eigenvalues.to(dtype), eigenvectors=eigenvectors)
+    # Indefinite core: C_shift ~ U (S W^T D W S) U^T, whose small middle matrix is diagonalised.
+    roots = squares.sqrt()
+    middle = (vectors * roots).T @ (signs[:, None] * (vectors * roots))
+    values, rotation = torch.linalg.eigh((middle + middle.T) / 2)
+    values, rotation = values.flip(0), rotation.flip(1)
+    eigenvectors = _combine((vectors / roots @ rotation).T, factor, dtype).T
+    return NystroemSketch(eigenvalues=(values - shift).to(dtype), eigenvectors=eigenvectors)

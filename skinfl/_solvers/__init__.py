@@ -6,7 +6,10 @@ defined (``BaseInfluence.__init_subclass__``): the tests then check it as its
 line here; ``skinfl`` exports what ``__all__`` lists.
 """
 
+from .arnoldi import ArnoldiInfluence
 from .cg import CgInfluence
 from .direct import DirectInfluence
+from .inverse_harmonic_mean import InverseHarmonicMeanInfluence
+from .nystroem import NystroemInfluence
 
-__all__ = ["CgInfluence", "DirectInfluence"]
+__all__ = ["ArnoldiInfluence", "CgInfluence", "DirectInfluence", "InverseHarmonicMeanInfluence", "NystroemInfluence"]

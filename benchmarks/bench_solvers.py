@@ -1,0 +1,518 @@
+"""Inverse-curvature solvers of skinfl against pyDVL 0.10.0's on hard digits models.
+
+Usage::
+
+    /work/venv/bin/python benchmarks/bench_solvers.py [--quick] [--only TOKEN[,TOKEN...]] [--skip-pydvl]
+
+Problems (standardised ``load_digits``, 1397 training and 100 test points;
+models trained to a minimum of cross-entropy + 1e-3/2 ||theta||^2 with
+full-batch LBFGS, cached under ``benchmarks/.work/hard/``):
+
+* ``mlp``      64-32-10, Tanh                                          (2,410 parameters)
+* ``cnn``      Conv2d(1,8,3)-Tanh-Conv2d(8,16,3)-Tanh-Linear(256,10)   (3,818 parameters)
+* ``wide_mlp`` 64-256-256-10, Tanh                                     (85,002 parameters)
+
+Methods, with the same settings on both sides (``regularization=1e-3``, the
+training penalty): ``cg`` (block CG, Nystroem preconditioner of rank 100),
+``cg_plain`` (block CG, no preconditioner), ``arnoldi<rank>``,
+``nystroem<rank>`` (ranks 50 and 100), ``lissa``, ``datainf``.
+
+Every (problem, library, method) runs in a fresh process (_solver_worker.py),
+which times ``fit`` and the 100 x 1397 influence matrix and reports its peak
+resident memory. Agreement is measured against a float64 reference (skinfl's
+DirectInfluence up to 10,000 parameters, else CgInfluence with rtol=1e-8),
+computed once per model and cached. A method skinfl does not have (yet) is
+reported as "not available".
+
+Results: a table on stdout and ``benchmarks/results/solvers.{md,json}``
+(``solvers_quick`` with ``--quick``; ``--only`` and ``--skip-pydvl`` add
+suffixes so that partial runs never overwrite the full one).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+import _problems as P  # noqa: E402
+import _solver_worker as W  # noqa: E402  (constants and settings; nothing heavy at import)
+
+WORKER = HERE / "_solver_worker.py"
+DEFAULT_PYDVL_PYTHON = HERE / ".venv-pydvl" / "bin" / "python"
+LIBRARIES = ("skinfl", "pydvl")
+
+
+# ------------------------------------------------------------------ running
+def launch(python, worker, args, env, timeout):
+    """Run a worker; returns (record or None, status, seconds, stderr tail).
+
+    The worker is started through ``sh`` as a grandchild: a process exec'd
+    directly inherits the high-water RSS of the process it was forked from,
+    which would put this process's memory into the worker's ``ru_maxrss``.
+    A new session lets a timeout kill the whole process group.
+    """
+    command = ["/bin/sh", "-c", '"$@"; exit $?', "sh", str(python), str(worker), *args]
+    start = time.perf_counter()
+    proc = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True
+    )
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        return None, f"timeout ({timeout:.0f} s)", time.perf_counter() - start, stderr[-2000:]
+    wall = time.perf_counter() - start
+    record = None
+    for line in stdout.splitlines():
+        if line.startswith("RESULT "):
+            record = json.loads(line[len("RESULT "):])
+    if proc.returncode != 0 or record is None:
+        return None, f"failed (exit {proc.returncode})", wall, (stderr or stdout)[-2000:]
+    return record, "ok", wall, stderr[-2000:]
+
+
+def worker_env(lib, threads, omp_wait_policy="PASSIVE"):
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONWARNINGS", "PYTHONSTARTUP")}
+    if lib == "skinfl":
+        env["PYTHONPATH"] = str(P.REPO_ROOT)
+    env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
+    if omp_wait_policy != "default":
+        # Spinning OpenMP threads slow small torch operations down by 10-100x when other jobs
+        # share the cores; PASSIVE makes idle threads sleep.
+        env["OMP_WAIT_POLICY"] = omp_wait_policy
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def command_line(argv):
+    args = sys.argv[1:] if argv is None else argv
+    return " ".join(shlex.quote(a) for a in [sys.executable, os.path.relpath(sys.argv[0], P.REPO_ROOT), *args])
+
+
+def load_note(cores):
+    load = os.getloadavg()
+    if load[0] > 0.5 * cores:
+        return (f"1-minute load average {load[0]:.1f} on {cores} cores: other jobs are running, so timings are "
+                "noisy (use --repeat 3, or run on an idle machine).")
+    return None
+
+
+# ----------------------------------------------------------------- accuracy
+def agreement(matrix, reference):
+    """Pearson over all entries, mean per-test-row Spearman and Pearson, max|A - R| / max|R|."""
+    from scipy import stats
+
+    a = np.asarray(matrix, dtype=np.float64)
+    r = np.asarray(reference, dtype=np.float64)
+    if a.shape != r.shape:
+        return {"note": f"shape {a.shape} != reference {r.shape}"}
+    if not np.isfinite(a).all():
+        return {"note": "non-finite values", "pearson": float("nan"), "spearman_rows": float("nan")}
+
+    def rows(x, y):
+        x = x - x.mean(axis=1, keepdims=True)
+        y = y - y.mean(axis=1, keepdims=True)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            values = (x * y).sum(axis=1) / (np.linalg.norm(x, axis=1) * np.linalg.norm(y, axis=1))
+        return float(np.nanmean(values))
+
+    return {
+        "pearson": float(np.corrcoef(a.ravel(), r.ravel())[0, 1]),
+        "spearman_rows": rows(stats.rankdata(a, axis=1), stats.rankdata(r, axis=1)),
+        "pearson_rows": rows(a, r),
+        "max_rel_diff": float(np.abs(a - r).max() / np.abs(r).max()),
+    }
+
+
+# ------------------------------------------------------------------- output
+def minimum(summary):
+    """The training summary's check of the minimum: float64 CG on the objective's Hessian."""
+    check = summary.get("minimum_check") or {}
+    return f"{check.get('result', '-')} in {check.get('cg_iterations', '-')}"
+
+
+def _f(value, spec):
+    if value is None:
+        return "-"
+    if isinstance(value, str):
+        return value
+    return format(value, spec)
+
+
+def _iterations(run):
+    it = (run or {}).get("iterations")
+    if not it:
+        return "-"
+    if "n_iter_" in it:
+        return str(it["n_iter_"])
+    values = it.get("cg") or it.get("lissa") or []
+    return "+".join(str(v) for v in values[:3]) + ("+..." if len(values) > 3 else "")
+
+
+def comparison_rows(runs, problems, methods):
+    rows = []
+    for problem in problems:
+        for method in methods:
+            pair = {lib: runs.get((problem, lib, method)) for lib in LIBRARIES}
+            if not any(pair.values()):
+                continue
+            mine, theirs = pair["skinfl"] or {}, pair["pydvl"] or {}
+            ratio = cross = None
+            if mine.get("status") == "ok" and theirs.get("status") == "ok":
+                ratio = theirs["total_s"] / mine["total_s"]
+                a, b = (np.load(P.REPO_ROOT / run["matrix"]).astype(np.float64) for run in (mine, theirs))
+                if a.shape == b.shape and np.isfinite(a).all() and np.isfinite(b).all():
+                    cross = {"pearson": float(np.corrcoef(a.ravel(), b.ravel())[0, 1]),
+                             "norm_ratio": float(np.linalg.norm(a) / np.linalg.norm(b))}
+            rows.append({"problem": problem, "method": method, "skinfl": mine, "pydvl": theirs, "ratio": ratio,
+                         "cross": cross, "n_params": mine.get("n_params") or theirs.get("n_params")})
+    return rows
+
+
+HEADER = ["problem", "params", "method", "skinfl s", "pyDVL s", "pyDVL/skinfl", "skinfl MB", "pyDVL MB",
+          "skinfl Pearson", "pyDVL Pearson", "skinfl Spearman", "pyDVL Spearman", "iterations skinfl / pyDVL",
+          "skinfl vs pyDVL: Pearson, norm ratio"]
+
+
+def _cells(row):
+    def side(lib, key, spec):
+        run = row[lib]
+        if not run:
+            return "-"
+        if run.get("status") != "ok":
+            return run.get("status", "-")
+        return _f(run.get(key), spec)
+
+    def memory(lib):
+        run = row[lib]
+        if not run or run.get("status") != "ok":
+            return "-"
+        return f"{run['peak_mb']:.0f} (+{run['work_mb']:.0f})"
+
+    return [
+        row["problem"], _f(row["n_params"], ","), row["method"],
+        side("skinfl", "total_s", ".2f"), side("pydvl", "total_s", ".2f"),
+        "-" if row["ratio"] is None else f"{row['ratio']:.2f}x",
+        memory("skinfl"), memory("pydvl"),
+        side("skinfl", "pearson", ".6f"), side("pydvl", "pearson", ".6f"),
+        side("skinfl", "spearman_rows", ".4f"), side("pydvl", "spearman_rows", ".4f"),
+        f"{_iterations(row['skinfl'])} / {_iterations(row['pydvl'])}",
+        "-" if row["cross"] is None else f"{row['cross']['pearson']:.6f}, {row['cross']['norm_ratio']:.3f}",
+    ]
+
+
+def markdown_table(header, body, n_left=3):
+    lines = ["| " + " | ".join(header) + " |",
+             "|" + "|".join(["---"] * n_left + ["---:"] * (len(header) - n_left)) + "|"]
+    lines += ["| " + " | ".join(cells) + " |" for cells in body]
+    return "\n".join(lines)
+
+
+def text_table(header, body, n_left=3):
+    widths = [max(len(h), *(len(b[i]) for b in body)) if body else len(h) for i, h in enumerate(header)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths)), "  ".join("-" * w for w in widths)]
+    lines += ["  ".join(c.ljust(w) if i < n_left else c.rjust(w) for i, (c, w) in enumerate(zip(b, widths)))
+              for b in body]
+    return "\n".join(lines)
+
+
+def detail_rows(runs):
+    body = []
+    for (problem, lib, method), run in runs.items():
+        ok = run.get("status") == "ok"
+        body.append([
+            problem, lib, method,
+            _f(run.get("fit_s"), ".2f") if ok else "-", _f(run.get("influences_s"), ".2f") if ok else "-",
+            _f(run.get("warmup_s"), ".2f") if ok else "-",
+            _f(run.get("max_rel_diff"), ".2e") if ok else "-", _f(run.get("pearson_rows"), ".5f") if ok else "-",
+            ", ".join(f"{k}={v}" for k, v in (run.get("fitted") or {}).items()
+                      if k not in ("n_params_", "n_samples_fit_")) or "-",
+            "; ".join(run.get("warnings", []) + run.get("log_warnings", []))[:200] or "-",
+            run.get("status", "-") if ok else f"{run.get('status')}: {run.get('reason', '')}"[:160],
+        ])
+    return ["problem", "library", "method", "fit s", "influences s", "warm-up s", "max rel diff",
+            "row Pearson", "fitted attributes", "warnings", "status"], body
+
+
+# --------------------------------------------------------------------- main
+def parse_only(only, problems, methods, default_problems):
+    if not only:
+        return list(default_problems), list(methods)
+    tokens = [t.strip() for t in only.split(",") if t.strip()]
+    unknown = [t for t in tokens if t not in problems and t not in methods]
+    if unknown:
+        raise SystemExit(f"--only: {unknown} are neither problems {list(problems)} nor methods {list(methods)}")
+    chosen_problems = [p for p in problems if p in tokens] or list(default_problems)
+    chosen_methods = [m for m in methods if m in tokens] or list(methods)
+    return chosen_problems, chosen_methods
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true",
+                        help="200 training / 10 test points, small models, rank 50, LiSSA 100 steps: a smoke test")
+    parser.add_argument("--only", help="comma-separated problems and/or methods, e.g. mlp,cg or wide_mlp")
+    parser.add_argument("--ranks", default=None, help="Arnoldi/Nystroem ranks (default 50,100; --quick 50)")
+    parser.add_argument("--skip-pydvl", action="store_true", help="run skinfl only")
+    parser.add_argument("--timeout", type=float, default=3600.0, help="seconds per worker (default 3600)")
+    parser.add_argument("--reference-timeout", type=float, default=10800.0,
+                        help="seconds for computing a reference (once per model; default 10800)")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="fresh processes per configuration; the fastest is kept (peak memory: the largest)")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads in every worker (default 2)")
+    parser.add_argument("--omp-wait-policy", choices=("PASSIVE", "ACTIVE", "default"), default="PASSIVE")
+    parser.add_argument("--lissa-max-iter", type=int, default=None, help="LiSSA steps (default 1000; --quick 100)")
+    parser.add_argument("--pydvl-arnoldi-projected", action="store_true",
+                        help="pyDVL Arnoldi with use_woodbury=False (its default): V (D + lambda)^-1 V^T only")
+    parser.add_argument("--skinfl-cg-method", default=None,
+                        help="CgInfluence(method=...) for the cg rows, where the parameter exists (default: its default)")
+    parser.add_argument("--skinfl-python", default=sys.executable, help="interpreter with skinfl's dependencies")
+    parser.add_argument("--pydvl-python", default=str(DEFAULT_PYDVL_PYTHON),
+                        help="interpreter of pyDVL's venv (bash benchmarks/setup_pydvl_env.sh)")
+    parser.add_argument("--output", help="results basename in benchmarks/results/ (default from the options)")
+    args = parser.parse_args(argv)
+
+    size = P.HARD_QUICK if args.quick else P.HARD
+    ranks = [int(r) for r in (args.ranks or ("50" if args.quick else "50,100")).split(",")]
+    lissa_max_iter = args.lissa_max_iter or (100 if args.quick else W.LISSA_MAX_ITER)
+    problems, methods = parse_only(args.only, size.problems, W.method_names(ranks), size.default_problems)
+    if not args.skip_pydvl and not Path(args.pydvl_python).exists():
+        parser.error(f"{args.pydvl_python} not found: run `bash benchmarks/setup_pydvl_env.sh` or pass --skip-pydvl")
+    name = args.output or "solvers" + ("_quick" if args.quick else "") + (
+        "_" + "-".join(t.strip() for t in args.only.split(",")) if args.only else "") + (
+        "_skinfl" if args.skip_pydvl else "")
+    command = command_line(argv)
+    started = _dt.datetime.now().astimezone()
+    load_before = os.getloadavg()
+    busy = load_note(P.cpu_count())
+    if busy:
+        print("WARNING: " + busy, flush=True)
+    print(f"[{size.name}] {size.n_train} train / {size.n_test} test points, problems {problems}, methods {methods}, "
+          f"{args.threads} threads, batch {size.batch_size}", flush=True)
+    t0 = time.perf_counter()
+
+    def skinfl_worker(*worker_args, timeout=args.timeout):
+        return launch(args.skinfl_python, WORKER, [*worker_args, "--size", size.name, "--threads", str(args.threads)],
+                      worker_env("skinfl", args.threads, args.omp_wait_policy), timeout)
+
+    # 1. data and models (trained once, cached).
+    record, status, _, err = skinfl_worker("prepare", "--problems", ",".join(problems), timeout=args.reference_timeout)
+    if record is None:
+        sys.exit(f"preparing data/models {status}:\n{err}")
+    models = record
+    for problem, s in models.items():
+        print(f"  {problem}: {s['n_params']:,} params, objective {s['objective']:.5f}, ||grad|| {s['gradient_norm']:.1e} "
+              f"after {s['lbfgs_iterations']} LBFGS iterations ({s['training_s']:.0f} s), train acc "
+              f"{s['train_accuracy']:.3f}, test acc {s['test_accuracy']:.3f}, top Hessian eigenvalue "
+              f"{s['top_hessian_eigenvalue']:.4g}, {len(s.get('saddle_escapes', []))} saddle escapes, minimum "
+              f"check: float64 CG {minimum(s)} iterations", flush=True)
+
+    # 2. how hard each problem is: plain CG iterations (cached per model).
+    hardness = {}
+    for problem in problems:
+        path = W.hardness_path(problem, size)
+        cached = json.loads(path.read_text()) if path.exists() else {}
+        if cached.get("state_dict_sha1") != models[problem]["state_dict_sha1"]:
+            print(f"  {problem}: counting plain CG iterations ({W.HARDNESS_RHS} test gradients) ...", flush=True)
+            cached, status, _, err = skinfl_worker("hardness", "--problem", problem)
+            if cached is None:
+                print(f"    {status}:\n{err}", flush=True)
+                cached = {"status": status}
+        hardness[problem] = cached
+        if "iterations" in cached:
+            print(f"  {problem}: plain CG needs {cached['iterations']} iterations at rtol {W.CG_RTOL:g} "
+                  f"({cached.get('converged', '?')}/{cached.get('systems')} converged, {cached['seconds']:.0f} s)",
+                  flush=True)
+
+    # 3. references (float64, cached per model).
+    references = {}
+    for problem in problems:
+        path = W.reference_path(problem, size)
+        meta_path = path.with_suffix(".json")
+        meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+        if not (path.exists() and meta.get("state_dict_sha1") == models[problem]["state_dict_sha1"]):
+            print(f"  {problem}: computing the reference ...", flush=True)
+            meta, status, _, err = skinfl_worker("reference", "--problem", problem, timeout=args.reference_timeout)
+            if meta is None:
+                print(f"    reference {status}:\n{err}", flush=True)
+                meta = {"status": status}
+            else:
+                print(f"    {meta['estimator']} in {meta['seconds']:.1f} s", flush=True)
+        references[problem] = meta
+
+    # 4. the runs, one fresh process each.
+    runs = {}
+    for problem in problems:
+        reference = np.load(W.reference_path(problem, size)) if "estimator" in references[problem] else None
+        for method in methods:
+            for lib in LIBRARIES:
+                if lib == "pydvl" and args.skip_pydvl:
+                    continue
+                worker_args = ["run", "--problem", problem, "--lib", lib, "--method", method,
+                               "--size", size.name, "--threads", str(args.threads),
+                               "--lissa-max-iter", str(lissa_max_iter)]
+                if args.pydvl_arnoldi_projected:
+                    worker_args.append("--pydvl-arnoldi-projected")
+                if args.skinfl_cg_method:
+                    worker_args += ["--skinfl-cg-method", args.skinfl_cg_method]
+                python = args.pydvl_python if lib == "pydvl" else args.skinfl_python
+                attempts = []
+                for _ in range(args.repeat):
+                    rec, status, wall, err = launch(python, WORKER, worker_args,
+                                                    worker_env(lib, args.threads, args.omp_wait_policy), args.timeout)
+                    attempts.append((rec, status, wall, err))
+                    if rec is None or rec.get("status") != "ok":
+                        break
+                good = [a[0] for a in attempts if a[0] is not None and a[0].get("status") == "ok"]
+                if good:
+                    run = dict(min(good, key=lambda r: r["total_s"]))
+                    run["peak_mb"] = max(r["peak_mb"] for r in good)
+                    run["work_mb"] = run["peak_mb"] - run["rss_import_mb"]
+                    run["all_total_s"] = [r["total_s"] for r in good]
+                    if reference is not None:
+                        run.update(agreement(np.load(P.REPO_ROOT / run["matrix"]), reference))
+                else:
+                    rec, status, wall, err = attempts[-1]
+                    run = rec if rec is not None else {"problem": problem, "lib": lib, "method": method,
+                                                       "status": status, "stderr_tail": err}
+                run["worker_wall_s"] = attempts[-1][2]
+                runs[problem, lib, method] = run
+                line = f"  {problem:9s} {lib:6s} {method:11s} {run.get('status', '?'):13s}"
+                if run.get("status") == "ok":
+                    line += (f" fit {run['fit_s']:8.2f} s  influences {run['influences_s']:8.2f} s  "
+                             f"peak {run['peak_mb']:6.0f} MB  Pearson {_f(run.get('pearson'), '.5f')}  "
+                             f"iterations {_iterations(run)}")
+                elif run.get("reason"):
+                    line += " " + run["reason"]
+                print(line, flush=True)
+                for message in run.get("warnings", []) + run.get("log_warnings", []):
+                    print(f"      warning: {message[:200]}", flush=True)
+                if run.get("stderr_tail"):
+                    print("      " + run["stderr_tail"].strip().replace("\n", "\n      ")[-1500:], flush=True)
+
+    # 5. tables and files.
+    rows = comparison_rows(runs, problems, methods)
+    body = [_cells(row) for row in rows]
+    print()
+    print(text_table(HEADER, body))
+    versions = {}
+    for lib in LIBRARIES:
+        first = next((r for (_, l, _), r in runs.items() if l == lib and r.get("status") == "ok"), None)
+        if first:
+            versions.update({f"{lib}_version": first["library_version"], f"{lib}_env_torch": first["torch_version"],
+                             f"{lib}_env_numpy": first["numpy_version"], "python": first["python"]})
+    machine = P.machine_info(args.threads, versions)
+    machine["load_average_1_5_15min"] = {"start": [round(x, 2) for x in load_before],
+                                         "end": [round(x, 2) for x in os.getloadavg()]}
+    settings = {p: {m: W.matched_settings(m, size, models[p], lissa_max_iter=lissa_max_iter,
+                                          pydvl_arnoldi_woodbury=not args.pydvl_arnoldi_projected)
+                    for m in methods} for p in problems}
+    lissa_scales = {p: W.lissa_scale(models[p]["top_hessian_eigenvalue"], W.REGULARIZATION) for p in problems}
+    notes = notes_for(size, args, lissa_scales, references)
+    total_s = time.perf_counter() - t0
+
+    P.RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    json_path, md_path = P.RESULTS_DIR / f"{name}.json", P.RESULTS_DIR / f"{name}.md"
+    payload = {
+        "command": command, "date": started.isoformat(timespec="seconds"), "total_s": total_s,
+        "size": {"name": size.name, "n_train": size.n_train, "n_test": size.n_test, "batch_size": size.batch_size},
+        "skinfl_commit": P.git_state(), "machine": machine, "settings": settings, "lissa_scale": lissa_scales,
+        "models": models, "plain_cg": hardness, "references": references,
+        "runs": list(runs.values()),
+        "comparison": [{"problem": r["problem"], "method": r["method"], "pyDVL_over_skinfl_time": r["ratio"],
+                        "skinfl_vs_pydvl": r["cross"]} for r in rows],
+        "notes": notes,
+    }
+    json_path.write_text(json.dumps(payload, indent=2, default=str) + "\n")
+
+    hard_body = [[p, f"{models[p]['n_params']:,}", f"{models[p]['objective']:.5f}", f"{models[p]['gradient_norm']:.1e}",
+                  str(len(models[p].get("saddle_escapes", []))), minimum(models[p]),
+                  f"{models[p]['top_hessian_eigenvalue']:.4g}", str(hardness[p].get("iterations", "-")),
+                  f"{hardness[p].get('converged', '-')}/{hardness[p].get('systems', '-')}",
+                  references[p].get("estimator", references[p].get("status", "-"))] for p in problems]
+    md = [
+        f"# Solver benchmark ({size.name}: {size.n_train} training / {size.n_test} test points)",
+        "",
+        f"- Command: `{command}` ({total_s / 60:.1f} minutes)",
+        f"- Date: {started.strftime('%Y-%m-%d %H:%M %Z')}",
+        f"- Machine: {machine['cpu']}, {machine['cores']} cores ({args.threads} torch threads per worker), "
+        f"{machine['memory']} RAM; 1-min load average {load_before[0]:.1f} at start, {os.getloadavg()[0]:.1f} at end",
+        f"- skinfl {versions.get('skinfl_version', '?')} (commit {P.git_state()}), torch "
+        f"{versions.get('skinfl_env_torch', '?')}; pyDVL {versions.get('pydvl_version', '-')} (own venv, torch "
+        f"{versions.get('pydvl_env_torch', '-')}, numpy {versions.get('pydvl_env_numpy', '-')})",
+    ]
+    if busy:
+        md.append(f"- **{busy}**")
+    md += ["", "## Problems", "",
+           markdown_table(["problem", "params", "objective", "||grad|| at the end of training", "saddle escapes",
+                           f"float64 CG check of the minimum (rtol {P.MINIMUM_CHECK_RTOL:g})", "top Hessian eigenvalue",
+                           f"plain CG iterations (rtol {W.CG_RTOL:g}, first {W.HARDNESS_RHS} test points)",
+                           "converged", "reference"], hard_body, n_left=2),
+           "", "## Time, memory, agreement with the reference", "",
+           markdown_table(HEADER, body), "", "## Each run", ""]
+    header, details = detail_rows(runs)
+    md += [markdown_table(header, details), "", "## Notes", ""] + [f"- {n}" for n in notes]
+    md_path.write_text("\n".join(md) + "\n")
+    print("\n".join(f"  {n}" for n in notes))
+    print(f"\nwrote {json_path.relative_to(P.REPO_ROOT)} and {md_path.relative_to(P.REPO_ROOT)} "
+          f"({total_s / 60:.1f} minutes)")
+    return 0 if all(r.get("status") in ("ok", "not available") for r in runs.values()) else 1
+
+
+def notes_for(size, args, lissa_scales, references):
+    refs = ", ".join(f"{p}: {r.get('estimator', r.get('status'))}" for p, r in references.items())
+    return [
+        "Time = fit + influences of every test point against every training point, in a fresh process after a "
+        "small warm-up run of the same library and method (imports, first use of torch.func are not timed). "
+        "pyDVL/skinfl > 1 means skinfl is faster.",
+        "MB = peak resident memory of the worker (ru_maxrss); (+N) = what the timed work added to the "
+        "high-water mark reached after imports, data, model and warm-up.",
+        f"Agreement: Pearson over all {size.n_test} x {size.n_train} entries, and Spearman per test point "
+        f"(across training points) averaged over test points, against a float64 reference ({refs}; Direct up "
+        f"to {size.direct_reference_max_params:,} parameters, else CgInfluence rtol={W.REFERENCE_CG_RTOL:g}).",
+        f"Both libraries: float32, regularization={W.REGULARIZATION:g} (the training penalty, so the model is "
+        f"at a minimum of the objective whose Hessian is inverted), batch {size.batch_size} (skinfl batch_size; "
+        "pyDVL DataLoader batch, which must divide n_train: pyDVL averages per-batch mean Hessians without "
+        "weights), torch threads "
+        f"{args.threads}, OMP_WAIT_POLICY={args.omp_wait_policy}.",
+        f"cg / cg_plain: block CG on both sides (pyDVL solve_simultaneously=True), max_iter={W.CG_MAX_ITER}, "
+        f"skinfl rtol={W.CG_RTOL:g}, atol=0; pyDVL stops at ||r|| < max(rtol^2 ||b||, atol^2), so it gets "
+        f"rtol={W.CG_RTOL ** 0.5:g}, atol={W.PYDVL_CG_ATOL:g}. cg: Nystroem preconditioner of rank "
+        f"{W.CG_PRECONDITIONER_RANK} on both sides (pyDVL: NystroemPreconditioner, in a subclass whose _fit "
+        "returns self: pyDVL 0.10.0's returns None, and CgInfluence then silently runs without it); cg_plain: "
+        "none. "
+        "skinfl's CgInfluence(method=...) is left at its default"
+        + (f" ({args.skinfl_cg_method} asked)" if args.skinfl_cg_method else "") + ".",
+        f"arnoldi<r>: rank r, krylov_dimension min(n_params, max(2r + 1, 20)) (pyDVL's default, given to both), "
+        f"tol={W.ARNOLDI_TOL:g}; pyDVL use_woodbury="
+        + ("False (its default: V (D + lambda)^-1 V^T b only)" if args.pydvl_arnoldi_projected else
+           "True, i.e. (V D V^T + lambda I)^-1, the regularised low-rank inverse skinfl computes")
+        + "; skinfl's eigen_solver is left at its default (recorded under fitted attributes).",
+        "nystroem<r>: rank r on both sides (pyDVL NystroemSketchInfluence).",
+        f"lissa: scale {lissa_scales} (3 x (top Hessian eigenvalue + regularization), rounded up), "
+        f"dampen={W.LISSA_DAMPEN}, max_iter as in settings, minibatch {size.batch_size}, rtol={W.LISSA_RTOL:g} "
+        "so that neither library stops early (pyDVL's criterion is max_i |step_i / h_i|, skinfl's its own): both "
+        "run max_iter steps. pyDVL's LiSSA takes its minibatch size from the DataLoader.",
+        "datainf: skinfl InverseHarmonicMeanInfluence(second_order='gauss_newton'); pyDVL "
+        "InverseHarmonicMeanInfluence(block_structure=BlockMode.LAYER_WISE) (its default is one block over all "
+        "parameters; DataInf inverts per layer).",
+        "Iterations: skinfl's n_iter_ where the estimator has it (CG: of the influences call; Arnoldi: its "
+        "eigensolver's); pyDVL's from its DEBUG log (block CG and LiSSA iterations).",
+    ]
+
+
+if __name__ == "__main__":
+    sys.exit(main())
