@@ -504,6 +504,12 @@ def run(args):
         def make(model, settings, data):
             Xf, yf, Xt, yt = data
             batch = min(settings["batch_size"], len(Xf))
+            if family == "datainf":
+                # pyDVL 0.10.0's PointAveraging adds the first batch's result unweighted and every later
+                # one times its size, so with b batches its DataInf is about (1 + (b - 1) * size) / n of
+                # the intended value (half of it with two batches). One batch holding every training
+                # point is averaged correctly.
+                batch = len(Xf)
             if len(Xf) % batch:
                 raise SystemExit(
                     f"pyDVL DataLoader batch {batch} must divide n_train={len(Xf)}: pyDVL averages per-batch "

@@ -178,3 +178,28 @@ class DataSource:
     def arrays(self):
         """``(X, y)`` as kept: what a retraining procedure receives."""
         return self.X, self.y
+
+    def subset(self, rows):
+        """A view of rows ``rows`` (a 1-D integer array), read through this source: nothing is copied."""
+        return RowSubset(self, np.asarray(rows))
+
+
+class RowSubset:
+    """Rows of a :class:`DataSource`, for work over part of the data (products on a mini-batch)."""
+
+    def __init__(self, source, rows):
+        self.source = source
+        self.rows = rows
+
+    def __len__(self):
+        return len(self.rows)
+
+    @property
+    def input_shape(self):
+        return self.source.input_shape
+
+    def inputs(self, index):
+        return self.source.inputs(self.rows[index])
+
+    def batch(self, index):
+        return self.source.batch(self.rows[index])

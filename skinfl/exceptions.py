@@ -2,7 +2,10 @@
 
 from sklearn.exceptions import ConvergenceWarning, NotFittedError
 
-__all__ = ["CgConvergenceWarning", "NotFittedError", "NotPositiveDefiniteWarning", "TrainingModeWarning"]
+__all__ = [
+    "CgConvergenceWarning", "LissaConvergenceWarning", "NotFittedError", "NotPositiveDefiniteWarning",
+    "TrainingModeWarning",
+]
 
 
 class CgConvergenceWarning(ConvergenceWarning):
@@ -30,4 +33,13 @@ class TrainingModeWarning(UserWarning):
     its running statistics), as influence functions describe the trained
     model; the user's model is left as it is. Call ``model.eval()`` first to
     make that explicit and silence the warning.
+    """
+
+
+class LissaConvergenceWarning(ConvergenceWarning):
+    """Some LiSSA recursions reached ``max_iter`` before their iterates settled.
+
+    The message says how many, the largest remaining change per iteration
+    relative to the iterate, and what to change (``max_iter``, ``rtol``,
+    ``minibatch_size``, ``regularization``).
     """

@@ -55,6 +55,7 @@ OTHER_VALUES = {
     "dampen": [0.01],
     "minibatch_size": [1000],  # at least the data: still deterministic, so results are comparable
     "check_every": [3],
+    "method": ["independent"],
 }
 # Settings that a cache entry computed at a larger value serves: a smaller rank takes the top pairs of
 # the cached ones (a hit whose results are those of the truncated larger factors, not those of a fresh

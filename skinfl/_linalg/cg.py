@@ -35,6 +35,64 @@ class CgReport:
         return self.status == CONVERGED
 
 
+@dataclass
+class UnitSystems:
+    """Right-hand sides ``b_i`` scaled to unit norm, with what it takes to scale solutions back.
+
+    Solving for ``b_i / ||b_i||`` keeps a tiny right-hand side from
+    underflowing or stopping on a curvature that rounds to zero; a zero one
+    has the zero solution and runs no iteration.
+
+    Attributes
+    ----------
+    unit : torch.Tensor of shape (k, n)
+        ``b_i / ||b_i||``; zero rows for zero (or non-finite) ``b_i``.
+    solvable : torch.Tensor of bool, shape (k,)
+        Rows with a nonzero ``b_i`` (non-finite ones included: they break down).
+    finite : torch.Tensor of bool, shape (k,)
+    threshold : torch.Tensor of shape (k,)
+        The stopping residual in units of ``||b_i||``: ``max(rtol, atol / ||b_i||)``.
+    """
+
+    unit: torch.Tensor
+    solvable: torch.Tensor
+    finite: torch.Tensor
+    threshold: torch.Tensor
+    largest: torch.Tensor
+    scaled_norms: torch.Tensor
+
+    @classmethod
+    def of(cls, rhs, rtol, atol):
+        # ||b_i|| without underflow: squaring the entries of a 1e-25 gradient gives 0 in float32, so
+        # each row is divided by its largest entry first. The scale is kept as two factors.
+        largest = rhs.abs().amax(dim=1)
+        solvable = largest > 0
+        scaled = rhs / torch.where(solvable, largest, torch.ones_like(largest))[:, None]
+        scaled_norms = torch.linalg.vector_norm(scaled, dim=1)
+        unit = scaled / torch.where(solvable, scaled_norms, torch.ones_like(scaled_norms))[:, None]
+        norms = largest.double() * scaled_norms.double()  # float64: the true size, even when tiny
+        # In units of ||b_i||: rtol, or atol relative to this right-hand side.
+        threshold = torch.clamp(atol / torch.where(solvable, norms, torch.ones_like(norms)), min=rtol)
+        finite = torch.isfinite(largest)
+        unit = torch.where(finite[:, None], unit, torch.zeros_like(unit))
+        return cls(unit, solvable, finite, threshold.to(rhs.dtype), largest, scaled_norms)
+
+    def initial_status(self):
+        """``MAX_ITER`` for the systems to solve; ``CONVERGED`` for zero ones, ``BREAKDOWN`` for non-finite ones."""
+        status = torch.full((len(self.unit),), MAX_ITER, dtype=torch.int64, device=self.unit.device)
+        status[~self.solvable | (self.threshold >= 1)] = CONVERGED  # zero is already close enough
+        status[~self.finite] = BREAKDOWN  # a non-finite gradient: nothing to solve
+        return status
+
+    def scaled_back(self, solution, failed):
+        """Solutions of the unit systems times ``||b_i||``, in place; NaN rows where ``failed`` (a system broke
+        down or diverged)."""
+        solution *= torch.where(self.solvable, self.scaled_norms, torch.zeros_like(self.scaled_norms))[:, None]
+        solution *= torch.where(self.solvable, self.largest, torch.zeros_like(self.largest))[:, None]
+        solution[failed] = float("nan")  # never a silent number for a failed system
+        return solution
+
+
 def batched_conjugate_gradient(apply_matrix, rhs, *, rtol, atol, max_iter, preconditioner=None):
     """Solve ``A x_i = b_i`` for every row ``b_i`` of ``rhs`` together.
 
@@ -65,16 +123,8 @@ def batched_conjugate_gradient(apply_matrix, rhs, *, rtol, atol, max_iter, preco
     solution : torch.Tensor of shape (k, n)
     report : CgReport
     """
-    # ||b_i|| without underflow: squaring the entries of a 1e-25 gradient gives 0 in float32, so
-    # each row is divided by its largest entry first. The scale is kept as two factors.
-    largest = rhs.abs().amax(dim=1)
-    solvable = largest > 0
-    scaled = rhs / torch.where(solvable, largest, torch.ones_like(largest))[:, None]
-    scaled_norms = torch.linalg.vector_norm(scaled, dim=1)
-    unit = scaled / torch.where(solvable, scaled_norms, torch.ones_like(scaled_norms))[:, None]
-    norms = largest.double() * scaled_norms.double()  # float64: the true size, even when tiny
-    # In units of ||b_i||: rtol, or atol relative to this right-hand side.
-    threshold = torch.clamp(atol / torch.where(solvable, norms, torch.ones_like(norms)), min=rtol).to(rhs.dtype)
+    systems = UnitSystems.of(rhs, rtol, atol)
+    unit, solvable, threshold = systems.unit, systems.solvable, systems.threshold
 
     def precondition(vectors):
         return vectors if preconditioner is None else preconditioner.apply(vectors)
@@ -83,12 +133,9 @@ def batched_conjugate_gradient(apply_matrix, rhs, *, rtol, atol, max_iter, preco
     residual = unit
     direction = precondition(residual).clone()  # updated in place: must not alias residual
     residual_dot = (residual * direction).sum(dim=1)
-    residual_norm = torch.where(solvable, torch.ones_like(scaled_norms), torch.zeros_like(scaled_norms))
-    status = torch.full((len(rhs),), MAX_ITER, dtype=torch.int64, device=rhs.device)
-    status[~solvable] = CONVERGED
-    status[~torch.isfinite(largest)] = BREAKDOWN  # a non-finite gradient: nothing to solve
-    active = solvable & (residual_norm > threshold)
-    status[solvable & ~active] = CONVERGED
+    residual_norm = solvable.to(unit.dtype)
+    status = systems.initial_status()
+    active = status == MAX_ITER
 
     # Iterate on a working set of rows that shrinks only when fewer than half of it still runs:
     # converged rows ride along (unchanged) until then. Shapes then change about log2(k) times
@@ -128,7 +175,4 @@ def batched_conjugate_gradient(apply_matrix, rhs, *, rtol, atol, max_iter, preco
         status[working[done]] = CONVERGED
         active[working] = running & ~done
 
-    solution *= torch.where(solvable, scaled_norms, torch.zeros_like(scaled_norms))[:, None]
-    solution *= torch.where(solvable, largest, torch.zeros_like(largest))[:, None]
-    solution[status == BREAKDOWN] = float("nan")  # never a silent number for a failed system
-    return solution, CgReport(n_iter, status, residual_norm)
+    return systems.scaled_back(solution, status == BREAKDOWN), CgReport(n_iter, status, residual_norm)

@@ -10,6 +10,8 @@ from .arnoldi import ArnoldiInfluence
 from .cg import CgInfluence
 from .direct import DirectInfluence
 from .inverse_harmonic_mean import InverseHarmonicMeanInfluence
+from .lissa import LissaInfluence
 from .nystroem import NystroemInfluence
 
-__all__ = ["ArnoldiInfluence", "CgInfluence", "DirectInfluence", "InverseHarmonicMeanInfluence", "NystroemInfluence"]
+__all__ = ["ArnoldiInfluence", "CgInfluence", "DirectInfluence", "InverseHarmonicMeanInfluence", "LissaInfluence",
+           "NystroemInfluence"]

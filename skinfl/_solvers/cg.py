@@ -7,9 +7,11 @@ from dataclasses import dataclass
 from numbers import Integral, Real
 
 import torch
+from sklearn.utils.validation import check_is_fitted
 
-from .._curvature import _MAX_VECTOR_BLOCK
+from .._curvature import _MAX_VECTOR_BLOCK, CurvatureOperator
 from .._gradients import batch_slices
+from .._linalg.block_cg import block_conjugate_gradient
 from .._linalg.cg import BREAKDOWN, CONVERGED, MAX_ITER, NEGATIVE_CURVATURE, batched_conjugate_gradient
 from .._linalg.nystroem import nystroem_sketch
 from .._memory import release_freed_memory
@@ -62,7 +64,7 @@ class NystroemPreconditioner:
 
     @staticmethod
     def compute_factors(curvature, rank, generator):
-        sketch = nystroem_sketch(curvature, rank, generator)
+        sketch = nystroem_sketch(_sketched_curvature(curvature), rank, generator)
         return {"eigenvalues": sketch.eigenvalues, "eigenvectors": sketch.eigenvectors}
 
     @classmethod
@@ -78,6 +80,23 @@ class NystroemPreconditioner:
 
 
 _PRECONDITIONERS = {"jacobi": JacobiPreconditioner, "nystroem": NystroemPreconditioner}
+_METHODS = {"block": block_conjugate_gradient, "independent": batched_conjugate_gradient}
+_BLOCK_ROWS = _MAX_VECTOR_BLOCK
+
+
+def _sketched_curvature(curvature):
+    """The curvature the Nystroem preconditioner sketches: always the Gauss-Newton matrix.
+
+    A Hessian sketch keeps only the non-negative part of its core, and where
+    the Hessian has eigenvalues of both signs (near any minimum with weight
+    decay, whose loss Hessian alone is indefinite) the kept part overstates
+    the top eigenvalues several times, so that the preconditioner slows CG
+    down. The Gauss-Newton matrix is positive semi-definite and close to the
+    Hessian near a minimum.
+    """
+    if curvature.second_order == "gauss_newton":
+        return curvature
+    return CurvatureOperator(curvature.fmodel, curvature.data, "gauss_newton", curvature.batch_size, curvature.progress)
 
 
 def _convergence_message(reports, max_iter, preconditioner, second_order):
@@ -125,6 +144,14 @@ class CgInfluence(BaseInfluence):
     systems still running. Memory is that of the gradients, never
     ``n_params**2``.
 
+    By default the gradients of a call are solved by block conjugate
+    gradient, up to 128 at a time: they share one Krylov subspace, so the
+    directions one system explores serve all, and a block converges in
+    several times fewer iterations than the same systems solved one by one.
+    The search block drops directions that are dependent or that no system
+    still needs, and converged systems leave it, so products shrink as the
+    solve goes on.
+
     Parameters
     ----------
     model : torch.nn.Module
@@ -148,10 +175,14 @@ class CgInfluence(BaseInfluence):
         :class:`~skinfl.exceptions.CgConvergenceWarning`.
     preconditioner : {None, "jacobi", "nystroem"}, default="nystroem"
         Built once in ``fit``. ``"nystroem"``: a randomised rank
-        ``preconditioner_rank`` Nystroem approximation of the curvature
-        (one batched product of ``preconditioner_rank`` vectors), which
-        removes the large eigenvalues that slow CG down; usually several
-        times fewer iterations. ``"jacobi"``: divides by the diagonal of
+        ``preconditioner_rank`` Nystroem approximation of the Gauss-Newton
+        matrix (one batched product of ``preconditioner_rank`` vectors),
+        which removes the large eigenvalues that slow CG down; usually
+        several times fewer iterations. It sketches the Gauss-Newton matrix
+        even with ``second_order="hessian"``: it is positive semi-definite
+        and close to the Hessian near a minimum, whereas a sketch of a
+        Hessian with negative eigenvalues (usual with weight decay)
+        overstates the top of its spectrum and slows CG down. ``"jacobi"``: divides by the diagonal of
         the Gauss-Newton matrix plus ``lambda``, which helps when parameters
         have very different curvature scales; the diagonal is estimated from
         per-sample gradients at targets sampled from the model's predictive
@@ -159,6 +190,17 @@ class CgInfluence(BaseInfluence):
         its torch module. None: plain CG.
     preconditioner_rank : int, default=100
         Rank of the ``"nystroem"`` preconditioner (capped at ``n_params``).
+    method : {"auto", "block", "independent"}, default="auto"
+        ``"block"``: block conjugate gradient, the gradients of a call
+        solved together in blocks of up to 128 sharing one Krylov subspace;
+        each system still stops at its own tolerance, and the residuals of
+        converged systems are recomputed at the end (one more product), so
+        that converged means converged. A block of one gradient runs plain
+        conjugate gradient. ``"independent"``: one conjugate gradient per
+        gradient, sharing only the curvature products; a gradient's factor
+        then does not depend on which others are solved with it (bitwise,
+        whatever the chunking), at the cost of more iterations.
+        ``"auto"``: ``"block"``, the faster on every problem measured.
     batch_size : int, default=512
         Samples per batched pass over the data; also the number of
         gradients solved together, which bounds the memory of every method.
@@ -203,6 +245,17 @@ class CgInfluence(BaseInfluence):
         The fitted preconditioner: ``JacobiPreconditioner`` (its
         ``diagonal``) or ``NystroemPreconditioner`` (its ``eigenvalues`` and
         ``eigenvectors``), or None.
+    method_ : {"block", "independent"}
+        The method ``method`` resolved to.
+    n_iter_ : int
+        Iterations of the last call that solved systems (``transform``,
+        ``influences``, ``self_influence``, ``top_influences``, ``score``):
+        the most any of its solves took. Set by those calls, not by ``fit``.
+    relative_residuals_ : torch.Tensor of shape (n_systems,)
+        ``||g_i - (C + lambda I) u_i|| / ||g_i||`` of each system the last
+        call solved, in the order solved (float64, on the host; 0 for a zero
+        gradient, NaN where a system broke down). Set by those calls, not by
+        ``fit``.
 
     See Also
     --------
@@ -227,6 +280,7 @@ class CgInfluence(BaseInfluence):
         "max_iter": [Interval(Integral, 1, None, closed="left")],
         "preconditioner": [StrOptions(set(_PRECONDITIONERS)), None],
         "preconditioner_rank": [Interval(Integral, 1, None, closed="left")],
+        "method": [StrOptions(set(_METHODS) | {"auto"})],
     }
     _factor_parameters = ("preconditioner", "preconditioner_rank", "random_state")
     _exactness = ExactnessCheck(params={"rtol": 1e-12, "max_iter": 5000}, rtol=1e-8, atol=1e-10)
@@ -243,6 +297,7 @@ class CgInfluence(BaseInfluence):
         max_iter=1000,
         preconditioner="nystroem",
         preconditioner_rank=100,
+        method="auto",
         batch_size=512,
         device=None,
         progress=False,
@@ -258,6 +313,7 @@ class CgInfluence(BaseInfluence):
         self.max_iter = max_iter
         self.preconditioner = preconditioner
         self.preconditioner_rank = preconditioner_rank
+        self.method = method
         self.batch_size = batch_size
         self.device = device
         self.progress = progress
@@ -276,6 +332,45 @@ class CgInfluence(BaseInfluence):
         self.preconditioner_ = None
         if self.preconditioner is not None:
             self.preconditioner_ = _PRECONDITIONERS[self.preconditioner].build(self._factors, self.regularization)
+        self.method_ = "block" if self.method == "auto" else self.method
+        # Filled by every solve. A mutable holder, so that transform and the other methods leave the
+        # estimator's __dict__ as fit made it (scikit-learn checks that they do).
+        self._last_solve = {}
+
+    @property
+    def n_iter_(self):
+        """Iterations of the solves of the last call (the largest over its blocks of systems).
+
+        Set by each call that solves systems (:meth:`transform`,
+        :meth:`influences`, :meth:`self_influence`, ...), not by ``fit``.
+        """
+        return self._solve_summary("n_iter")
+
+    @property
+    def relative_residuals_(self):
+        """``||g_i - (C + lambda I) u_i|| / ||g_i||`` of each system solved by the last call, in order.
+
+        A float64 tensor on the host; 0 for a zero gradient. Set by each call
+        that solves systems, not by ``fit``.
+        """
+        return self._solve_summary("relative_residuals")
+
+    def _solve_summary(self, name):
+        check_is_fitted(self)
+        summary = getattr(self, "_last_solve", {})
+        if name not in summary:
+            raise AttributeError(
+                f"{type(self).__name__}.{name}_ is set by the calls that solve systems (transform, influences, "
+                "self_influence, top_influences, score); none has run since fit."
+            )
+        return summary[name]
+
+    def _summarize(self, reports):
+        summary = getattr(self, "_last_solve", None)
+        if summary is None:  # an estimator built before these attributes existed
+            summary = self._last_solve = {}
+        summary["n_iter"] = max(report.n_iter for report in reports)
+        summary["relative_residuals"] = torch.cat([report.relative_residuals.double().cpu() for report in reports])
 
     def _apply_inverse(self, gradients):
         curvature = self._curvature()
@@ -288,8 +383,11 @@ class CgInfluence(BaseInfluence):
         # (they run in blocks of this many vectors anyway), and CG's state, some ten copies of the
         # right-hand sides, stays small.
         solution = torch.empty_like(gradients)
-        for rows in batch_slices(len(gradients), _MAX_VECTOR_BLOCK):
-            solution[rows], report = batched_conjugate_gradient(
+        reports = []
+        for rows in batch_slices(len(gradients), _BLOCK_ROWS):
+            # One system alone: block CG is CG, without the small eigenproblems.
+            method = "independent" if rows.stop - rows.start == 1 else self.method_
+            solution[rows], report = _METHODS[method](
                 apply_matrix,
                 gradients[rows],
                 rtol=self.rtol,
@@ -297,13 +395,16 @@ class CgInfluence(BaseInfluence):
                 max_iter=self.max_iter,
                 preconditioner=self.preconditioner_,
             )
-            if not record_solve(report):  # called outside a public method: warn now
-                message = self._solve_warning([report])
-                if message is not None:
-                    warnings.warn(*message, stacklevel=2)
+            reports.append(report)
+        if not all([record_solve(report) for report in reports]):  # outside a public method: report now
+            message = self._solve_warning(reports)
+            if message is not None:
+                warnings.warn(*message, stacklevel=2)
         release_freed_memory()  # the solves' temporaries, before the next chunk allocates them again
         return solution
 
     def _solve_warning(self, reports):
+        # Called once at the end of each public call with the reports of all its solves.
+        self._summarize(reports)
         message = _convergence_message(reports, self.max_iter, self.preconditioner, self.second_order)
         return None if message is None else (message, CgConvergenceWarning)

@@ -1,0 +1,573 @@
+"""LissaInfluence: the stochastic Neumann recursion (LiSSA) on all right-hand sides of a call at once."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+from numbers import Integral, Real
+
+import numpy as np
+import torch
+
+from .._linalg.cg import UnitSystems
+from .._linalg.minibatch import MinibatchCurvature
+from .._linalg.power_iteration import extreme_eigenvalues
+from .._memory import release_freed_memory
+from .._progress import progress_bar
+from .._validation import Interval, StrOptions
+from ..base import BaseInfluence, ExactnessCheck, record_solve
+from ..exceptions import LissaConvergenceWarning
+
+# Why a recursion stopped (LissaReport.status).
+CONVERGED, MAX_ITER, DIVERGED = 0, 1, 2
+# Without mini-batches a convergent recursion shrinks its steps at every iteration (||M|| < 1), so a
+# mean step over a check window ten times its smallest value so far means divergence. With mini-batches
+# steps fluctuate, by a few times in a few dimensions; geometric growth passes a thousandfold in a few
+# more iterations, where no fluctuation goes.
+_GROWTH_LIMIT = {"deterministic": 10.0, "stochastic": 1000.0}
+# With mini-batches, scale="auto" is this many times the estimated largest eigenvalue of C + lambda I.
+# The curvature of a mini-batch spreads above the full one (and, for a Hessian, below zero), and a step
+# of 1 / scale along such a direction expands; a larger scale also averages the mini-batch noise over
+# more steps. Measured on a 2,410-parameter MLP (digits, mini-batches of 128, 300 / 1,000 iterations),
+# Pearson agreement with the exact influences: 0.89 / 0.91 at 1.5, 0.96 / 0.97 at 3, - / 0.985 at 5
+# (which converges too slowly for 300 iterations).
+_STOCHASTIC_SCALE_MARGIN = 3.0
+# Seed of the power iteration's start block (any generic block will do).
+_POWER_ITERATION_SEED = 0
+
+
+@dataclass
+class LissaReport:
+    """What one batched recursion did (for diagnostics and warnings).
+
+    Attributes
+    ----------
+    n_iter : int
+        Iterations run (the largest over the right-hand sides).
+    status : torch.Tensor of int, shape (k,)
+        Per right-hand side: ``CONVERGED``, ``MAX_ITER`` or ``DIVERGED``.
+    relative_changes : torch.Tensor of shape (k,)
+        The mean change per iteration over the last check window, relative
+        to the iterate (0 for a zero right-hand side).
+    growing : torch.Tensor of shape (n,) or None
+        When a recursion diverged: its change over the last window, the
+        direction along which it grows.
+    """
+
+    n_iter: int
+    status: torch.Tensor
+    relative_changes: torch.Tensor
+    growing: torch.Tensor | None = None
+
+
+def auto_scale(largest, smallest, dampen, stochastic):
+    """The scale ``"auto"`` takes, from estimates of the extreme eigenvalues of ``C + lambda I``.
+
+    ``largest`` is an estimate from above of ``a_max``, ``smallest`` one from
+    above of ``a_min`` (the power iteration's, see
+    :func:`~skinfl._linalg.power_iteration.extreme_eigenvalues`). Without
+    mini-batches: the scale that minimises the spectral radius of
+    ``M = (1 - d) I - (C + lambda I) / s``, ``(a_max + a_min) / (2 (1 - d))``,
+    for a radius of ``(1 - d) (a_max - a_min) / (a_max + a_min)``: half the
+    iterations of ``s = a_max`` on an ill-conditioned curvature, and far
+    fewer on a well-conditioned one, for the same limit. Since ``smallest``
+    is never below ``a_min``, this is never slower than ``s = a_max``. With
+    mini-batches: ``_STOCHASTIC_SCALE_MARGIN * a_max``, above the curvature
+    of most mini-batches, so that their steps contract.
+    """
+    if stochastic:
+        return _STOCHASTIC_SCALE_MARGIN * largest
+    return (largest + min(max(smallest, 0.0), largest)) / (2 * (1 - dampen))
+
+
+def lissa_recursion(minibatches, rhs, *, regularization, scale, dampen, max_iter, rtol, check_every,
+                    progress=False):
+    """Solve ``(C + (regularization + dampen * scale) I) x_i = b_i`` for the rows of ``rhs`` by LiSSA.
+
+    ``h_0 = b``, ``h_{t+1} = b + (1 - dampen) h_t - (C_t + regularization I) h_t / scale``, with
+    ``C_t`` the curvature of the mini-batch drawn at iteration ``t`` (every sample without
+    mini-batches); the solution is ``h_T / scale``. One mini-batch is drawn per iteration for all
+    rows, whichever are still running: a row's iterates do not depend on the rows solved with it.
+
+    Every ``check_every`` iterations, a row whose mean change per iteration over that window,
+    ``||h_t - h_{t - check_every}|| / check_every``, is at most ``rtol ||h_t||`` stops; one whose
+    mean change grew ``_GROWTH_LIMIT`` times above its smallest value so far (or is not finite)
+    has diverged, and the recursion stops at once.
+
+    Returns
+    -------
+    solution : torch.Tensor of shape (k, n)
+    report : LissaReport
+    """
+    # Solved for the unit right-hand sides and scaled back, as conjugate gradient is.
+    systems = UnitSystems.of(rhs, rtol=0.0, atol=0.0)
+    solution = systems.unit.clone()  # the iterates h, written back from the working set when it shrinks
+    status = torch.full((len(rhs),), MAX_ITER, dtype=torch.int64, device=rhs.device)
+    status[~systems.solvable] = CONVERGED
+    status[~systems.finite] = DIVERGED  # a non-finite gradient: nothing to solve
+    relative_changes = torch.zeros(len(rhs), dtype=rhs.dtype, device=rhs.device)
+    rounding = torch.finfo(rhs.dtype).eps ** 0.5
+    decay, shrink = 1.0 - dampen, 1.0 / scale
+    growth_limit = _GROWTH_LIMIT["stochastic" if minibatches.stochastic else "deterministic"]
+
+    # The working set: rows still running, and converged rows riding along until fewer than half
+    # of it runs (as in batched_conjugate_gradient: shapes change about log2(k) times per solve,
+    # and the state is gathered and scattered only then).
+    working = (status == MAX_ITER).nonzero().squeeze(1)
+    running = torch.ones(len(working), dtype=torch.bool, device=rhs.device)
+    rhs_rows, iterate = systems.unit[working], solution[working]
+    window_start = iterate.clone()
+    # Steps start at most ||b|| = 1 when 0 <= C_t + lambda I <= scale (the contracting case).
+    smallest_change = torch.ones(len(working), dtype=rhs.dtype, device=rhs.device)
+    n_iter, window, growing = 0, 0, None
+    for _ in progress_bar(range(max_iter), progress, "LiSSA"):
+        if not len(working):
+            break
+        rows = minibatches.draw()  # drawn whichever rows run: every row sees the same sequence
+        products = minibatches.operator(rows).matmat(iterate)
+        updated = rhs_rows + decay * iterate - (products + regularization * iterate) * shrink
+        iterate = torch.where(running[:, None], updated, iterate)
+        n_iter += 1
+        window += 1
+        if window < check_every and n_iter < max_iter:
+            continue
+        change = torch.linalg.vector_norm(iterate - window_start, dim=1) / window
+        size = torch.linalg.vector_norm(iterate, dim=1)
+        finite = torch.isfinite(change) & torch.isfinite(size)
+        relative = torch.where(finite, change / torch.where(size > 0, size, torch.ones_like(size)),
+                               torch.full_like(change, float("inf")))
+        reference = torch.maximum(smallest_change, rounding * size)
+        diverged = running & (~finite | (change > growth_limit * reference))
+        converged = running & ~diverged & (change <= rtol * size)
+        relative_changes[working] = torch.where(running, relative, relative_changes[working])
+        smallest_change = torch.where(running & finite, torch.minimum(smallest_change, change),
+                                      smallest_change)
+        status[working[converged]] = CONVERGED
+        running = running & ~converged & ~diverged
+        if bool(diverged.any()):
+            first = int(diverged.nonzero()[0, 0])
+            status[working[diverged]] = DIVERGED
+            growing = iterate[first] - window_start[first]
+            break
+        window_start, window = iterate.clone(), 0
+        if 2 * int(running.sum()) < len(running):
+            solution[working] = iterate
+            working, rhs_rows, iterate = working[running], rhs_rows[running], iterate[running]
+            window_start, smallest_change = window_start[running], smallest_change[running]
+            running = running[running]
+    solution[working] = iterate
+
+    solution *= shrink
+    return systems.scaled_back(solution, status == DIVERGED), LissaReport(n_iter, status, relative_changes, growing)
+
+
+class LissaInfluence(BaseInfluence):
+    r"""Influence with LiSSA, the stochastic Neumann series, matrix-free.
+
+    Approximates ``(C + lambda I)^-1 g`` for every gradient ``g`` of a call
+    with the recursion of Agarwal, Bullins and Hazan ("Second-order
+    stochastic optimization for machine learning in linear time", 2017)::
+
+        h_0 = g
+        h_{t+1} = g + (1 - dampen) h_t - (C_t + lambda I) h_t / scale
+        solution = h_T / scale
+
+    where ``C_t`` is the curvature of a mini-batch of ``minibatch_size``
+    training samples drawn at random at each iteration, or of all of them
+    with ``minibatch_size=None`` (the default). All the gradients of a call
+    run together and share each iteration's mini-batch, whose products are
+    batched. An iteration costs one curvature product over
+    ``minibatch_size`` samples, whatever the size of the training set;
+    memory is that of four copies of the gradients being solved.
+
+    **What it converges to.** Without mini-batches the iterates are the
+    partial sums of a Neumann series, ``h_T / scale = 1/scale sum_{k<=T} M^k g``
+    with ``M = (1 - dampen) I - (C + lambda I) / scale``, whose limit is
+
+    .. math::
+
+        \frac{h_\infty}{s} = (C + \lambda I + d\, s\, I)^{-1} g
+
+    with ``s = scale`` and ``d = dampen``: **dampening is extra
+    regularization**, of ``dampen * scale``. The series converges when
+    every eigenvalue ``a`` of ``C + lambda I`` satisfies
+    ``-dampen * scale < a < (2 - dampen) * scale``; the error then shrinks
+    by the spectral radius of ``M`` per iteration, at best
+    ``1 - (a_min + dampen * scale) / scale``, so that about
+    ``scale / (a_min + dampen * scale) * log(1 / rtol)`` iterations are
+    needed. With mini-batches, each ``C_t`` is an unbiased estimate of
+    ``C`` drawn independently of the past, so the iterates are unbiased
+    estimates of the same partial sums; they scatter around them (the
+    recursion is stochastic gradient descent on
+    ``x^T (C + lambda I) x / 2 - g^T x`` with step ``1 / scale``), less so
+    with larger mini-batches.
+
+    **Choosing the parameters.**
+
+    - ``scale``: ``"auto"`` (the default) estimates the extreme
+      eigenvalues ``a_max`` (from above) and ``a_min`` of ``C + lambda I``
+      by block power iteration in ``fit`` (two or three runs of 20 products
+      of 4 vectors) and takes, without mini-batches,
+      ``scale_ = (a_max + a_min) / (2 (1 - dampen))``: the scale that
+      contracts fastest, about half the iterations of the textbook
+      ``scale = a_max`` on an ill-conditioned curvature and far fewer on a
+      well-conditioned one, for the same limit (``a_min`` is estimated from
+      above, which can only bring the scale closer to ``a_max``). With
+      mini-batches it takes ``3 * a_max``: the curvature of a mini-batch
+      spreads above that of all samples, and a step along such a direction
+      expands instead of contracting; a larger scale trades noise for
+      iterations (the iterations needed grow in proportion). A given
+      scale below ``a_max / (2 - dampen)`` makes the recursion diverge: the
+      growth of its steps is detected within a few check windows, and the
+      error gives the estimated eigenvalue and the scale to use. A larger
+      scale is safe but proportionally slower.
+    - ``regularization``: the iterations needed grow like
+      ``a_max / (a_min + lambda)``, so a tiny ``lambda`` on a curvature with
+      near-zero eigenvalues needs very many iterations (a few thousand for
+      ``a_max / lambda = 1000``; :class:`CgInfluence` needs about the square
+      root of that). With ``second_order="hessian"`` away from a minimum,
+      negative eigenvalues make the recursion diverge unless ``lambda``
+      lifts them above zero: ``fit`` raises an error when its power
+      iteration sees one, and the recursion when it grows along one.
+    - ``dampen``: the same as adding ``dampen * scale_`` to
+      ``regularization``, which is the clearer way to say it; kept for
+      pyDVL's and dattri's parametrisation. Note that with ``scale="auto"``
+      the extra regularization depends on ``scale_``.
+    - ``minibatch_size``: None by default, a deterministic recursion that
+      converges to the exact inverse (and does not depend on
+      ``random_state``). Mini-batches pay off only when the training set is
+      much larger than the iterations needed times the mini-batch size:
+      the result is a single noisy iterate whose noise falls slowly with
+      the mini-batch size. On an MLP of 2,410 parameters trained on 1,397
+      digits (``regularization=0.01``), against :class:`DirectInfluence`:
+      50 deterministic iterations reached a Pearson correlation of
+      0.99998 and 100 iterations 0.99999998; 300 iterations on mini-batches
+      of 32, 128 and 512 samples reached 0.71, 0.89 and 0.97 with a scale
+      of ``1.5 * a_max``, and 0.96 (128) and 0.99 (512) with the default
+      ``3 * a_max``. Compare a mini-batch setting against
+      ``minibatch_size=None`` on a subset before relying on it.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        The trained model. It is copied in ``fit`` and evaluated in eval mode;
+        influence is taken with respect to its parameters that require gradients.
+    loss : {"cross_entropy", "mse", "bce_with_logits"}, torch.nn loss module or callable, default="cross_entropy"
+        The training loss. A callable takes ``(output, target)`` and returns the
+        scalar mean loss of a batch, and must be picklable to save the estimator.
+    regularization : float, default=1e-3
+        ``lambda >= 0`` added as ``lambda * I`` to the curvature.
+    second_order : {"hessian", "gauss_newton"}, default="hessian"
+        Which curvature to invert.
+    scale : "auto" or float, default="auto"
+        The scale ``s`` of the recursion, above ``a_max / (2 - dampen)``
+        (and above ``a_max`` with mini-batches). ``"auto"`` chooses it in
+        ``fit`` as described above; the value used is ``scale_``.
+    dampen : float, default=0.0
+        The dampening ``d``, in ``[0, 1)``: the result is the inverse of
+        ``C + (lambda + d * scale) I``.
+    max_iter : int, default=1000
+        Most iterations per solve; reaching it without converging raises a
+        :class:`~skinfl.exceptions.LissaConvergenceWarning` (unless
+        ``rtol=0``).
+    rtol : float, default=1e-4
+        A right-hand side stops when its mean change per iteration over the
+        last ``check_every`` iterations is at most ``rtol`` times its
+        iterate. Without mini-batches the change per iteration is the
+        residual of the dampened system scaled by ``1 / scale``, so the
+        relative error of the result is at most about
+        ``rtol * scale / a_min``. With mini-batches the change does not fall
+        below the mini-batch noise averaged over the window; ``rtol=0`` runs
+        ``max_iter`` iterations without warning, the usual way to use LiSSA
+        with mini-batches.
+    minibatch_size : int or None, default=None
+        Training samples in each iteration's curvature product, drawn
+        uniformly with replacement, independently at every iteration. None,
+        or a value of at least the number of fitted samples, uses all of
+        them: deterministic. It is not ``batch_size``, which bounds memory
+        and does not change results.
+    check_every : int, default=10
+        Iterations between convergence and divergence checks. The change
+        checked is the mean over this window, which averages mini-batch
+        noise down; a check costs a few vector norms.
+    batch_size : int, default=512
+        Samples per batched pass over the data (a mini-batch larger than
+        this is processed in several passes); also the number of gradients
+        solved together, which bounds the memory of every method.
+    device : str or torch.device, default=None
+        Where the work runs; None uses the model's device.
+    progress : bool, default=False
+        Show tqdm progress bars (over the iterations of each solve).
+    memory : str, joblib.Memory or None, default=None
+        Directory (or ``joblib.Memory``) in which to cache the power
+        iteration's estimates of the curvature's extreme eigenvalues. It
+        depends on the model, the data, ``loss`` and ``second_order`` only;
+        a ``GridSearchCV`` over ``regularization``, ``dampen``, ``max_iter``
+        or the mini-batches computes it once per training set. Entries are
+        tensors and JSON, never unpickled.
+    random_state : int, RandomState instance or None, default=None
+        Seeds the mini-batches and the probes of :meth:`score`. Every solve
+        of a fitted estimator draws the same sequence of mini-batches, so
+        results do not depend on how rows are chunked; fix it for bitwise
+        reproducible fits. The power iteration starts from a fixed block, so
+        ``scale_`` depends on the model and the data only.
+
+    Attributes
+    ----------
+    n_params_ : int
+        Number of trainable parameters.
+    n_samples_fit_ : int
+        Number of fitted training samples.
+    n_features_in_ : int
+        Number of input values per sample.
+    input_shape_ : tuple of int
+        Per-sample input shape.
+    output_shape_ : tuple of int
+        Per-sample output shape of the model.
+    device_ : torch.device
+        Device the estimator computes on.
+    model_ : torch.nn.Module
+        The evaluation copy of the model.
+    loss_ : object
+        The resolved loss.
+    trainable_parameters_ : list of str
+        Names of the parameters influence is taken with respect to.
+    scale_ : float
+        The scale used: ``scale``, or the one ``"auto"`` chose.
+    largest_eigenvalue_ : float or None
+        Estimate from above of the largest eigenvalue of the curvature
+        ``C`` (without regularization), from the power iteration of
+        ``scale="auto"``; None with a given ``scale``.
+    n_iter_ : int
+        Iterations of the latest solve (the largest over its right-hand
+        sides); available after the first call that solves. It is a
+        diagnostic, kept outside the estimator's parameters and fitted
+        state, so that ``transform`` leaves the estimator unchanged.
+
+    See Also
+    --------
+    CgInfluence : Conjugate gradient: deterministic and faster to a tight tolerance.
+    DirectInfluence : The exact inverse, for small models.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from skinfl import LissaInfluence
+    >>> _ = torch.manual_seed(0)
+    >>> model = torch.nn.Linear(3, 2)
+    >>> X, y = torch.randn(20, 3), torch.randint(0, 2, (20,))
+    >>> est = LissaInfluence(model, regularization=0.1, random_state=0).fit(X, y)
+    >>> est.influences(X[:2], y[:2]).shape
+    torch.Size([2, 20])
+    """
+
+    _parameter_constraints = {
+        **BaseInfluence._parameter_constraints,
+        "scale": [StrOptions({"auto"}), Interval(Real, 0, None, closed="neither")],
+        "dampen": [Interval(Real, 0, 1, closed="left")],
+        "max_iter": [Interval(Integral, 1, None, closed="left")],
+        "rtol": [Interval(Real, 0, None, closed="left")],
+        "minibatch_size": [Interval(Integral, 1, None, closed="left"), None],
+        "check_every": [Interval(Integral, 1, None, closed="left")],
+    }
+    _factor_parameters = ()
+    # Deterministic, converged far below the comparison's tolerance: the error is about
+    # rtol * scale / a_min, 1e-10 for the registry's tightest case (a_max / lambda ~ 100).
+    _exactness = ExactnessCheck(params={"minibatch_size": None, "rtol": 1e-12, "max_iter": 100_000},
+                                rtol=1e-8, atol=1e-10)
+
+    def __init__(
+        self,
+        model,
+        *,
+        loss="cross_entropy",
+        regularization=1e-3,
+        second_order="hessian",
+        scale="auto",
+        dampen=0.0,
+        max_iter=1000,
+        rtol=1e-4,
+        minibatch_size=None,
+        check_every=10,
+        batch_size=512,
+        device=None,
+        progress=False,
+        memory=None,
+        random_state=None,
+    ):
+        self.model = model
+        self.loss = loss
+        self.regularization = regularization
+        self.second_order = second_order
+        self.scale = scale
+        self.dampen = dampen
+        self.max_iter = max_iter
+        self.rtol = rtol
+        self.minibatch_size = minibatch_size
+        self.check_every = check_every
+        self.batch_size = batch_size
+        self.device = device
+        self.progress = progress
+        self.memory = memory
+        self.random_state = random_state
+
+    # ------------------------------------------------------------ factors
+    def _compute_factors(self, curvature):
+        if self.scale != "auto":
+            return {}, {}
+        return self._spectrum_factors(curvature), {}
+
+    def _spectrum_factors(self, curvature):
+        """The power iteration's estimates, as factors (regularization-free)."""
+        fmodel = curvature.fmodel
+        # A fixed start: scale_ is then a function of the model and the data, whatever random_state.
+        generator = torch.Generator().manual_seed(_POWER_ITERATION_SEED)
+        estimate = extreme_eigenvalues(curvature.matmat, curvature.n_params, generator=generator,
+                                       dtype=fmodel.dtype, device=fmodel.device)
+        return {"spectrum": torch.tensor([estimate.largest, estimate.largest_ritz, estimate.smallest],
+                                         dtype=torch.float64)}
+
+    def _spectrum(self):
+        """``(largest from above, largest Ritz value, smallest from above)`` eigenvalues of ``C``, computed
+        now if not yet."""
+        if "spectrum" not in self._factors:
+            self._add_factors(self._spectrum_factors(self._curvature()))
+        largest, largest_ritz, smallest = (float(value) for value in self._factors["spectrum"])
+        return largest, largest_ritz, smallest
+
+    def _stochastic(self):
+        return self.minibatch_size is not None and self.minibatch_size < self.n_samples_fit_
+
+    @property
+    def n_iter_(self):
+        """Iterations of the latest solve, the largest over its right-hand sides."""
+        n_iter = self.__dict__.get("_latest_solve", {}).get("n_iter")
+        if n_iter is None:
+            raise AttributeError(
+                f"{type(self).__name__} has no n_iter_ before a call that solves (transform, influences, "
+                "self_influence, top_influences or score)."
+            )
+        return n_iter
+
+    def _build_inverse(self):
+        # Updated in place by each solve: a diagnostic, not state that transform would change.
+        self._latest_solve = {"n_iter": None}
+        if self._factor_seed is not None:
+            self._minibatch_seed = self._factor_seed
+        else:  # one sequence of mini-batches for every solve of this fit
+            self._minibatch_seed = int(np.random.randint(2**31 - 1))
+        if self.scale != "auto":
+            self.scale_ = float(self.scale)
+            self.largest_eigenvalue_ = None
+            return
+        largest, _, smallest_ritz = self._spectrum()
+        self.largest_eigenvalue_ = largest
+        top = largest + self.regularization
+        if top <= 0:
+            raise ValueError(
+                f"The {self.second_order} plus regularization has no positive eigenvalue (largest about "
+                f"{top:.3g}): LiSSA's recursion cannot converge. Raise regularization above "
+                f"{-largest:.3g}, or use second_order='gauss_newton'."
+            )
+        self.scale_ = auto_scale(top, smallest_ritz + self.regularization, self.dampen, self._stochastic())
+        self._check_negative_curvature(smallest_ritz)
+
+    def _check_negative_curvature(self, smallest_ritz):
+        lifted = smallest_ritz + self.regularization + self.dampen * self.scale_
+        if lifted <= 0:
+            raise ValueError(
+                f"The {self.second_order} has a negative eigenvalue of about {smallest_ritz:.3g} (the model "
+                f"is not at a minimum of the training loss), which regularization={self.regularization:.3g} "
+                "does not lift above zero: LiSSA's recursion diverges along it. Use regularization > "
+                f"{-smallest_ritz:.3g}, or second_order='gauss_newton' (positive semi-definite)."
+            )
+
+    # -------------------------------------------------------------- solves
+    def _minibatches(self):
+        generator = torch.Generator().manual_seed(self._minibatch_seed)
+        size = self.minibatch_size if self._stochastic() else None
+        return MinibatchCurvature(self._curvature(), size, generator)
+
+    def _apply_inverse(self, gradients):
+        minibatches = self._minibatches()
+        solution, report = lissa_recursion(
+            minibatches,
+            gradients,
+            regularization=self.regularization,
+            scale=self.scale_,
+            dampen=self.dampen,
+            max_iter=self.max_iter,
+            rtol=self.rtol,
+            check_every=self.check_every,
+            progress=self.progress,
+        )
+        self._latest_solve["n_iter"] = report.n_iter
+        if report.growing is not None:
+            raise ValueError(self._divergence_message(report, minibatches.stochastic))
+        if not record_solve(report):  # called outside a public method: warn now
+            message = self._solve_warning([report])
+            if message is not None:
+                warnings.warn(*message, stacklevel=2)
+        release_freed_memory()
+        return solution
+
+    def _divergence_message(self, report, stochastic):
+        regularization, scale, dampen = self.regularization, self.scale_, self.dampen
+        largest, _, smallest_ritz = self._spectrum()
+        top = largest + regularization
+        along = float("nan")
+        direction = report.growing
+        if bool(torch.isfinite(direction).all()) and float(direction.norm()) > 0:
+            direction = direction / direction.norm()
+            along = float(self._curvature().matmat(direction[None])[0] @ direction) + regularization
+        parts = [f"LiSSA diverged after {report.n_iter} iterations with scale={scale:.4g}."]
+        if along + dampen * scale <= 0 or smallest_ritz + regularization + dampen * scale <= 0:
+            candidates = (along, smallest_ritz + regularization)
+            negative = min(value for value in candidates if not math.isnan(value))
+            parts.append(
+                f"The {self.second_order} plus regularization has a negative eigenvalue of about "
+                f"{negative:.3g} (the model is not at a minimum of the training loss), along which the "
+                f"recursion grows. Raise regularization by more than {-negative:.3g}, or use "
+                "second_order='gauss_newton'."
+            )
+        elif top >= (2 - dampen) * scale or not stochastic:
+            suggested = auto_scale(top, smallest_ritz + regularization, dampen, stochastic)
+            parts.append(
+                f"The largest eigenvalue of the {self.second_order} plus regularization is estimated at "
+                f"{top:.4g} (power iteration); the recursion converges only for scale > "
+                f"{top / (2 - dampen):.4g} (largest eigenvalue / (2 - dampen)). Use scale={suggested:.4g}, "
+                "which scale='auto' would choose here, or any scale above the largest eigenvalue."
+            )
+        else:
+            parts.append(
+                f"The largest eigenvalue of the {self.second_order} plus regularization is estimated at "
+                f"{top:.4g}, which this scale allows, but the curvature of mini-batches of "
+                f"{self.minibatch_size} samples spreads above it. Use a larger scale (scale={2 * scale:.4g}) "
+                "or a larger minibatch_size."
+            )
+        return " ".join(parts)
+
+    def _solve_warning(self, reports):
+        status = torch.cat([report.status.cpu() for report in reports])
+        changes = torch.cat([report.relative_changes.cpu() for report in reports])
+        failed = status == MAX_ITER
+        n_failed = int(failed.sum())
+        if n_failed == 0 or self.rtol == 0:
+            return None
+        worst = float(changes[failed].max())
+        message = (
+            f"LiSSA did not converge for {n_failed} of {len(status)} right-hand sides within max_iter="
+            f"{self.max_iter} iterations: the mean change per iteration over the last {self.check_every} "
+            f"iterations is up to {worst:.3g} of the iterate, above rtol={self.rtol:g}. Raise max_iter, or "
+            "regularization (fewer iterations needed)"
+        )
+        if self._stochastic():
+            message += (
+                f"; with mini-batches of {self.minibatch_size} samples the change cannot fall below the "
+                "mini-batch noise: raise minibatch_size or check_every, or use rtol=0 to run max_iter "
+                "iterations without this check."
+            )
+        else:
+            message += "."
+        return message, LissaConvergenceWarning
