@@ -284,6 +284,34 @@ def _returning_nystroem_preconditioner():
     return ReturningNystroemPreconditioner
 
 
+def _weigh_first_batch_in_point_averaging():
+    """Make pyDVL's ``PointAveraging`` weigh the first batch like the others.
+
+    pyDVL 0.10.0's ``PointAveraging`` (tensor and dict forms) starts from the
+    first batch's result unweighted, adds each later one times its leading
+    size, and divides by the sum of the sizes. The leading size is that of
+    the result (the number of vectors the operator was applied to, the same
+    for every batch), so with ``b`` batches the result is
+    ``(1 / k + b - 1) / b`` of the mean of the batch results: about half of
+    it for two batches, ``1 / k`` for one. Its ``InverseHarmonicMeanInfluence``
+    (DataInf) averages with it. The replacement weighs every batch result
+    alike, which is the mean over points when batches have equal sizes, as
+    here (the batch size divides ``n_train``).
+    """
+    from pydvl.influence.torch import batch_operation
+
+    def mean_of_tensors(self, tensors):
+        tensors = list(tensors)
+        return sum(tensors[1:], tensors[0].clone()) / len(tensors)
+
+    def mean_of_dicts(self, tensor_dicts):
+        tensor_dicts = list(tensor_dicts)
+        return {key: sum(d[key] for d in tensor_dicts) / len(tensor_dicts) for key in tensor_dicts[0]}
+
+    batch_operation.PointAveraging.__call__ = mean_of_tensors
+    batch_operation._TensorDictPointAveraging.__call__ = mean_of_dicts
+
+
 class _Collect(logging.Handler):
     """Keeps log records: pyDVL reports iterations and problems through logging."""
 
@@ -501,15 +529,12 @@ def run(args):
         version = pydvl.__version__
         dropped = []
 
+        if family == "datainf":
+            _weigh_first_batch_in_point_averaging()
+
         def make(model, settings, data):
             Xf, yf, Xt, yt = data
             batch = min(settings["batch_size"], len(Xf))
-            if family == "datainf":
-                # pyDVL 0.10.0's PointAveraging adds the first batch's result unweighted and every later
-                # one times its size, so with b batches its DataInf is about (1 + (b - 1) * size) / n of
-                # the intended value (half of it with two batches). One batch holding every training
-                # point is averaged correctly.
-                batch = len(Xf)
             if len(Xf) % batch:
                 raise SystemExit(
                     f"pyDVL DataLoader batch {batch} must divide n_train={len(Xf)}: pyDVL averages per-batch "

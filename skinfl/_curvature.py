@@ -172,6 +172,21 @@ class CurvatureOperator:
     def n_params(self):
         return self.fmodel.n_params
 
+    def on_rows(self, rows):
+        """The same curvature over rows ``rows`` (a 1-D integer array) of the data, read through it.
+
+        The operator shares this one's measure of activations per sample, so
+        that the many small operators of a stochastic solver (one per
+        mini-batch) do not each run a forward pass to measure it (measured
+        anew per mini-batch, resident memory also grew by about 1 MB per
+        iteration, 1.4 GB over 1,000 LiSSA iterations on a small MLP).
+        """
+        if self._saved_per_sample is None:
+            self._saved_per_sample = saved_floats_per_sample(self.fmodel, self.data)
+        subset = CurvatureOperator(self.fmodel, self.data.subset(rows), self.second_order, self.batch_size)
+        subset._saved_per_sample = self._saved_per_sample
+        return subset
+
     @property
     def n_samples(self):
         return len(self.data)

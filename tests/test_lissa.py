@@ -156,6 +156,22 @@ def test_minibatch_products_equal_the_explicit_minibatch_curvature(classificatio
     torch.testing.assert_close(full.matmat(vectors), curvature.matmat(vectors), rtol=0, atol=0)
 
 
+def test_minibatch_operators_measure_activations_once(classification_problem, monkeypatch):
+    # Each mini-batch operator measuring activations anew ran a forward pass per iteration and let
+    # resident memory grow with the iterations.
+    import skinfl._curvature as curvature_module
+
+    model, X, y = classification_problem
+    calls = []
+    measure = curvature_module.saved_floats_per_sample
+    monkeypatch.setattr(curvature_module, "saved_floats_per_sample",
+                        lambda *args: calls.append(1) or measure(*args))
+    est = LissaInfluence(model, regularization=0.1, minibatch_size=8, rtol=0.0, max_iter=30, scale=10.0,
+                         random_state=0).fit(X, y)
+    est.transform(X[:2], y[:2])
+    assert est.n_iter_ == 30 and len(calls) == 1
+
+
 # ---------------------------------------------------------------------- scale and spectrum
 def test_auto_scale_resolves_from_the_extreme_eigenvalues(classification_problem):
     model, X, y = classification_problem

@@ -19,7 +19,6 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .._curvature import CurvatureOperator
 
 
 class MinibatchCurvature:
@@ -58,10 +57,9 @@ class MinibatchCurvature:
 
     def operator(self, rows):
         """The curvature operator over rows ``rows`` of the data (every sample for None)."""
-        full = self.curvature
         if rows is None:
-            return full
-        return CurvatureOperator(full.fmodel, full.data.subset(rows), full.second_order, full.batch_size)
+            return self.curvature
+        return self.curvature.on_rows(rows)
 
     def matmat(self, vectors):
         """Rows ``C_B v`` on a newly drawn mini-batch ``B`` for the rows ``v`` of ``vectors``."""
