@@ -81,7 +81,6 @@ class NystroemPreconditioner:
 
 _PRECONDITIONERS = {"jacobi": JacobiPreconditioner, "nystroem": NystroemPreconditioner}
 _METHODS = {"block": block_conjugate_gradient, "independent": batched_conjugate_gradient}
-_BLOCK_ROWS = _MAX_VECTOR_BLOCK
 
 
 def _sketched_curvature(curvature):
@@ -384,7 +383,7 @@ class CgInfluence(BaseInfluence):
         # right-hand sides, stays small.
         solution = torch.empty_like(gradients)
         reports = []
-        for rows in batch_slices(len(gradients), _BLOCK_ROWS):
+        for rows in batch_slices(len(gradients), _MAX_VECTOR_BLOCK):
             # One system alone: block CG is CG, without the small eigenproblems.
             method = "independent" if rows.stop - rows.start == 1 else self.method_
             solution[rows], report = _METHODS[method](
