@@ -262,6 +262,7 @@ def _pydvl_estimator(family, model, settings):
             # pyDVL 0.10.0's LAYER_WISE finds no block when the model is itself the only layer (a bare
             # nn.Linear), and influences() then fails; one block over all parameters is the same thing.
             block_structure = BlockMode.FULL
+        _weigh_first_batch_in_point_averaging()
         return InverseHarmonicMeanInfluence(model, loss, regularization, block_structure=block_structure)
     raise ValueError(family)
 
@@ -528,9 +529,6 @@ def run(args):
 
         version = pydvl.__version__
         dropped = []
-
-        if family == "datainf":
-            _weigh_first_batch_in_point_averaging()
 
         def make(model, settings, data):
             Xf, yf, Xt, yt = data
