@@ -142,7 +142,7 @@ class ArnoldiInfluence(_LowRankInfluence):
         The resolved loss.
     trainable_parameters_ : list of str
         Names of the parameters influence is taken with respect to.
-    eigenvalues_ : torch.Tensor of shape (rank_,)
+    eigenvalues_ : torch.Tensor of shape ``(rank_,)``
         The eigenvalues kept, largest first, in float64, without
         regularization.
     rank_ : int

@@ -102,7 +102,7 @@ class NystroemInfluence(_LowRankInfluence):
         The resolved loss.
     trainable_parameters_ : list of str
         Names of the parameters influence is taken with respect to.
-    eigenvalues_ : torch.Tensor of shape (rank_,)
+    eigenvalues_ : torch.Tensor of shape ``(rank_,)``
         Eigenvalues of the sketch, largest first, in float64, without
         regularization.
     rank_ : int
