@@ -20,13 +20,13 @@ import functools
 import os
 import pickle
 import re
-import warnings
 from pathlib import Path
 
 import joblib
 import torch
 
 from ._tensorfile import TensorFile, TensorFileError, write
+from ._warnings import warn
 
 _KEY = re.compile(r"^[0-9a-zA-Z_-]+$")
 
@@ -94,8 +94,7 @@ def read_entry(directory, key):
             entry.verify()
             _VERIFIED.add(stamp)
     except (TensorFileError, OSError) as error:
-        warnings.warn(f"Ignoring an unreadable cache entry and computing it again: {error}", UserWarning,
-                      stacklevel=3)
+        warn(f"Ignoring an unreadable cache entry and computing it again: {error}", UserWarning)
         return None
     return {name: functools.partial(entry.tensor, name) for name in entry.names()}, entry.metadata
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import copy
 import numbers
 import os
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +29,7 @@ from ._devices import available_device
 from ._model import LossSpec, evaluation_copy, has_lazy_parameters
 from ._tensorfile import TensorFile, write
 from ._validation import validate_estimator_params
+from ._warnings import warn
 from .base import BaseInfluence, Factors, model_dtype, registered_estimators
 
 FORMAT_VERSION = 1
@@ -221,8 +221,8 @@ def _restore(file, meta, model, loss):
     saved = meta["device"]
     device = available_device(saved)
     if torch.device(saved) != device:
-        warnings.warn(f"This estimator was fitted on {saved}, which is not available here; it was loaded on {device}.",
-                      UserWarning, stacklevel=3)
+        warn(f"This estimator was fitted on {saved}, which is not available here; it was loaded on {device}.",
+                      UserWarning)
     fitted = meta["fitted"]
     trainable = list(fitted["trainable_parameters_"])
     user_model = _model_with_saved_weights(file, meta, model, trainable)

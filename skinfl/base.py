@@ -24,7 +24,6 @@ from __future__ import annotations
 import contextvars
 import functools
 import os
-import warnings
 from collections.abc import MutableMapping
 from dataclasses import dataclass, field
 from numbers import Integral, Real
@@ -53,6 +52,7 @@ from ._model import (
 )
 from ._results import DEFAULT_MAX_RESULT_BYTES, RunningTopK, allocate, write
 from ._validation import HasMethods, Interval, StrOptions, returns_torch, to_output, validate_estimator_params
+from ._warnings import warn
 from .exceptions import TrainingModeWarning
 
 _REGISTRY = {}
@@ -96,7 +96,7 @@ def reporting_solves(method):
             _SOLVE_REPORTS.reset(token)
         message = self._solve_warning(reports) if reports else None
         if message is not None:
-            warnings.warn(message[0], message[1], stacklevel=2)
+            warn(message[0], message[1])
         return result
 
     return wrapper
@@ -223,13 +223,12 @@ class BaseInfluence(TransformerMixin, BaseEstimator):
             )
         in_training = mode_dependent_modules_in_training(self.model)
         if in_training:
-            warnings.warn(
+            warn(
                 f"The model is in training mode and its modules {in_training[:3]} behave differently "
                 "in eval mode; influences are computed on a copy in eval mode (dropout off, batch norm "
                 "with running statistics), and your model is left unchanged. Call model.eval() "
                 "before fitting to silence this warning.",
                 TrainingModeWarning,
-                stacklevel=2,
             )
         loss = LossSpec.resolve(self.loss, device)
         inputs = DataSource(X, y, input_dtype=model_dtype(self.model), device=device)
@@ -536,7 +535,7 @@ class BaseInfluence(TransformerMixin, BaseEstimator):
                 break
         gradients = torch.cat(probes)[:SCORE_PROBES]
         if not len(gradients):
-            warnings.warn("Every held-out sample has a zero gradient; the score is undefined (nan).", stacklevel=2)
+            warn("Every held-out sample has a zero gradient; the score is undefined (nan).")
             return float("nan")
         factors = self._apply_inverse(gradients)
         residuals = self._curvature(data).matmat(factors) - gradients
@@ -690,10 +689,9 @@ class BaseInfluence(TransformerMixin, BaseEstimator):
         saved = state.get("device_")
         target = available_device(saved)
         if saved is not None and torch.device(saved) != target:
-            warnings.warn(
+            warn(
                 f"This estimator was fitted on {saved}, which is not available here; it was loaded on {target}.",
                 UserWarning,
-                stacklevel=2,
             )
         restored = {}
         for key, value in state.items():

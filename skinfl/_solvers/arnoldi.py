@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
 from numbers import Integral, Real
 
 from sklearn.exceptions import ConvergenceWarning
@@ -14,6 +13,7 @@ from .._linalg.eigensolvers import (
     top_eigenpairs,
 )
 from .._validation import Interval, StrOptions
+from .._warnings import warn
 from ..base import ExactnessCheck
 from .low_rank import _LowRankInfluence
 
@@ -268,10 +268,9 @@ class ArnoldiInfluence(_LowRankInfluence):
         if n_unconverged:
             what = ("were not returned (ARPACK returns converged pairs only)" if self.rank_ < self.rank
                     else "are used as they are")
-            warnings.warn(
+            warn(
                 f"{n_unconverged} of the {self.rank} eigenpairs did not converge to tol={self.tol} within "
                 f"max_iter={self.max_iter} restart cycles, and {what}. To converge: raise max_iter, raise "
                 f"krylov_dimension (now {self.krylov_dimension_}), or raise tol.",
                 ConvergenceWarning,
-                stacklevel=4,
             )

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 from numbers import Integral, Real
 
@@ -16,6 +15,7 @@ from .._linalg.cg import BREAKDOWN, CONVERGED, MAX_ITER, NEGATIVE_CURVATURE, bat
 from .._linalg.nystroem import nystroem_sketch
 from .._memory import release_freed_memory
 from .._validation import Interval, StrOptions
+from .._warnings import warn
 from ..base import BaseInfluence, ExactnessCheck, record_solve
 from ..exceptions import CgConvergenceWarning
 
@@ -398,7 +398,7 @@ class CgInfluence(BaseInfluence):
         if not all([record_solve(report) for report in reports]):  # outside a public method: report now
             message = self._solve_warning(reports)
             if message is not None:
-                warnings.warn(*message, stacklevel=2)
+                warn(*message)
         release_freed_memory()  # the solves' temporaries, before the next chunk allocates them again
         return solution
 

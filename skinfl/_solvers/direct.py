@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import warnings
 from numbers import Integral
 
 import torch
 
 from .._validation import Interval, StrOptions
+from .._warnings import warn
 from ..base import BaseInfluence, ExactnessCheck
 from ..exceptions import NotPositiveDefiniteWarning
 
@@ -196,22 +196,20 @@ class DirectInfluence(BaseInfluence):
         smallest = float(eigenvalues[0])
         if smallest <= 0:
             n_negative = int((eigenvalues <= 0).sum())
-            warnings.warn(
+            warn(
                 f"The {self.second_order} plus regularization has {n_negative} non-positive "
                 f"eigenvalue(s) (smallest {smallest:.3g}): the model is not at a minimum of the "
                 "training loss, so influences invert an indefinite matrix. Use "
                 f"regularization > {-(smallest - self.regularization):.3g}, or "
                 "second_order='gauss_newton' (always positive semi-definite).",
                 NotPositiveDefiniteWarning,
-                stacklevel=5,
             )
         largest = float(eigenvalues.abs().max())
         if float(eigenvalues.abs().min()) <= largest * torch.finfo(torch.float64).eps * len(eigenvalues):
-            warnings.warn(
+            warn(
                 "The curvature plus regularization is numerically singular; influences are "
                 "dominated by rounding. Raise regularization.",
                 NotPositiveDefiniteWarning,
-                stacklevel=5,
             )
 
     def _apply_inverse(self, gradients):

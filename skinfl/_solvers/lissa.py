@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import dataclass
 from numbers import Integral, Real
 
@@ -16,6 +15,7 @@ from .._linalg.power_iteration import extreme_eigenvalues
 from .._memory import release_freed_memory
 from .._progress import progress_bar
 from .._validation import Interval, StrOptions
+from .._warnings import warn
 from ..base import BaseInfluence, ExactnessCheck, record_solve
 from ..exceptions import LissaConvergenceWarning
 
@@ -508,7 +508,7 @@ class LissaInfluence(BaseInfluence):
         if not record_solve(report):  # called outside a public method: warn now
             message = self._solve_warning([report])
             if message is not None:
-                warnings.warn(*message, stacklevel=2)
+                warn(*message)
         release_freed_memory()
         return solution
 

@@ -19,12 +19,12 @@ training set.
 
 from __future__ import annotations
 
-import warnings
 from numbers import Integral
 
 import torch
 
 from .._validation import Interval
+from .._warnings import warn
 from ..base import BaseInfluence
 from ..exceptions import NotPositiveDefiniteWarning
 
@@ -106,23 +106,21 @@ class _LowRankInfluence(BaseInfluence):
         negative = (shifted < 0) & ~singular | (singular & (regularization > 0))
         if bool(negative.any()):
             smallest = float(shifted.min())
-            warnings.warn(
+            warn(
                 f"{int(negative.sum())} of the {len(shifted)} eigenvalues kept plus regularization are not "
                 f"positive (smallest {smallest:.3g}): the {self.second_order} is indefinite (the model is "
                 "not at a minimum of the training loss), so influences invert an indefinite matrix. Use "
                 f"regularization > {-(smallest - regularization):.3g}, or second_order='gauss_newton' "
                 "(always positive semi-definite).",
                 NotPositiveDefiniteWarning,
-                stacklevel=5,
             )
         if regularization == 0 and bool(singular.any()):
-            warnings.warn(
+            warn(
                 f"{int(singular.sum())} of the {len(shifted)} eigenvalues kept are zero to rounding, and "
                 "regularization=0 gives them no finite inverse: their directions are left out (a "
                 "pseudo-inverse). The curvature has fewer significant directions than rank: lower rank, or "
                 "use regularization > 0.",
                 NotPositiveDefiniteWarning,
-                stacklevel=5,
             )
 
     def _apply_inverse(self, gradients):

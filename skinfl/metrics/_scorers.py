@@ -14,7 +14,6 @@ gets its own copy of the scorer: pass ``memory`` (a directory or a
 from __future__ import annotations
 
 import dataclasses
-import warnings
 
 import joblib
 import numpy as np
@@ -24,6 +23,7 @@ from sklearn.utils import check_random_state
 from sklearn.utils.validation import check_is_fitted
 
 from .._cache import directory_of, stored, token
+from .._warnings import warn
 from ..base import BaseInfluence
 from ._ground_truth import (
     DatamodelTruth,
@@ -145,13 +145,12 @@ class _CachingScorer:
         if directory is not None:
             procedure_token = self._token_of(procedure)
             if procedure_token.startswith("id-") or any(t.startswith("id-") for t in data_tokens):
-                warnings.warn(
+                warn(
                     f"{type(self).__name__}: an argument (typically retrain, or a custom loss) cannot be "
                     "pickled, so its ground truth cannot be stored on disk and shared between processes; "
                     "it is cached in this scorer only. Use a picklable retrain (a module-level function "
                     "or an object).",
                     UserWarning,
-                    stacklevel=3,
                 )
             else:
                 disk_key = joblib.hash([*data_tokens, procedure_token])

@@ -10,14 +10,13 @@ dominate the answer.
 
 from __future__ import annotations
 
-import warnings
-
 import numpy as np
 from scipy import stats
 from sklearn.metrics import roc_auc_score
 from sklearn.utils import Bunch
 
 from .._validation import to_output
+from .._warnings import warn
 
 
 def _as_array(values, name):
@@ -55,11 +54,10 @@ def _mean_over_queries(per_query, what):
             "query point (for example, retraining did not change any query loss)."
         )
     if not valid.all():
-        warnings.warn(
+        warn(
             f"{int((~valid).sum())} of {len(per_query)} query points have constant predicted or actual values "
             f"and no {what}; they are left out of the mean.",
             RuntimeWarning,
-            stacklevel=3,
         )
     return float(per_query[valid].mean())
 
