@@ -103,6 +103,8 @@ def save(estimator, path, include_data=True):
         "loss": loss_description,
         "loss_normalizer": estimator.loss_.normalizer,
         "fitted": {name: _jsonable(getattr(estimator, name)) for name in _FITTED},
+        "feature_names_in": (None if not hasattr(estimator, "feature_names_in_")
+                             else [str(name) for name in estimator.feature_names_in_]),
         "device": str(estimator.device_),
         "model": {"class": f"{type(estimator.model).__module__}.{type(estimator.model).__qualname__}",
                   "training": bool(estimator.model.training)},
@@ -222,7 +224,7 @@ def _restore(file, meta, model, loss):
     device = available_device(saved)
     if torch.device(saved) != device:
         warn(f"This estimator was fitted on {saved}, which is not available here; it was loaded on {device}.",
-                      UserWarning)
+             UserWarning)
     fitted = meta["fitted"]
     trainable = list(fitted["trainable_parameters_"])
     user_model = _model_with_saved_weights(file, meta, model, trainable)
@@ -243,6 +245,8 @@ def _restore(file, meta, model, loss):
     for name in _FITTED:
         value = fitted[name]
         setattr(estimator, name, tuple(value) if name.endswith("shape_") else value)
+    if meta.get("feature_names_in") is not None:
+        estimator.feature_names_in_ = np.asarray(meta["feature_names_in"], dtype=object)
     estimator._input_dtype = input_dtype
     estimator._fit_data = _saved_data(file, meta, estimator) if meta["data"]["included"] else None
     estimator._factors = Factors({name[len("factors."):]: file.tensor(name, device)

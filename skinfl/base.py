@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextvars
 import functools
 import os
+import warnings
 from collections.abc import MutableMapping
 from dataclasses import dataclass, field
 from numbers import Integral, Real
@@ -33,7 +34,7 @@ import torch
 from sklearn import get_config
 from sklearn.base import BaseEstimator, TransformerMixin
 from sklearn.utils import check_random_state
-from sklearn.utils.validation import check_is_fitted
+from sklearn.utils.validation import _check_feature_names, _check_feature_names_in, check_is_fitted
 from torch import nn
 
 from . import __version__
@@ -247,6 +248,9 @@ class BaseInfluence(TransformerMixin, BaseEstimator):
         self.input_shape_ = tuple(data.input_shape)
         self.n_features_in_ = int(np.prod(self.input_shape_, dtype=int))
         self.output_shape_ = tuple(output_shape)
+        # feature_names_in_ when X is a DataFrame with string column names (removed otherwise), so that
+        # later calls with reordered or other columns are caught as in scikit-learn.
+        self._check_feature_names(X, reset=True)
         self._input_dtype = first.dtype  # integer for token ids: what a lazy module is materialised on
         self._fit_data = data
         self._fit_factors()
@@ -304,6 +308,40 @@ class BaseInfluence(TransformerMixin, BaseEstimator):
         if seed is None:
             seed = int(np.random.randint(2**31 - 1))
         return torch.Generator(device=self.device_).manual_seed(seed)
+
+    def get_feature_names_out(self, input_features=None):
+        """Get the names of the columns of :meth:`transform`, one per trainable parameter entry.
+
+        Each name is the parameter's name followed by the entry's index,
+        ``"0.weight[2,1]"`` or ``"0.bias[2]"``, in the order of the flat
+        parameter vector. With them, ``set_output(transform="pandas")``
+        gives data frames whose columns say which parameter each factor
+        belongs to.
+
+        Parameters
+        ----------
+        input_features : array-like of str or None, default=None
+            Ignored: the columns are parameters, not input features. If
+            given, it is checked against ``feature_names_in_`` as in
+            scikit-learn.
+
+        Returns
+        -------
+        feature_names_out : ndarray of str objects of shape (n_params_,)
+            The column names.
+        """
+        check_is_fitted(self)
+        if input_features is not None:
+            _check_feature_names_in(self, input_features)
+        parameters = dict(self.model_.named_parameters())
+        names = []
+        for name in self.trainable_parameters_:
+            shape = tuple(parameters[name].shape)
+            if not shape:
+                names.append(name)
+                continue
+            names.extend(f"{name}[{','.join(map(str, index))}]" for index in np.ndindex(*shape))
+        return np.asarray(names, dtype=object)
 
     # ------------------------------------------------------------ inference
     @reporting_solves
@@ -655,8 +693,17 @@ class BaseInfluence(TransformerMixin, BaseEstimator):
             )
         return self._check_data(X, y, names=("X", "y"))
 
+    def _check_feature_names(self, X, *, reset):
+        """scikit-learn's feature-name check, its warnings raised at the user's call."""
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            _check_feature_names(self, X, reset=reset)
+        for warning in caught:
+            warn(warning.message, warning.category)
+
     def _check_data(self, X, y, names=("X", "y")):
         check_is_fitted(self)
+        self._check_feature_names(X, reset=False)
         targets = TargetSpec(self.loss_, self.output_shape_, self._dtype())
         data = DataSource(X, y, input_dtype=self._dtype(), device=self.device_, targets=targets, names=names)
         if tuple(data.input_shape) != self.input_shape_:
