@@ -327,7 +327,7 @@ class BaseInfluence(TransformerMixin, BaseEstimator):
 
         Returns
         -------
-        feature_names_out : ndarray of str objects of shape (n_params_,)
+        feature_names_out : ndarray of str objects of shape ``(n_params_,)``
             The column names.
         """
         check_is_fitted(self)
