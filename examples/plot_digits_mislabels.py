@@ -11,7 +11,11 @@ brings most of the corrupted labels to the top of the list. The estimator's
 matrix is built once per fold and cached), and the fitted estimator is saved
 and reloaded safely, as tensors and JSON.
 
-It runs on a laptop CPU in seconds, or on a GPU when one is available.
+It runs on a laptop CPU in seconds, or on a GPU when one is available. The
+two figures (the most helpful and harmful training images of a few test
+digits, and the flipped labels found against the data inspected) are shown
+in a window, or saved as PNG files, whose paths are printed, when there is
+no display.
 """
 
 # %%
@@ -32,6 +36,13 @@ from sklearn.model_selection import GridSearchCV, train_test_split
 
 import skinfl
 from skinfl import DirectInfluence
+from skinfl.display import InfluenceDisplay, MislabelDisplay
+
+try:
+    import matplotlib
+    import matplotlib.pyplot as plt
+except ImportError:  # the displays need the plot extra: pip install "skinfl[plot]"
+    plt = None
 
 start = time.perf_counter()
 SEED = 0
@@ -180,6 +191,17 @@ for i in range(n_show):
         print("    " + describe(j, value))
 
 # %%
+# The same as pictures: :class:`~skinfl.display.InfluenceDisplay` draws each
+# test digit, its most helpful training images (green titles) and its most
+# harmful ones (red titles), with their labels and influences.
+
+figures = {}
+if plt is not None:
+    display = InfluenceDisplay.from_estimator(estimator, X_test[:n_show], y_test[:n_show], k=4, shape=(8, 8))
+    display.figure_.suptitle("test digit | 4 most helpful | 4 most harmful training images")
+    figures["influences"] = display.figure_
+
+# %%
 # Find the mislabelled training points
 # ------------------------------------
 # The self-influence ``<(C + lambda I)^-1 g_j, g_j>`` of a training point
@@ -198,6 +220,17 @@ print(f"  random inspection would find about {0.1 * flipped.sum():.1f} (10%)")
 print(f"  ROC AUC of self-influence for detecting flips: {roc_auc_score(flipped, self_influence):.3f}")
 
 # %%
+# :class:`~skinfl.display.MislabelDisplay` shows the whole inspection curve:
+# the fraction of flipped labels found against the fraction of training data
+# inspected, by self-influence, by the training loss (the usual baseline),
+# and at random.
+
+if plt is not None:
+    display = MislabelDisplay.from_estimator(estimator, X_train, y_train, flipped)
+    figures["mislabels"] = display.figure_
+    print(f"  ROC AUC of the training loss: {display.roc_auc_['training loss']:.3f}")
+
+# %%
 # Save and reload the estimator
 # -----------------------------
 # :func:`skinfl.save` writes the model's weights, the curvature matrix, the
@@ -214,3 +247,18 @@ with tempfile.TemporaryDirectory() as directory:
     same = np.array_equal(reloaded.influences(X_test[:n_show], y_test[:n_show]), influences)
 print(f"\nreloaded estimator gives identical influences: {same}")
 print(f"total run time: {time.perf_counter() - start:.1f} s")
+
+# %%
+# Without a display (a server, a terminal session), the figures are saved as
+# PNG files instead of shown.
+
+if plt is None:
+    print('\nInstall matplotlib (pip install "skinfl[plot]") to see the figures.')
+elif matplotlib.get_backend().lower() not in {"agg", "cairo", "pdf", "pgf", "ps", "svg", "template"}:
+    plt.show()
+else:
+    folder = Path(tempfile.gettempdir()) / "skinfl-demo"
+    folder.mkdir(exist_ok=True)
+    for name, figure in figures.items():
+        figure.savefig(folder / f"digits_{name}.png", dpi=120, bbox_inches="tight")
+        print(f"figure saved: {folder / f'digits_{name}.png'}")

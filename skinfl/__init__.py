@@ -6,7 +6,7 @@ from ._solvers import *  # noqa: E402,F401,F403  (every estimator, listed once i
 from ._solvers import __all__ as _ESTIMATORS  # noqa: E402
 from .base import BaseInfluence, registered_estimators  # noqa: E402
 from ._persistence import load, save  # noqa: E402
-from . import metrics, retraining  # noqa: E402  (submodules: skinfl.metrics, skinfl.retraining)
+from . import display, metrics, retraining  # noqa: E402  (submodules: skinfl.display, .metrics, .retraining)
 
-__all__ = [*_ESTIMATORS, "BaseInfluence", "load", "metrics", "registered_estimators", "retraining", "save",
+__all__ = [*_ESTIMATORS, "BaseInfluence", "display", "load", "metrics", "registered_estimators", "retraining", "save",
            "__version__"]

@@ -172,6 +172,10 @@ class CurvatureOperator:
     def n_params(self):
         return self.fmodel.n_params
 
+    def with_second_order(self, second_order):
+        """The same data and model, with the curvature ``second_order``."""
+        return CurvatureOperator(self.fmodel, self.data, second_order, self.batch_size, self.progress)
+
     def on_rows(self, rows):
         """The same curvature over rows ``rows`` (a 1-D integer array) of the data, read through it.
 
@@ -283,3 +287,28 @@ class CurvatureOperator:
                     gradients = gradient_batch(fmodel, x, targets) * loss.fisher_scale(output)
                     diagonal += (gradients * gradients).sum(dim=0)
         return diagonal / (passes * self.n_samples)
+
+
+class ReportingCurvature:
+    """A curvature operator whose products step a progress bar, one step per vector.
+
+    Everything else is the wrapped operator's, so that code computing
+    factors from it (eigen-solves, sketches, power iterations) reports its
+    progress without knowing about bars.
+    """
+
+    def __init__(self, curvature, bar):
+        self._wrapped = curvature
+        self._bar = bar
+
+    def __getattr__(self, name):
+        return getattr(self._wrapped, name)
+
+    def matmat(self, vectors):
+        """Rows ``C v``, as :meth:`CurvatureOperator.matmat`; the bar advances by ``len(vectors)``."""
+        products = self._wrapped.matmat(vectors)
+        self._bar.update(len(vectors))
+        return products
+
+    def with_second_order(self, second_order):
+        return ReportingCurvature(self._wrapped.with_second_order(second_order), self._bar)

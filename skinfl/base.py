@@ -39,7 +39,7 @@ from torch import nn
 
 from . import __version__
 from ._cache import directory_of, read_entry, store_tensors
-from ._curvature import SECOND_ORDER_MODES, CurvatureOperator
+from ._curvature import SECOND_ORDER_MODES, CurvatureOperator, ReportingCurvature
 from ._data import DataSource, TargetSpec
 from ._devices import available_device, first_device, moved
 from ._fingerprint import fingerprint
@@ -51,6 +51,7 @@ from ._model import (
     evaluation_copy,
     mode_dependent_modules_in_training,
 )
+from ._progress import progress
 from ._results import DEFAULT_MAX_RESULT_BYTES, RunningTopK, allocate, write
 from ._validation import HasMethods, Interval, StrOptions, returns_torch, to_output, validate_estimator_params
 from ._warnings import warn
@@ -271,12 +272,21 @@ class BaseInfluence(TransformerMixin, BaseEstimator):
         self._factor_cache_key = None if directory is None else self._factor_key()
         entry = None if directory is None else read_entry(directory, self._factor_cache_key)
         if entry is None:
-            tensors, metadata = self._compute_factors(self._curvature())
+            tensors, metadata = self._computed_factors()
         else:
             tensors, metadata = entry
         self._factors = Factors(tensors, self.device_)
         self._factor_metadata = metadata
         self._factors_unstored = directory is not None and entry is None
+
+    def _computed_factors(self):
+        """``_compute_factors`` on the fitted data, its curvature products counted on a progress bar."""
+        with self._progress(f"{type(self).__name__} factors (curvature products)", unit="vector") as bar:
+            return self._compute_factors(self._reporting_curvature(bar))
+
+    def _reporting_curvature(self, bar, data=None):
+        """The curvature of ``data`` (default: the fitted data), stepping ``bar`` with each product."""
+        return ReportingCurvature(self._curvature(data), bar)
 
     def _add_factors(self, tensors):
         """Add factors derived later, still independent of ``regularization`` (an
@@ -301,6 +311,14 @@ class BaseInfluence(TransformerMixin, BaseEstimator):
             self.model_, self.trainable_parameters_, self.loss_.kind, self.loss_.function,
             self.loss_.normalizer, self._fit_data.X, self._fit_data.y,
         )
+
+    def _progress(self, desc, total=None, unit="it"):
+        """A progress bar for a long step of this estimator: a tqdm bar with ``progress=True``, else silent.
+
+        Solvers open one around each loop they run (``with self._progress(...) as bar``) and step it;
+        the bar's ``note`` shows what tells how far the loop is (a residual, a change).
+        """
+        return progress(self.progress, desc, total=total, unit=unit)
 
     def _generator(self):
         """A torch generator on ``device_`` for the fit's randomness, seeded from ``random_state``."""

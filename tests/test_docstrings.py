@@ -7,7 +7,7 @@ import pytest
 numpydoc_validate = pytest.importorskip("numpydoc.validate")
 
 import skinfl  # noqa: E402
-from skinfl import exceptions, metrics, registered_estimators, retraining  # noqa: E402
+from skinfl import display, exceptions, metrics, registered_estimators, retraining  # noqa: E402
 
 
 def filter_errors(errors, method, cls=None):
@@ -43,7 +43,8 @@ def _own_public_methods(cls):
 
 def _estimator_like(cls):
     """Classes users configure and call like scikit-learn estimators: held to the estimator rules."""
-    return cls in registered_estimators().values() or "__call__" in vars(cls) or hasattr(cls, "fit")
+    return (cls in registered_estimators().values() or "__call__" in vars(cls) or hasattr(cls, "fit")
+            or hasattr(cls, "plot"))
 
 
 def public_objects():
@@ -53,7 +54,7 @@ def public_objects():
     rules (warnings, result containers) are checked as functions are.
     """
     classes = [(f"skinfl.{name}", cls) for name, cls in registered_estimators().items()]
-    for module in (metrics, retraining, exceptions):
+    for module in (metrics, retraining, exceptions, display):
         for name in module.__all__:
             obj = getattr(module, name)
             if not getattr(obj, "__module__", "").startswith("skinfl"):
@@ -101,7 +102,7 @@ def test_api_reference_lists_every_public_name():
     entries = {line.strip() for line in api.read_text().splitlines()}
     missing = []
     for prefix, module in (("", skinfl), ("metrics.", metrics), ("retraining.", retraining),
-                           ("exceptions.", exceptions)):
+                           ("exceptions.", exceptions), ("display.", display)):
         for name in module.__all__:
             value = getattr(module, name)
             if name.startswith("__") or isinstance(value, ModuleType):

@@ -26,7 +26,8 @@ from __future__ import annotations
 
 import torch
 
-from .cg import BREAKDOWN, CONVERGED, MAX_ITER, NEGATIVE_CURVATURE, CgReport, UnitSystems
+from .._progress import NO_PROGRESS
+from .cg import BREAKDOWN, CONVERGED, MAX_ITER, NEGATIVE_CURVATURE, CgReport, UnitSystems, report_iteration
 
 # Directions whose squared singular value, relative to the largest, is below
 # this many times (rows x float64 eps + dtype eps**2) are dependent: what
@@ -38,7 +39,8 @@ _DEPENDENCE = 100.0
 _RESTART_PROGRESS = 0.5
 
 
-def block_conjugate_gradient(apply_matrix, rhs, *, rtol, atol, max_iter, preconditioner=None):
+def block_conjugate_gradient(apply_matrix, rhs, *, rtol, atol, max_iter, preconditioner=None,
+                             progress=NO_PROGRESS):
     """Solve ``A X = B`` for all rows ``b_i`` of ``rhs`` with one shared Krylov subspace.
 
     Stopping, per system: ``||r_i|| <= max(rtol * ||b_i||, atol)`` with
@@ -65,6 +67,8 @@ def block_conjugate_gradient(apply_matrix, rhs, *, rtol, atol, max_iter, precond
         Most iterations (curvature products of the search block).
     preconditioner : object with ``apply(rows) -> rows``, optional
         Applies an approximation of ``A^-1`` (symmetric positive definite).
+    progress : bar from :func:`skinfl._progress.progress`, optional
+        Steps once per iteration, showing the worst relative residual.
 
     Returns
     -------
@@ -87,7 +91,7 @@ def block_conjugate_gradient(apply_matrix, rhs, *, rtol, atol, max_iter, precond
     n_iter = 0
     while bool(running.any()) and n_iter < max_iter:
         n_iter = _iterate(apply_matrix, solution, residual, residual_norms, status, threshold, running, n_iter,
-                          max_iter, preconditioner)
+                          max_iter, preconditioner, progress)
         running = _check_true_residuals(apply_matrix, unit, solution, residual, residual_norms, status, threshold,
                                         checked, missed)
     return (systems.scaled_back(solution, status == BREAKDOWN),
@@ -95,7 +99,7 @@ def block_conjugate_gradient(apply_matrix, rhs, *, rtol, atol, max_iter, precond
 
 
 def _iterate(apply_matrix, solution, residual, residual_norms, status, threshold, running, n_iter, max_iter,
-             preconditioner):
+             preconditioner, progress):
     """Block CG on the ``running`` systems, from their current residuals.
 
     Updates ``solution``, ``residual``, ``residual_norms`` and ``status`` in
@@ -146,6 +150,7 @@ def _iterate(apply_matrix, solution, residual, residual_norms, status, threshold
         done = norms <= bound
         if bool(done.any()):
             retire(done, CONVERGED)
+        report_iteration(progress, residual_norms, status == MAX_ITER)
         previous = (block, products, inverse)
 
     solution[rows], residual[rows] = x, r  # out of iterations: still MAX_ITER

@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .._progress import NO_PROGRESS
+
 # Why a system stopped (CgReport.status).
 CONVERGED, MAX_ITER, NEGATIVE_CURVATURE, BREAKDOWN = 0, 1, 2, 3
 
@@ -93,7 +95,15 @@ class UnitSystems:
         return solution
 
 
-def batched_conjugate_gradient(apply_matrix, rhs, *, rtol, atol, max_iter, preconditioner=None):
+def report_iteration(progress, residual_norms, running):
+    """One iteration on ``progress``, with the worst relative residual of the systems still running."""
+    progress.update()
+    if progress.enabled and bool(running.any()):
+        progress.note(f"worst residual {float(residual_norms[running].max()):.2e}, {int(running.sum())} running")
+
+
+def batched_conjugate_gradient(apply_matrix, rhs, *, rtol, atol, max_iter, preconditioner=None,
+                               progress=NO_PROGRESS):
     """Solve ``A x_i = b_i`` for every row ``b_i`` of ``rhs`` together.
 
     Each system keeps its own step sizes, so this is ``k`` independent CG
@@ -117,6 +127,8 @@ def batched_conjugate_gradient(apply_matrix, rhs, *, rtol, atol, max_iter, preco
     max_iter : int
     preconditioner : object with ``apply(rows) -> rows``, optional
         Applies an approximation of ``A^-1`` (symmetric positive definite).
+    progress : bar from :func:`skinfl._progress.progress`, optional
+        Steps once per iteration, showing the worst relative residual.
 
     Returns
     -------
@@ -174,5 +186,6 @@ def batched_conjugate_gradient(apply_matrix, rhs, *, rtol, atol, max_iter, preco
         done = running & (norms_now <= threshold[working])
         status[working[done]] = CONVERGED
         active[working] = running & ~done
+        report_iteration(progress, residual_norm, active)
 
     return systems.scaled_back(solution, status == BREAKDOWN), CgReport(n_iter, status, residual_norm)

@@ -104,7 +104,8 @@ class ArnoldiInfluence(_LowRankInfluence):
     device : str or torch.device, default=None
         Where the work runs; None uses the model's device.
     progress : bool, default=False
-        Show tqdm progress bars.
+        Show tqdm progress bars: the eigen-solve's curvature products, and
+        the passes over the data for gradients.
     memory : str, joblib.Memory or None, default=None
         Directory (or ``joblib.Memory``) in which to cache the eigenpairs.
         They depend on the model, the data, ``loss``, ``second_order``,

@@ -8,7 +8,7 @@ from numbers import Integral, Real
 import torch
 from sklearn.utils.validation import check_is_fitted
 
-from .._curvature import _MAX_VECTOR_BLOCK, CurvatureOperator
+from .._curvature import _MAX_VECTOR_BLOCK
 from .._gradients import batch_slices
 from .._linalg.block_cg import block_conjugate_gradient
 from .._linalg.cg import BREAKDOWN, CONVERGED, MAX_ITER, NEGATIVE_CURVATURE, batched_conjugate_gradient
@@ -95,7 +95,7 @@ def _sketched_curvature(curvature):
     """
     if curvature.second_order == "gauss_newton":
         return curvature
-    return CurvatureOperator(curvature.fmodel, curvature.data, "gauss_newton", curvature.batch_size, curvature.progress)
+    return curvature.with_second_order("gauss_newton")
 
 
 def _convergence_message(reports, max_iter, preconditioner, second_order):
@@ -206,7 +206,10 @@ class CgInfluence(BaseInfluence):
     device : str or torch.device, default=None
         Where the work runs; None uses the model's device.
     progress : bool, default=False
-        Show tqdm progress bars.
+        Show tqdm progress bars: the preconditioner's curvature products,
+        every conjugate-gradient solve (iterations, with the worst relative
+        residual and the systems still running) and the passes over the
+        data for gradients.
     memory : str, joblib.Memory or None, default=None
         Directory (or ``joblib.Memory``) in which to cache the
         preconditioner's sketch or diagonal. They depend on the model, the
@@ -386,14 +389,17 @@ class CgInfluence(BaseInfluence):
         for rows in batch_slices(len(gradients), _MAX_VECTOR_BLOCK):
             # One system alone: block CG is CG, without the small eigenproblems.
             method = "independent" if rows.stop - rows.start == 1 else self.method_
-            solution[rows], report = _METHODS[method](
-                apply_matrix,
-                gradients[rows],
-                rtol=self.rtol,
-                atol=self.atol,
-                max_iter=self.max_iter,
-                preconditioner=self.preconditioner_,
-            )
+            desc = f"{method} CG, {rows.stop - rows.start} systems"
+            with self._progress(desc, total=self.max_iter, unit="iteration") as bar:
+                solution[rows], report = _METHODS[method](
+                    apply_matrix,
+                    gradients[rows],
+                    rtol=self.rtol,
+                    atol=self.atol,
+                    max_iter=self.max_iter,
+                    preconditioner=self.preconditioner_,
+                    progress=bar,
+                )
             reports.append(report)
         if not all([record_solve(report) for report in reports]):  # outside a public method: report now
             message = self._solve_warning(reports)

@@ -61,7 +61,8 @@ class DirectInfluence(BaseInfluence):
     device : str or torch.device, default=None
         Where the work runs; None uses the model's device.
     progress : bool, default=False
-        Show tqdm progress bars.
+        Show tqdm progress bars: the passes building the curvature matrix,
+        its factorization, and the passes over the data for gradients.
     memory : str, joblib.Memory or None, default=None
         Directory (or ``joblib.Memory``) in which to cache the curvature
         matrix. The matrix depends on the model's architecture and weights,
@@ -167,7 +168,9 @@ class DirectInfluence(BaseInfluence):
         self.eigenvalues_ = None
         if self.solver == "eigh":
             return self._build_from_eigenpairs()
-        factor = _factorize_cholesky(self._factors["curvature"], self.regularization)
+        with self._progress(f"Cholesky factorization ({self.n_params_} x {self.n_params_})", total=1) as bar:
+            factor = _factorize_cholesky(self._factors["curvature"], self.regularization)
+            bar.update()
         if factor is not None:
             self.solver_ = "cholesky"
             self._factorization = factor
@@ -184,7 +187,9 @@ class DirectInfluence(BaseInfluence):
         if "eigenvectors" not in self._factors:
             # Of C, not of C + lambda I: a factor every regularization shares. It is added to the
             # cached factors, so that the other candidates of a search that need it read it back.
-            eigenvalues, eigenvectors = torch.linalg.eigh(self._factors["curvature"].to(torch.float64))
+            with self._progress(f"eigendecomposition ({self.n_params_} x {self.n_params_})", total=1) as bar:
+                eigenvalues, eigenvectors = torch.linalg.eigh(self._factors["curvature"].to(torch.float64))
+                bar.update()
             self._add_factors({"eigenvalues": eigenvalues, "eigenvectors": eigenvectors})
         eigenvalues = self._factors["eigenvalues"]
         self.solver_ = "eigh"

@@ -160,7 +160,8 @@ class InverseHarmonicMeanInfluence(BaseInfluence):
     device : str or torch.device, default=None
         Where the work runs; None uses the model's device.
     progress : bool, default=False
-        Show tqdm progress bars.
+        Show tqdm progress bars: the passes over the data for gradients
+        and their norms.
     memory : str, joblib.Memory or None, default=None
         Directory (or ``joblib.Memory``) in which to cache the
         mean squared gradient norms that ``relative_regularization=True``

@@ -13,7 +13,7 @@ from .._linalg.cg import UnitSystems
 from .._linalg.minibatch import MinibatchCurvature
 from .._linalg.power_iteration import extreme_eigenvalues
 from .._memory import release_freed_memory
-from .._progress import progress_bar
+from .._progress import NO_PROGRESS
 from .._validation import Interval, StrOptions
 from .._warnings import warn
 from ..base import BaseInfluence, ExactnessCheck, record_solve
@@ -82,7 +82,7 @@ def auto_scale(largest, smallest, dampen, stochastic):
 
 
 def lissa_recursion(minibatches, rhs, *, regularization, scale, dampen, max_iter, rtol, check_every,
-                    progress=False):
+                    progress=NO_PROGRESS):
     """Solve ``(C + (regularization + dampen * scale) I) x_i = b_i`` for the rows of ``rhs`` by LiSSA.
 
     ``h_0 = b``, ``h_{t+1} = b + (1 - dampen) h_t - (C_t + regularization I) h_t / scale``, with
@@ -121,7 +121,7 @@ def lissa_recursion(minibatches, rhs, *, regularization, scale, dampen, max_iter
     # Steps start at most ||b|| = 1 when 0 <= C_t + lambda I <= scale (the contracting case).
     smallest_change = torch.ones(len(working), dtype=rhs.dtype, device=rhs.device)
     n_iter, window, growing = 0, 0, None
-    for _ in progress_bar(range(max_iter), progress, "LiSSA"):
+    for _ in range(max_iter):
         if not len(working):
             break
         rows = minibatches.draw()  # drawn whichever rows run: every row sees the same sequence
@@ -130,6 +130,7 @@ def lissa_recursion(minibatches, rhs, *, regularization, scale, dampen, max_iter
         iterate = torch.where(running[:, None], updated, iterate)
         n_iter += 1
         window += 1
+        progress.update()
         if window < check_every and n_iter < max_iter:
             continue
         change = torch.linalg.vector_norm(iterate - window_start, dim=1) / window
@@ -143,6 +144,8 @@ def lissa_recursion(minibatches, rhs, *, regularization, scale, dampen, max_iter
         relative_changes[working] = torch.where(running, relative, relative_changes[working])
         smallest_change = torch.where(running & finite, torch.minimum(smallest_change, change),
                                       smallest_change)
+        if progress.enabled and bool(running.any()):
+            progress.note(f"largest change {float(relative[running].max()):.2e}, {int(running.sum())} running")
         status[working[converged]] = CONVERGED
         running = running & ~converged & ~diverged
         if bool(diverged.any()):
@@ -298,7 +301,10 @@ class LissaInfluence(BaseInfluence):
     device : str or torch.device, default=None
         Where the work runs; None uses the model's device.
     progress : bool, default=False
-        Show tqdm progress bars (over the iterations of each solve).
+        Show tqdm progress bars: the power iteration's curvature products,
+        every LiSSA solve (iterations, with the largest remaining change per
+        iteration and the systems still running) and the passes over the
+        data for gradients.
     memory : str, joblib.Memory or None, default=None
         Directory (or ``joblib.Memory``) in which to cache the power
         iteration's estimates of the curvature's extreme eigenvalues. It
@@ -432,7 +438,8 @@ class LissaInfluence(BaseInfluence):
         """``(largest from above, largest Ritz value, smallest from above)`` eigenvalues of ``C``, computed
         now if not yet."""
         if "spectrum" not in self._factors:
-            self._add_factors(self._spectrum_factors(self._curvature()))
+            with self._progress("power iteration (curvature products)", unit="vector") as bar:
+                self._add_factors(self._spectrum_factors(self._reporting_curvature(bar)))
         largest, largest_ritz, smallest = (float(value) for value in self._factors["spectrum"])
         return largest, largest_ritz, smallest
 
@@ -491,17 +498,18 @@ class LissaInfluence(BaseInfluence):
 
     def _apply_inverse(self, gradients):
         minibatches = self._minibatches()
-        solution, report = lissa_recursion(
-            minibatches,
-            gradients,
-            regularization=self.regularization,
-            scale=self.scale_,
-            dampen=self.dampen,
-            max_iter=self.max_iter,
-            rtol=self.rtol,
-            check_every=self.check_every,
-            progress=self.progress,
-        )
+        with self._progress(f"LiSSA, {len(gradients)} systems", total=self.max_iter, unit="iteration") as bar:
+            solution, report = lissa_recursion(
+                minibatches,
+                gradients,
+                regularization=self.regularization,
+                scale=self.scale_,
+                dampen=self.dampen,
+                max_iter=self.max_iter,
+                rtol=self.rtol,
+                check_every=self.check_every,
+                progress=bar,
+            )
         self._latest_solve["n_iter"] = report.n_iter
         if report.growing is not None:
             raise ValueError(self._divergence_message(report, minibatches.stochastic))

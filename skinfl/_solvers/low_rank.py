@@ -68,7 +68,7 @@ class _LowRankInfluence(BaseInfluence):
         if self.rank > self._factor_metadata["rank"]:
             # Cached factors of a smaller rank: computed again at this rank, and they replace the
             # cache entry, so that it serves every rank up to this one from now on.
-            tensors, metadata = self._compute_factors(self._curvature())
+            tensors, metadata = self._computed_factors()
             self._factor_metadata = metadata
             self._add_factors(tensors)
         eigenvalues = self._factors["eigenvalues"][:self.rank]

@@ -67,7 +67,8 @@ class NystroemInfluence(_LowRankInfluence):
     device : str or torch.device, default=None
         Where the work runs; None uses the model's device.
     progress : bool, default=False
-        Show tqdm progress bars.
+        Show tqdm progress bars: the sketch's curvature products, and the
+        passes over the data for gradients.
     memory : str, joblib.Memory or None, default=None
         Directory (or ``joblib.Memory``) in which to cache the sketch. It
         depends on the model, the data, ``loss``, ``second_order`` and
