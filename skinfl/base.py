@@ -251,7 +251,7 @@ class BaseInfluence(TransformerMixin, BaseEstimator):
         self.output_shape_ = tuple(output_shape)
         # feature_names_in_ when X is a DataFrame with string column names (removed otherwise), so that
         # later calls with reordered or other columns are caught as in scikit-learn.
-        self._check_feature_names(X, reset=True)
+        self._check_input_feature_names(X, reset=True)
         self._input_dtype = first.dtype  # integer for token ids: what a lazy module is materialised on
         self._fit_data = data
         self._fit_factors()
@@ -711,7 +711,7 @@ class BaseInfluence(TransformerMixin, BaseEstimator):
             )
         return self._check_data(X, y, names=("X", "y"))
 
-    def _check_feature_names(self, X, *, reset):
+    def _check_input_feature_names(self, X, *, reset):
         """scikit-learn's feature-name check, its warnings raised at the user's call."""
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -721,7 +721,7 @@ class BaseInfluence(TransformerMixin, BaseEstimator):
 
     def _check_data(self, X, y, names=("X", "y")):
         check_is_fitted(self)
-        self._check_feature_names(X, reset=False)
+        self._check_input_feature_names(X, reset=False)
         targets = TargetSpec(self.loss_, self.output_shape_, self._dtype())
         data = DataSource(X, y, input_dtype=self._dtype(), device=self.device_, targets=targets, names=names)
         if tuple(data.input_shape) != self.input_shape_:

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import reference_hessian, train
+from conftest import reference_hessian
 from torch import nn
 
 from skinfl import DirectInfluence, LissaInfluence

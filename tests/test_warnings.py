@@ -3,7 +3,6 @@
 import warnings
 
 import numpy as np
-import torch
 from sklearn.model_selection import GridSearchCV, KFold
 from torch import nn
 
