@@ -46,6 +46,7 @@ from pathlib import Path  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _problems as P  # noqa: E402
+from _common import LogCollector, summarise_messages  # noqa: E402
 
 REGULARIZATION = P.WEIGHT_DECAY  # the Hessian of the training objective
 CG_RTOL = 1e-4  # skinfl's convention: ||r|| <= rtol ||b||
@@ -313,25 +314,6 @@ def _weigh_first_batch_in_point_averaging():
     batch_operation._TensorDictPointAveraging.__call__ = mean_of_dicts
 
 
-class _Collect(logging.Handler):
-    """Keeps log records: pyDVL reports iterations and problems through logging."""
-
-    def __init__(self):
-        super().__init__(level=logging.DEBUG)
-        self.records = []
-
-    def emit(self, record):
-        self.records.append((record.levelno, record.name, record.getMessage()))
-
-
-def _summarise(messages, limit=4, width=300):
-    unique = {}
-    for message in messages:
-        key = re.sub(r"[-+]?\d[\d.e+-]*", "#", message)[:120]  # messages differing only in numbers
-        unique.setdefault(key, [message, 0])[1] += 1
-    return [f"{count}x {message[:width]}" for message, count in list(unique.values())[:limit]]
-
-
 def _pydvl_iterations(records):
     counts = {"cg": [], "lissa": []}
     for _, _, message in records:
@@ -414,7 +396,7 @@ def hardness(args):
         "regularization": REGULARIZATION,
         "seconds": seconds,
         "fitted": _fitted_attributes(estimator),
-        "warnings": _summarise([f"{w.category.__name__}: {w.message}" for w in caught]),
+        "warnings": summarise_messages([f"{w.category.__name__}: {w.message}" for w in caught]),
     }
     record["iterations"] = record["fitted"].get("n_iter_")
     residuals = [float(v) for v in getattr(estimator, "relative_residuals_", [])]
@@ -463,7 +445,7 @@ def reference(args):
         "state_dict_sha1": summary["state_dict_sha1"],
         "seconds": seconds,
         "fitted": _fitted_attributes(estimator),
-        "warnings": _summarise([f"{w.category.__name__}: {w.message}" for w in caught]),
+        "warnings": summarise_messages([f"{w.category.__name__}: {w.message}" for w in caught]),
         "path": str(path.relative_to(P.REPO_ROOT)),
     }
     path.with_suffix(".json").write_text(json.dumps(record, indent=2, default=str))
@@ -557,7 +539,7 @@ def run(args):
         warmup_s = time.perf_counter() - start
     rss_import_mb = _maxrss_mb()
 
-    collector = _Collect()
+    collector = LogCollector()
     logging.getLogger().addHandler(collector)
     logging.getLogger().setLevel(logging.WARNING)
     logging.getLogger("pydvl").setLevel(logging.DEBUG)  # iteration counts are logged at DEBUG
@@ -596,7 +578,7 @@ def run(args):
         "dropped_settings": dropped,
         "fitted": fitted_attributes,
         "warmup_s": warmup_s,
-        "warmup_warnings": _summarise([f"{w.category.__name__}: {w.message}" for w in warm_caught]),
+        "warmup_warnings": summarise_messages([f"{w.category.__name__}: {w.message}" for w in warm_caught]),
         "fit_s": fitted - start,
         "influences_s": done - fitted,
         "total_s": done - start,
@@ -608,8 +590,8 @@ def run(args):
         "matrix_shape": list(matrix.shape),
         "finite": bool(np.isfinite(matrix).all()),
         "iterations": iterations,
-        "warnings": _summarise([f"{w.category.__name__}: {w.message}" for w in caught]),
-        "log_warnings": _summarise(log_messages),
+        "warnings": summarise_messages([f"{w.category.__name__}: {w.message}" for w in caught]),
+        "log_warnings": summarise_messages(log_messages),
     }
     print("RESULT " + json.dumps(record, default=str), flush=True)
 

@@ -31,6 +31,7 @@ import time  # noqa: E402
 import warnings  # noqa: E402
 
 import _problems as P  # noqa: E402
+from _common import LogCollector, summarise_messages  # noqa: E402
 
 REGULARIZATION = 0.01
 SKINFL_BATCH_SIZE = 512
@@ -44,25 +45,6 @@ PYDVL_CG_RTOL = CG_RTOL**0.5
 PYDVL_CG_ATOL = 1e-10
 
 METHODS = {"skinfl": ("direct", "cg", "cg_plain", "cg_ref"), "pydvl": ("direct", "cg", "cg_block")}
-
-
-class _Collect(logging.Handler):
-    """Keeps log records: pyDVL reports CG iterations and problems through logging."""
-
-    def __init__(self):
-        super().__init__(level=logging.DEBUG)
-        self.records = []
-
-    def emit(self, record):
-        self.records.append((record.levelno, record.name, record.getMessage()))
-
-
-def _summarise_messages(messages, limit=3, width=300):
-    unique = {}
-    for message in messages:
-        key = re.sub(r"[-+]?\d[\d.e+-]*", "#", message)[:120]  # group messages differing only in numbers
-        unique.setdefault(key, [message, 0])[1] += 1
-    return [f"{count}x {message[:width]}" for message, count in list(unique.values())[:limit]]
 
 
 def _record_skinfl_cg_reports():
@@ -212,7 +194,7 @@ def run(args):
 
     rss_import_mb = _maxrss_mb()  # ... and warmed up: the baseline of the timed work
 
-    collector = _Collect()
+    collector = LogCollector()
     logging.getLogger().addHandler(collector)
     logging.getLogger().setLevel(logging.WARNING)
     logging.getLogger("pydvl.influence.torch.operator").setLevel(logging.DEBUG)
@@ -275,8 +257,8 @@ def run(args):
             for k, v in settings.items()
         },
         "warmup_s": warmup_s,
-        "warmup_warnings": _summarise_messages(
-            [f"{w.category.__name__}: {w.message}" for w in warmup_caught]
+        "warmup_warnings": summarise_messages(
+            [f"{w.category.__name__}: {w.message}" for w in warmup_caught], limit=3
         ),
         "fit_s": fitted - start,
         "influences_s": done - fitted,
@@ -290,9 +272,9 @@ def run(args):
         "finite": bool(np.isfinite(matrix).all()),
         "cg": cg_iterations,
         "n_warnings": len(warning_messages),
-        "warnings": _summarise_messages(warning_messages),
+        "warnings": summarise_messages(warning_messages, limit=3),
         "n_log_warnings": len(log_messages),
-        "log_warnings": _summarise_messages(log_messages),
+        "log_warnings": summarise_messages(log_messages, limit=3),
     }
     print("RESULT " + json.dumps(record), flush=True)
 

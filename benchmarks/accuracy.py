@@ -54,6 +54,7 @@ import numpy as np  # noqa: E402
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import _problems as P  # noqa: E402
+from _common import fmt  # noqa: E402
 import _pydvl_accuracy as W  # noqa: E402  (build_model, pyDVL's CG settings; nothing heavy at import)
 
 WORKER = HERE / "_pydvl_accuracy.py"
@@ -287,14 +288,6 @@ def pydvl_output(result, name, query, regularization):
 
 
 # ------------------------------------------------------------------- report
-def _f(value, spec=".4f"):
-    if value is None:
-        return "-"
-    if isinstance(value, str):
-        return value
-    return format(value, spec)
-
-
 def _with_interval(entry):
     if not entry or entry.get("lds") is None:
         return "-"
@@ -320,14 +313,14 @@ def tables(results):
         ["method", "skinfl Pearson", "pyDVL Pearson", "skinfl Spearman", "pyDVL Spearman"],
         [
             [NAMES[m]]
-            + [_f((_entry(results, "A", lib, m) or {}).get(k)) for k in ("pearson", "spearman") for lib in LIBRARIES]
+            + [fmt((_entry(results, "A", lib, m) or {}).get(k)) for k in ("pearson", "spearman") for lib in LIBRARIES]
             for m in METHODS
         ],
         "lrrrr",
     )
     b = results["B"]
     rows = [
-        [NAMES[m], _f(b["selected_regularization"], ".3g")]
+        [NAMES[m], fmt(b["selected_regularization"], ".3g")]
         + [_with_interval(_entry(results, "B", lib, m)) for lib in LIBRARIES]
         for m in METHODS
     ]
@@ -345,9 +338,9 @@ def tables(results):
         ["regularization", "skinfl Direct val LDS", "skinfl Direct test LDS", "pyDVL Direct val LDS",
          "pyDVL Direct test LDS", "skinfl Direct solver"],
         [
-            [_f(g["regularization"], ".3g") + (" (selected)" if g["regularization"] == b["selected_regularization"] else ""),
-             _f(g["skinfl"]["val"], ".3f"), _f(g["skinfl"]["test"], ".3f"),
-             _f(g.get("pydvl", {}).get("val"), ".3f"), _f(g.get("pydvl", {}).get("test"), ".3f"),
+            [fmt(g["regularization"], ".3g") + (" (selected)" if g["regularization"] == b["selected_regularization"] else ""),
+             fmt(g["skinfl"]["val"], ".3f"), fmt(g["skinfl"]["test"], ".3f"),
+             fmt(g.get("pydvl", {}).get("val"), ".3f"), fmt(g.get("pydvl", {}).get("test"), ".3f"),
              g["skinfl"]["solver"] + (" (indefinite: warned)" if g["skinfl"]["indefinite"] else "")]
             for g in b["sweep"]
         ],
@@ -363,7 +356,7 @@ def tables(results):
                     if lib == "skinfl" and m == "direct":
                         cells.append("(reference)")
                     else:
-                        cells.append(_f((entry or {}).get(key), spec))
+                        cells.append(fmt((entry or {}).get(key), spec))
             rows.append(cells)
     out["C"] = _table(
         ["model", "method", "skinfl Pearson", "pyDVL Pearson", "skinfl Spearman", "pyDVL Spearman",
@@ -374,11 +367,11 @@ def tables(results):
     d = results["D"]
     rows = [
         [NAMES[m]]
-        + [_f((_entry(results, "D", lib, m) or {}).get(k), ".3f") for k in ("roc_auc", "fraction_found") for lib in LIBRARIES]
+        + [fmt((_entry(results, "D", lib, m) or {}).get(k), ".3f") for k in ("roc_auc", "fraction_found") for lib in LIBRARIES]
         for m in METHODS
     ]
     for name, base in d["baselines"].items():
-        rows.append([f"baseline: {name}", _f(base["roc_auc"], ".3f"), "", _f(base["fraction_found"], ".3f"), ""])
+        rows.append([f"baseline: {name}", fmt(base["roc_auc"], ".3f"), "", fmt(base["fraction_found"], ".3f"), ""])
     out["D"] = _table(
         ["self-influence", "skinfl ROC AUC", "pyDVL ROC AUC", f"skinfl found in top {TOP_FRACTION:.0%}",
          f"pyDVL found in top {TOP_FRACTION:.0%}"],
@@ -392,7 +385,7 @@ def tables(results):
             cells = [label, problem, NAMES[m]]
             for lib in LIBRARIES:
                 entry = results[section]["estimators"].get(lib, {}).get(m)
-                cells += [_f((entry or {}).get("fit_s"), ".2f"), _f((entry or {}).get("influences_s"), ".2f")]
+                cells += [fmt((entry or {}).get("fit_s"), ".2f"), fmt((entry or {}).get("influences_s"), ".2f")]
             rows.append(cells)
     out["times"] = _table(
         ["", "model", "method", "skinfl fit s", "skinfl influences s", "pyDVL fit s", "pyDVL influences s"],

@@ -195,7 +195,7 @@ def main(argv=None):
         print("RESULT " + json.dumps(worker(json.loads(args.worker)), default=str), flush=True)
         return 0
 
-    from bench_solvers import command_line, launch, load_note, markdown_table, text_table, worker_env
+    from _common import command_line, launch, load_note, markdown_table, text_table, worker_env
 
     size = P.HARD_QUICK if args.quick else P.HARD
     if args.problem not in size.problems:
@@ -211,13 +211,13 @@ def main(argv=None):
             parser.error(f"--scoring: {kind!r} not in ['score', 'reference']")
     name = args.output or "grid" + ("_quick" if args.quick else "") + (
         f"_{args.problem}" if args.problem != "mlp" else "")
-    command = command_line(argv)
+    command = command_line(argv, P.REPO_ROOT)
     started = _dt.datetime.now().astimezone()
     busy = load_note(P.cpu_count())
     if busy:
         print("WARNING: " + busy, flush=True)
     t0 = time.perf_counter()
-    env = worker_env("skinfl", args.threads)
+    env = worker_env("skinfl", args.threads, repo_root=P.REPO_ROOT)
 
     # Data and the trained model, as bench_solvers.py makes them (cached).
     record, status, _, err = launch(sys.executable, HERE / "_solver_worker.py",

@@ -35,9 +35,6 @@ import argparse
 import datetime as _dt
 import json
 import os
-import shlex
-import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -47,67 +44,14 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import _problems as P  # noqa: E402
+from _common import (  # noqa: E402
+    command_line, fmt, launch, load_note, markdown_table, text_table, worker_env,
+)
 import _solver_worker as W  # noqa: E402  (constants and settings; nothing heavy at import)
 
 WORKER = HERE / "_solver_worker.py"
 DEFAULT_PYDVL_PYTHON = HERE / ".venv-pydvl" / "bin" / "python"
 LIBRARIES = ("skinfl", "pydvl")
-
-
-# ------------------------------------------------------------------ running
-def launch(python, worker, args, env, timeout):
-    """Run a worker; returns (record or None, status, seconds, stderr tail).
-
-    The worker is started through ``sh`` as a grandchild: a process exec'd
-    directly inherits the high-water RSS of the process it was forked from,
-    which would put this process's memory into the worker's ``ru_maxrss``.
-    A new session lets a timeout kill the whole process group.
-    """
-    command = ["/bin/sh", "-c", '"$@"; exit $?', "sh", str(python), str(worker), *args]
-    start = time.perf_counter()
-    proc = subprocess.Popen(
-        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True
-    )
-    try:
-        stdout, stderr = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        stdout, stderr = proc.communicate()
-        return None, f"timeout ({timeout:.0f} s)", time.perf_counter() - start, stderr[-2000:]
-    wall = time.perf_counter() - start
-    record = None
-    for line in stdout.splitlines():
-        if line.startswith("RESULT "):
-            record = json.loads(line[len("RESULT "):])
-    if proc.returncode != 0 or record is None:
-        return None, f"failed (exit {proc.returncode})", wall, (stderr or stdout)[-2000:]
-    return record, "ok", wall, stderr[-2000:]
-
-
-def worker_env(lib, threads, omp_wait_policy="PASSIVE"):
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONWARNINGS", "PYTHONSTARTUP")}
-    if lib == "skinfl":
-        env["PYTHONPATH"] = str(P.REPO_ROOT)
-    env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
-    if omp_wait_policy != "default":
-        # Spinning OpenMP threads slow small torch operations down by 10-100x when other jobs
-        # share the cores; PASSIVE makes idle threads sleep.
-        env["OMP_WAIT_POLICY"] = omp_wait_policy
-    env["PYTHONUNBUFFERED"] = "1"
-    return env
-
-
-def command_line(argv):
-    args = sys.argv[1:] if argv is None else argv
-    return " ".join(shlex.quote(a) for a in [sys.executable, os.path.relpath(sys.argv[0], P.REPO_ROOT), *args])
-
-
-def load_note(cores):
-    load = os.getloadavg()
-    if load[0] > 0.5 * cores:
-        return (f"1-minute load average {load[0]:.1f} on {cores} cores: other jobs are running, so timings are "
-                "noisy (use --repeat 3, or run on an idle machine).")
-    return None
 
 
 # ----------------------------------------------------------------- accuracy
@@ -142,14 +86,6 @@ def minimum(summary):
     """The training summary's check of the minimum: float64 CG on the objective's Hessian."""
     check = summary.get("minimum_check") or {}
     return f"{check.get('result', '-')} in {check.get('cg_iterations', '-')}"
-
-
-def _f(value, spec):
-    if value is None:
-        return "-"
-    if isinstance(value, str):
-        return value
-    return format(value, spec)
 
 
 def _iterations(run):
@@ -194,7 +130,7 @@ def _cells(row):
             return "-"
         if run.get("status") != "ok":
             return run.get("status", "-")
-        return _f(run.get(key), spec)
+        return fmt(run.get(key), spec)
 
     def memory(lib):
         run = row[lib]
@@ -203,7 +139,7 @@ def _cells(row):
         return f"{run['peak_mb']:.0f} (+{run['work_mb']:.0f})"
 
     return [
-        row["problem"], _f(row["n_params"], ","), row["method"],
+        row["problem"], fmt(row["n_params"], ","), row["method"],
         side("skinfl", "total_s", ".2f"), side("pydvl", "total_s", ".2f"),
         "-" if row["ratio"] is None else f"{row['ratio']:.2f}x",
         memory("skinfl"), memory("pydvl"),
@@ -214,30 +150,15 @@ def _cells(row):
     ]
 
 
-def markdown_table(header, body, n_left=3):
-    lines = ["| " + " | ".join(header) + " |",
-             "|" + "|".join(["---"] * n_left + ["---:"] * (len(header) - n_left)) + "|"]
-    lines += ["| " + " | ".join(cells) + " |" for cells in body]
-    return "\n".join(lines)
-
-
-def text_table(header, body, n_left=3):
-    widths = [max(len(h), *(len(b[i]) for b in body)) if body else len(h) for i, h in enumerate(header)]
-    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths)), "  ".join("-" * w for w in widths)]
-    lines += ["  ".join(c.ljust(w) if i < n_left else c.rjust(w) for i, (c, w) in enumerate(zip(b, widths)))
-              for b in body]
-    return "\n".join(lines)
-
-
 def detail_rows(runs):
     body = []
     for (problem, lib, method), run in runs.items():
         ok = run.get("status") == "ok"
         body.append([
             problem, lib, method,
-            _f(run.get("fit_s"), ".2f") if ok else "-", _f(run.get("influences_s"), ".2f") if ok else "-",
-            _f(run.get("warmup_s"), ".2f") if ok else "-",
-            _f(run.get("max_rel_diff"), ".2e") if ok else "-", _f(run.get("pearson_rows"), ".5f") if ok else "-",
+            fmt(run.get("fit_s"), ".2f") if ok else "-", fmt(run.get("influences_s"), ".2f") if ok else "-",
+            fmt(run.get("warmup_s"), ".2f") if ok else "-",
+            fmt(run.get("max_rel_diff"), ".2e") if ok else "-", fmt(run.get("pearson_rows"), ".5f") if ok else "-",
             ", ".join(f"{k}={v}" for k, v in (run.get("fitted") or {}).items()
                       if k not in ("n_params_", "n_samples_fit_")) or "-",
             "; ".join(run.get("warnings", []) + run.get("log_warnings", []))[:200] or "-",
@@ -294,7 +215,7 @@ def main(argv=None):
     name = args.output or "solvers" + ("_quick" if args.quick else "") + (
         "_" + "-".join(t.strip() for t in args.only.split(",")) if args.only else "") + (
         "_skinfl" if args.skip_pydvl else "")
-    command = command_line(argv)
+    command = command_line(argv, P.REPO_ROOT)
     started = _dt.datetime.now().astimezone()
     load_before = os.getloadavg()
     busy = load_note(P.cpu_count())
@@ -306,7 +227,7 @@ def main(argv=None):
 
     def skinfl_worker(*worker_args, timeout=args.timeout):
         return launch(args.skinfl_python, WORKER, [*worker_args, "--size", size.name, "--threads", str(args.threads)],
-                      worker_env("skinfl", args.threads, args.omp_wait_policy), timeout)
+                      worker_env("skinfl", args.threads, args.omp_wait_policy, P.REPO_ROOT), timeout)
 
     # 1. data and models (trained once, cached).
     record, status, _, err = skinfl_worker("prepare", "--problems", ",".join(problems), timeout=args.reference_timeout)
@@ -372,7 +293,7 @@ def main(argv=None):
                 attempts = []
                 for _ in range(args.repeat):
                     rec, status, wall, err = launch(python, WORKER, worker_args,
-                                                    worker_env(lib, args.threads, args.omp_wait_policy), args.timeout)
+                                                    worker_env(lib, args.threads, args.omp_wait_policy, P.REPO_ROOT), args.timeout)
                     attempts.append((rec, status, wall, err))
                     if rec is None or rec.get("status") != "ok":
                         break
@@ -393,7 +314,7 @@ def main(argv=None):
                 line = f"  {problem:9s} {lib:6s} {method:11s} {run.get('status', '?'):13s}"
                 if run.get("status") == "ok":
                     line += (f" fit {run['fit_s']:8.2f} s  influences {run['influences_s']:8.2f} s  "
-                             f"peak {run['peak_mb']:6.0f} MB  Pearson {_f(run.get('pearson'), '.5f')}  "
+                             f"peak {run['peak_mb']:6.0f} MB  Pearson {fmt(run.get('pearson'), '.5f')}  "
                              f"iterations {_iterations(run)}")
                 elif run.get("reason"):
                     line += " " + run["reason"]

@@ -30,16 +30,15 @@ import json
 import os
 import platform
 import shlex
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _problems as P  # noqa: E402
+from _common import fmt, worker_env  # noqa: E402
+from _common import launch as launch_worker  # noqa: E402  (launch is a local name here)
 import _worker as W  # noqa: E402  (constants only; it imports nothing heavy at module level)
 
 WORKER = Path(__file__).resolve().parent / "_worker.py"
@@ -47,50 +46,6 @@ DEFAULT_PYDVL_PYTHON = P.HERE / ".venv-pydvl" / "bin" / "python"
 
 
 # ------------------------------------------------------------------ running
-def _launch(python, args, env, timeout):
-    """Run the worker; returns (record or None, status, seconds, stderr tail).
-
-    The worker is started through ``sh`` as a grandchild: on Linux a process
-    started directly by exec inherits the high-water RSS of the process it
-    was forked or vforked from, which would put this process's memory into
-    the worker's ``ru_maxrss``. A new session lets a timeout kill the whole
-    process group.
-    """
-    command = ["/bin/sh", "-c", '"$@"; exit $?', "sh", str(python), str(WORKER), *args]
-    start = time.perf_counter()
-    proc = subprocess.Popen(
-        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True
-    )
-    try:
-        stdout, stderr = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        stdout, stderr = proc.communicate()
-        return None, f"timeout ({timeout:.0f} s)", time.perf_counter() - start, stderr[-2000:]
-    wall = time.perf_counter() - start
-    record = None
-    for line in stdout.splitlines():
-        if line.startswith("RESULT "):
-            record = json.loads(line[len("RESULT ") :])
-    if proc.returncode != 0 or record is None:
-        return None, f"failed (exit {proc.returncode})", wall, (stderr or stdout)[-2000:]
-    return record, "ok", wall, stderr[-2000:]
-
-
-def _env(lib, threads, omp_wait_policy):
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONWARNINGS", "PYTHONSTARTUP")}
-    if lib == "skinfl":
-        env["PYTHONPATH"] = str(P.REPO_ROOT)
-    # Same thread settings for both libraries (torch.set_num_threads is also called in the worker).
-    env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
-    if omp_wait_policy != "default":
-        # With spinning OpenMP threads, a busy machine slows small torch ops down by 10-100x
-        # (threads spin for cores that other processes hold); PASSIVE makes idle threads sleep.
-        env["OMP_WAIT_POLICY"] = omp_wait_policy
-    env["PYTHONUNBUFFERED"] = "1"
-    return env
-
-
 def _plan(problems, skip_pydvl):
     runs = []
     for problem in problems:
@@ -121,14 +76,6 @@ def _compare(matrix, reference):
 
 
 # ------------------------------------------------------------------- output
-def _fmt(value, spec):
-    if value is None:
-        return "-"
-    if isinstance(value, str):
-        return value
-    return format(value, spec)
-
-
 COLUMNS = (
     ("problem", "problem", "s"),
     ("params", "n_params", ","),
@@ -157,7 +104,7 @@ def _cells(row):
         elif key == "pearson" and row.get("is_reference"):
             cells.append("(reference)")
         else:
-            cells.append(_fmt(value, spec))
+            cells.append(fmt(value, spec))
     return cells
 
 
@@ -293,10 +240,11 @@ def main(argv=None):
     )
 
     # 1. data + models (once, cached), in a worker so that this process stays small.
-    record, status, wall, err = _launch(
+    record, status, wall, err = launch_worker(
         args.skinfl_python,
+        WORKER,
         ["prepare", "--size", size.name, "--threads", str(threads), "--problems", ",".join(problems)],
-        _env("skinfl", threads, args.omp_wait_policy),
+        worker_env("skinfl", threads, args.omp_wait_policy, P.REPO_ROOT),
         args.timeout,
     )
     if record is None:
@@ -318,7 +266,8 @@ def main(argv=None):
             ]
         worker_args += ["--threads", str(threads)]
         python = args.pydvl_python if lib == "pydvl" else args.skinfl_python
-        return _launch(python, worker_args, _env(lib, threads, args.omp_wait_policy), args.timeout)
+        env = worker_env(lib, threads, args.omp_wait_policy, P.REPO_ROOT)
+        return launch_worker(python, WORKER, worker_args, env, args.timeout)
 
     # 2. references that are not a benchmark row: float64 CG (rtol=1e-7) for the CG-only problems.
     references = {}

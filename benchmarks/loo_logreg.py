@@ -224,7 +224,7 @@ def main(argv=None):
              cell("skinfl", m, "seconds", ".2f"), cell("pydvl", m, "seconds", ".2f"),
              cell("skinfl", m, "pearson_vs_pydvl", ".6f"), cell("skinfl", m, "norm_ratio_vs_pydvl", ".4f")]
             for m in methods()]
-    from bench_solvers import markdown_table, text_table
+    from _common import markdown_table, text_table
 
     print()
     print(text_table(header, body, n_left=1))

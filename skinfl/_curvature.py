@@ -185,11 +185,15 @@ class CurvatureOperator:
         anew per mini-batch, resident memory also grew by about 1 MB per
         iteration, 1.4 GB over 1,000 LiSSA iterations on a small MLP).
         """
+        subset = CurvatureOperator(self.fmodel, self.data.subset(rows), self.second_order, self.batch_size)
+        subset._saved_per_sample = self._activations_per_sample()
+        return subset
+
+    def _activations_per_sample(self):
+        """Floats autograd saves per sample (see :func:`saved_floats_per_sample`), measured once."""
         if self._saved_per_sample is None:
             self._saved_per_sample = saved_floats_per_sample(self.fmodel, self.data)
-        subset = CurvatureOperator(self.fmodel, self.data.subset(rows), self.second_order, self.batch_size)
-        subset._saved_per_sample = self._saved_per_sample
-        return subset
+        return self._saved_per_sample
 
     @property
     def n_samples(self):
@@ -197,13 +201,12 @@ class CurvatureOperator:
 
     def _blocking(self, n_vectors):
         """(vectors per block, samples per sub-batch) for ``n_vectors`` products."""
-        if self._saved_per_sample is None:
-            self._saved_per_sample = saved_floats_per_sample(self.fmodel, self.data)
+        per_sample = self._activations_per_sample()
         block = max(1, min(n_vectors, _MAX_VECTOR_BLOCK))
-        sub_batch = _WORKING_SET_FLOATS // (block * self._saved_per_sample)
+        sub_batch = _WORKING_SET_FLOATS // (block * per_sample)
         if sub_batch < 16 and block > _MIN_VECTOR_BLOCK:
             block = max(1, min(n_vectors, _MIN_VECTOR_BLOCK))
-            sub_batch = _WORKING_SET_FLOATS // (block * self._saved_per_sample)
+            sub_batch = _WORKING_SET_FLOATS // (block * per_sample)
         sub_batch = int(min(max(sub_batch, 1), self.batch_size, self.n_samples))
         # Equal sub-batches: 459 + 53 samples costs nearly two full passes, 256 + 256 one.
         n_sub_batches = -(-self.n_samples // sub_batch)

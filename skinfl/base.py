@@ -71,19 +71,11 @@ SCORE_PROBES = 100
 _SOLVE_REPORTS = contextvars.ContextVar("skinfl_solve_reports", default=None)
 
 
-def record_solve(report):
-    """Keep a solver's report for the warning at the end of the public call; False outside one."""
-    reports = _SOLVE_REPORTS.get()
-    if reports is None:
-        return False
-    reports.append(report)
-    return True
-
-
 def reporting_solves(method):
-    """Run a public method gathering solver reports, then let the solver warn once about them.
+    """Run a public method gathering the reports of its solves, then summarise them and warn once.
 
-    The warning is raised from here, so that it points at the user's call.
+    Solvers hand their reports to :meth:`BaseInfluence._report_solves`; the
+    summary (``n_iter_``, ...) and the warning cover the whole call.
     """
 
     @functools.wraps(method)
@@ -96,9 +88,8 @@ def reporting_solves(method):
             result = method(self, *args, **kwargs)
         finally:
             _SOLVE_REPORTS.reset(token)
-        message = self._solve_warning(reports) if reports else None
-        if message is not None:
-            warn(message[0], message[1])
+        if reports:
+            self._finish_solves(reports)
         return result
 
     return wrapper
@@ -188,6 +179,45 @@ class BaseInfluence(TransformerMixin, BaseEstimator):
         """``(message, category)`` about the solves of one call, or None (iterative solvers)."""
         return None
 
+    # ---------------------------------------------------- iterative solves
+    def _report_solves(self, reports):
+        """Hand the reports of solves (objects with ``n_iter``) to the public call running them.
+
+        That call summarises them and warns once at its end (see
+        :func:`reporting_solves`); outside a public call, that happens now.
+        """
+        pending = _SOLVE_REPORTS.get()
+        if pending is None:
+            self._finish_solves(reports)
+        else:
+            pending.extend(reports)
+
+    def _finish_solves(self, reports):
+        self._summarize_solves(reports)
+        message = self._solve_warning(reports)
+        if message is not None:
+            warn(*message)
+
+    def _summarize_solves(self, reports):
+        """Keep what the solves of the last call did, read by ``n_iter_`` and the like.
+
+        In a dict that ``fit`` creates and solves update in place: a diagnostic,
+        not fitted state, so that ``transform`` leaves ``__dict__`` as ``fit``
+        made it (scikit-learn checks that it does).
+        """
+        self.__dict__.setdefault("_last_solve", {})["n_iter"] = max(report.n_iter for report in reports)
+
+    def _last_solve_value(self, name):
+        """A value kept by :meth:`_summarize_solves`; AttributeError before any call solved."""
+        check_is_fitted(self)
+        summary = self.__dict__.get("_last_solve", {})
+        if name not in summary:
+            raise AttributeError(
+                f"{type(self).__name__}.{name}_ is set by the calls that solve systems (transform, influences, "
+                "self_influence, top_influences, score); none has run since fit."
+            )
+        return summary[name]
+
     # -------------------------------------------------------------- fitting
     def fit(self, X, y=None):
         """Build the inverse-curvature approximation on training data.
@@ -254,6 +284,7 @@ class BaseInfluence(TransformerMixin, BaseEstimator):
         self._check_input_feature_names(X, reset=True)
         self._input_dtype = first.dtype  # integer for token ids: what a lazy module is materialised on
         self._fit_data = data
+        self._last_solve = {}  # filled by the solves of later calls (see _summarize_solves)
         self._fit_factors()
         try:
             self._build_inverse()

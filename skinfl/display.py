@@ -407,7 +407,12 @@ class MislabelDisplay:
 
 
 def _training_losses(estimator, X, y):
-    """Each point's training loss under the fitted model (the baseline ranking)."""
+    """Each point's training loss under the fitted model (the baseline ranking).
+
+    Streamed through the estimator's data source in ``batch_size`` rows, as
+    the training set may be large; :func:`skinfl.metrics.query_losses`
+    converts its whole input at once, which suits query points only.
+    """
     data = estimator._check_data(X, y)
     fmodel = estimator._functional_model()
     losses = np.empty(len(data))

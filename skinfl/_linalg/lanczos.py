@@ -94,7 +94,7 @@ def _orthogonalize_(rows, basis):
     return coefficients.double() + correction.double()
 
 
-def _orthonormalized(rows):
+def orthonormalized(rows):
     """Orthonormal rows spanning ``rows``, each as close to its original as QR makes it (no sign flips)."""
     if not len(rows):
         return rows
@@ -108,7 +108,7 @@ def _random_orthonormal_rows(count, basis, generator, dtype):
     n = basis.shape[1]
     rows = torch.randn(count, n, generator=generator, dtype=dtype, device=basis.device)
     _orthogonalize_(rows, basis)
-    rows = _orthonormalized(rows)
+    rows = orthonormalized(rows)
     _orthogonalize_(rows, basis)  # the QR mixes in rounding along basis; take it out again
     return rows / torch.linalg.vector_norm(rows, dim=1, keepdim=True)
 
@@ -134,7 +134,7 @@ def _next_block(residual, basis, floor, generator, size):
     rows = rows[kept]
     # Rows of a nearly deflated block pick up rounding along the basis; one more pass removes it.
     _orthogonalize_(rows, basis)
-    rows = _orthonormalized(rows)
+    rows = orthonormalized(rows)
     n_missing = size - len(rows)
     if n_missing:
         coupling = torch.cat([coupling[kept], coupling.new_zeros(n_missing, coupling.shape[1])])

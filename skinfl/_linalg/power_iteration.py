@@ -27,6 +27,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .lanczos import orthonormalized
+
 # Products of the block. The Ritz value's error shrinks like (lambda_{b+1} / lambda_1)^(2 n_iter):
 # 20 products of 4 vectors put it below a percent on the curvatures measured (MLPs, small CNNs),
 # and a residual bound covers the rest.
@@ -56,17 +58,13 @@ class SpectrumEstimate:
     smallest: float
 
 
-def _orthonormal_rows(rows):
-    return torch.linalg.qr(rows.T).Q.T.contiguous()
-
-
 def _ritz(matmat, start, n_iter):
     """Ritz values and residual norms (ascending) after ``n_iter`` products of the block ``start``."""
-    block = _orthonormal_rows(start)
+    block = orthonormalized(start)
     for step in range(n_iter):
         products = matmat(block)
         if step < n_iter - 1:
-            block = _orthonormal_rows(products)
+            block = orthonormalized(products)
     projected = (block.double() @ products.double().T)
     values, vectors = torch.linalg.eigh((projected + projected.T) / 2)
     ritz_vectors = vectors.T @ block.double()

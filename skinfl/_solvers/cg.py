@@ -6,7 +6,6 @@ from dataclasses import dataclass
 from numbers import Integral, Real
 
 import torch
-from sklearn.utils.validation import check_is_fitted
 
 from .._curvature import _MAX_VECTOR_BLOCK
 from .._gradients import batch_slices
@@ -15,8 +14,7 @@ from .._linalg.cg import BREAKDOWN, CONVERGED, MAX_ITER, NEGATIVE_CURVATURE, bat
 from .._linalg.nystroem import nystroem_sketch
 from .._memory import release_freed_memory
 from .._validation import Interval, StrOptions
-from .._warnings import warn
-from ..base import BaseInfluence, ExactnessCheck, record_solve
+from ..base import BaseInfluence, ExactnessCheck
 from ..exceptions import CgConvergenceWarning
 
 
@@ -335,9 +333,6 @@ class CgInfluence(BaseInfluence):
         if self.preconditioner is not None:
             self.preconditioner_ = _PRECONDITIONERS[self.preconditioner].build(self._factors, self.regularization)
         self.method_ = "block" if self.method == "auto" else self.method
-        # Filled by every solve. A mutable holder, so that transform and the other methods leave the
-        # estimator's __dict__ as fit made it (scikit-learn checks that they do).
-        self._last_solve = {}
 
     @property
     def n_iter_(self):
@@ -346,7 +341,7 @@ class CgInfluence(BaseInfluence):
         Set by each call that solves systems (:meth:`transform`,
         :meth:`influences`, :meth:`self_influence`, ...), not by ``fit``.
         """
-        return self._solve_summary("n_iter")
+        return self._last_solve_value("n_iter")
 
     @property
     def relative_residuals_(self):
@@ -355,24 +350,12 @@ class CgInfluence(BaseInfluence):
         A float64 tensor on the host; 0 for a zero gradient. Set by each call
         that solves systems, not by ``fit``.
         """
-        return self._solve_summary("relative_residuals")
+        return self._last_solve_value("relative_residuals")
 
-    def _solve_summary(self, name):
-        check_is_fitted(self)
-        summary = getattr(self, "_last_solve", {})
-        if name not in summary:
-            raise AttributeError(
-                f"{type(self).__name__}.{name}_ is set by the calls that solve systems (transform, influences, "
-                "self_influence, top_influences, score); none has run since fit."
-            )
-        return summary[name]
-
-    def _summarize(self, reports):
-        summary = getattr(self, "_last_solve", None)
-        if summary is None:  # an estimator built before these attributes existed
-            summary = self._last_solve = {}
-        summary["n_iter"] = max(report.n_iter for report in reports)
-        summary["relative_residuals"] = torch.cat([report.relative_residuals.double().cpu() for report in reports])
+    def _summarize_solves(self, reports):
+        super()._summarize_solves(reports)
+        self._last_solve["relative_residuals"] = torch.cat(
+            [report.relative_residuals.double().cpu() for report in reports])
 
     def _apply_inverse(self, gradients):
         curvature = self._curvature()
@@ -401,15 +384,10 @@ class CgInfluence(BaseInfluence):
                     progress=bar,
                 )
             reports.append(report)
-        if not all([record_solve(report) for report in reports]):  # outside a public method: report now
-            message = self._solve_warning(reports)
-            if message is not None:
-                warn(*message)
+        self._report_solves(reports)
         release_freed_memory()  # the solves' temporaries, before the next chunk allocates them again
         return solution
 
     def _solve_warning(self, reports):
-        # Called once at the end of each public call with the reports of all its solves.
-        self._summarize(reports)
         message = _convergence_message(reports, self.max_iter, self.preconditioner, self.second_order)
         return None if message is None else (message, CgConvergenceWarning)

@@ -15,8 +15,7 @@ from .._linalg.power_iteration import extreme_eigenvalues
 from .._memory import release_freed_memory
 from .._progress import NO_PROGRESS
 from .._validation import Interval, StrOptions
-from .._warnings import warn
-from ..base import BaseInfluence, ExactnessCheck, record_solve
+from ..base import BaseInfluence, ExactnessCheck
 from ..exceptions import LissaConvergenceWarning
 
 # Why a recursion stopped (LissaReport.status).
@@ -448,18 +447,14 @@ class LissaInfluence(BaseInfluence):
 
     @property
     def n_iter_(self):
-        """Iterations of the latest solve, the largest over its right-hand sides."""
-        n_iter = self.__dict__.get("_latest_solve", {}).get("n_iter")
-        if n_iter is None:
-            raise AttributeError(
-                f"{type(self).__name__} has no n_iter_ before a call that solves (transform, influences, "
-                "self_influence, top_influences or score)."
-            )
-        return n_iter
+        """Iterations of the solves of the last call, the largest over its right-hand sides.
+
+        Set by each call that solves (:meth:`transform`, :meth:`influences`,
+        :meth:`self_influence`, ...), not by ``fit``.
+        """
+        return self._last_solve_value("n_iter")
 
     def _build_inverse(self):
-        # Updated in place by each solve: a diagnostic, not state that transform would change.
-        self._latest_solve = {"n_iter": None}
         if self._factor_seed is not None:
             self._minibatch_seed = self._factor_seed
         else:  # one sequence of mini-batches for every solve of this fit
@@ -510,13 +505,10 @@ class LissaInfluence(BaseInfluence):
                 check_every=self.check_every,
                 progress=bar,
             )
-        self._latest_solve["n_iter"] = report.n_iter
         if report.growing is not None:
+            self._summarize_solves([report])  # n_iter_ says how soon it was caught
             raise ValueError(self._divergence_message(report, minibatches.stochastic))
-        if not record_solve(report):  # called outside a public method: warn now
-            message = self._solve_warning([report])
-            if message is not None:
-                warn(*message)
+        self._report_solves([report])
         release_freed_memory()
         return solution
 
