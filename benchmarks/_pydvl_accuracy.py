@@ -11,8 +11,10 @@ and its training data, then computes, for each requested output, either the
 influence matrix of a query set (``val`` or ``test``) or the self-influence
 of every training point (``self``), at a given regularization; the
 estimator is refitted only once, ``with_regularization`` changes it between
-outputs. Each output is saved as ``.npy`` in the work folder; timings and
-any warnings go to ``<JOB>.result.json``.
+outputs. A task with ``"library": "kronfluence"`` runs kronfluence's EK-FAC
+instead (_kronfluence.py, installed in the same venv; query sets at one
+regularization only). Each output is saved as ``.npy`` in the work folder;
+timings and any warnings go to ``<JOB>.result.json``.
 
 This file imports only the standard library, ``_problems`` and (inside
 functions) numpy, torch and pyDVL, so that accuracy.py can import
@@ -89,6 +91,8 @@ def _warm_up():
 
 
 def _run_task(task, work, data):
+    if task.get("library") == "kronfluence":
+        return _run_kronfluence_task(task, work, data)
     import numpy as np
     import torch
     import torch.nn.functional as F
@@ -180,6 +184,64 @@ def _run_task(task, work, data):
     }
 
 
+def _run_kronfluence_task(task, work, data):
+    """kronfluence's EK-FAC (``task["settings"]``: batch_size, fisher) on one model, after a small warm-up run.
+
+    Its factor and score files go to a temporary folder in the work folder, removed afterwards.
+    """
+    import shutil
+    import tempfile
+
+    import numpy as np
+    import torch
+
+    import _kronfluence as K
+
+    model = build_model(task["model"])
+    model.load_state_dict(torch.load(work / f"{task['model']}.pt", map_location="cpu", weights_only=True))
+    model.eval()
+    X = torch.from_numpy(data["X_train"])
+    y = torch.from_numpy(data[task["labels"]])
+    settings, outputs = task["settings"], task["outputs"]
+    if len({o["regularization"] for o in outputs}) != 1 or any(o["query"] == "self" for o in outputs):
+        raise ValueError("kronfluence tasks: query sets (val, test) at one regularization only")
+    scratch = Path(tempfile.mkdtemp(prefix="kronfluence_", dir=work))
+    collector = _Collect()
+    logging.getLogger().addHandler(collector)
+    try:
+        warm_model = P._mlp(hidden=4).to(torch.float64).eval()
+        X_warm = torch.rand(10, 64, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+        y_warm = torch.arange(10)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            warm = K.KronfluenceEkfac(warm_model, regularization=1.0, batch_size=5, work_dir=scratch,
+                                      fisher=settings["fisher"], name="warmup")
+            warm.fit(X_warm, y_warm).influences(X_warm[:2], y_warm[:2])
+        estimator = K.KronfluenceEkfac(model, regularization=outputs[0]["regularization"],
+                                       batch_size=settings["batch_size"], work_dir=scratch,
+                                       fisher=settings["fisher"], name="run")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            start = time.perf_counter()
+            estimator.fit(X, y)
+            fit_s = time.perf_counter() - start
+            records = []
+            for output in outputs:
+                X_query = torch.from_numpy(data[f"X_{output['query']}"])
+                y_query = torch.from_numpy(data[f"y_{output['query']}"])
+                start = time.perf_counter()
+                array = estimator.influences(X_query, y_query).detach().cpu().numpy().astype(np.float64)
+                seconds = time.perf_counter() - start
+                np.save(work / output["file"], array)
+                records.append({**output, "seconds": seconds, "finite": bool(np.isfinite(array).all())})
+    finally:
+        logging.getLogger().removeHandler(collector)
+        shutil.rmtree(scratch, ignore_errors=True)
+    messages = [f"{w.category.__name__}: {w.message}"[:300] for w in caught] + collector.messages
+    return {"name": task["name"], "fit_s": fit_s, "outputs": records,
+            "settings": {**settings, "kronfluence": estimator.settings()}, "warnings": sorted(set(messages))}
+
+
 def _solver_benchmark_estimator(task, model, regularization):
     """pyDVL's estimator for a bench_solvers.py method (``task["settings"]``), after a small warm-up run.
 
@@ -242,6 +304,12 @@ def main(job_path):
         "numpy": np.__version__,
         "python": sys.version.split()[0],
     }
+    try:
+        from importlib.metadata import version
+
+        versions["kronfluence"] = version("kronfluence")
+    except ImportError:  # PackageNotFoundError is one
+        pass
     result_path = job_path.with_suffix(".result.json")
     result_path.write_text(json.dumps({"versions": versions, "tasks": results}, indent=2))
 

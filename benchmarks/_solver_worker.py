@@ -3,7 +3,7 @@
     python benchmarks/_solver_worker.py prepare   --size SIZE --problems P1,P2
     python benchmarks/_solver_worker.py hardness  --size SIZE --problem P
     python benchmarks/_solver_worker.py reference --size SIZE --problem P
-    python benchmarks/_solver_worker.py run       --size SIZE --problem P --lib {skinfl,pydvl} --method M
+    python benchmarks/_solver_worker.py run       --size SIZE --problem P --lib {skinfl,pydvl,kronfluence} --method M
 
 ``prepare`` writes the standardised data split and trains the hard models to
 a minimum (cached). ``hardness`` counts the iterations of plain conjugate
@@ -17,11 +17,16 @@ matrix and prints one line ``RESULT {json}`` with the timings, the peak
 resident memory of this process, iteration counts and warnings.
 
 A method whose skinfl class, or one of whose required parameters, does not
-exist (yet) gives ``status: "not available"`` instead of failing. The
-settings both libraries get come from :func:`matched_settings`.
+exist (yet) gives ``status: "not available"`` instead of failing, and so does
+a method another library does not have (:func:`unavailable`). pyDVL's
+EK-FAC on a model with layers other than ``nn.Linear`` (the CNN) gives
+``status: "not supported"``. The settings every library gets come from
+:func:`matched_settings`.
 
 Runs on skinfl's interpreter (skinfl on ``sys.path``) or on pyDVL's
-(benchmarks/.venv-pydvl); nothing here imports skinfl or pyDVL at module level.
+(benchmarks/.venv-pydvl, which also has kronfluence: ``--lib kronfluence``
+runs _kronfluence.py there); nothing here imports skinfl, pyDVL or
+kronfluence at module level.
 """
 
 from __future__ import annotations
@@ -68,15 +73,23 @@ LISSA_SCALE_MARGIN = 3.0
 # pyDVL's CG stops at ||r|| < max(rtol**2 ||b||, atol**2): sqrt(CG_RTOL) asks for the same relative
 # tolerance as skinfl; atol**2 = 1e-20 removes the absolute floor (skinfl's atol is 0).
 PYDVL_CG_ATOL = 1e-10
+# EK-FAC: targets drawn from the model's predictive distribution (the true Fisher), one per point, and
+# the eigenvalues refitted on the data; ekfac_empirical uses the training labels instead (no draws: a
+# deterministic check that skinfl and kronfluence compute the same thing).
+EKFAC_N_TARGET_DRAWS = 1
 
-FAMILIES = ("cg", "cg_plain", "arnoldi", "nystroem", "lissa", "datainf")
+FAMILIES = ("cg", "cg_plain", "cg_ekfac", "arnoldi", "nystroem", "lissa", "datainf", "ekfac", "ekfac_empirical")
+CG_FAMILIES = ("cg", "cg_plain", "cg_ekfac")
 SKINFL_CLASSES = {
     "cg": "CgInfluence",
     "cg_plain": "CgInfluence",
+    "cg_ekfac": "CgInfluence",
     "arnoldi": "ArnoldiInfluence",
     "nystroem": "NystroemInfluence",
     "lissa": "LissaInfluence",
     "datainf": "InverseHarmonicMeanInfluence",
+    "ekfac": "EkfacInfluence",
+    "ekfac_empirical": "EkfacInfluence",
 }
 PYDVL_CLASSES = {
     "cg": "CgInfluence",
@@ -85,7 +98,9 @@ PYDVL_CLASSES = {
     "nystroem": "NystroemSketchInfluence",
     "lissa": "LissaInfluence",
     "datainf": "InverseHarmonicMeanInfluence",
+    "ekfac": "EkfacInfluence",
 }
+KRONFLUENCE_FAMILIES = ("ekfac", "ekfac_empirical")  # its Analyzer with FactorArguments(strategy="ekfac")
 
 
 class NotAvailable(Exception):
@@ -103,7 +118,19 @@ def parse_method(method):
 
 
 def method_names(ranks):
-    return ["cg", "cg_plain", *(f"arnoldi{r}" for r in ranks), *(f"nystroem{r}" for r in ranks), "lissa", "datainf"]
+    return ["cg", "cg_plain", "cg_ekfac", *(f"arnoldi{r}" for r in ranks), *(f"nystroem{r}" for r in ranks), "lissa",
+            "datainf", "ekfac", "ekfac_empirical"]
+
+
+def unavailable(lib, method):
+    """Why ``lib`` has no ``method`` (a string), or None when it has it; skinfl is asked in its worker."""
+    family, _ = parse_method(method)
+    if lib == "pydvl" and family not in PYDVL_CLASSES:
+        return {"cg_ekfac": "pyDVL 0.10.0's CG has no EK-FAC preconditioner",
+                "ekfac_empirical": "pyDVL 0.10.0's EkfacInfluence has no empirical-Fisher option"}[family]
+    if lib == "kronfluence" and family not in KRONFLUENCE_FAMILIES:
+        return f"kronfluence is run for {', '.join(KRONFLUENCE_FAMILIES)} only"
+    return None
 
 
 def lissa_scale(top_eigenvalue, regularization=REGULARIZATION):
@@ -129,13 +156,14 @@ def method_settings(method, *, n_params, top_eigenvalue, regularization, batch_s
     """The settings both libraries get for ``method``, in skinfl's terms."""
     family, rank = parse_method(method)
     settings = {"regularization": regularization, "batch_size": batch_size, "loss": "cross_entropy"}
-    if family in ("cg", "cg_plain"):
+    if family in CG_FAMILIES:
+        preconditioner = {"cg": "nystroem", "cg_plain": None, "cg_ekfac": "ekfac"}[family]
         settings.update(
             rtol=CG_RTOL,
             atol=0.0,
             max_iter=CG_MAX_ITER,
-            preconditioner=None if family == "cg_plain" else "nystroem",
-            preconditioner_rank=None if family == "cg_plain" else min(CG_PRECONDITIONER_RANK, n_params),
+            preconditioner=preconditioner,
+            preconditioner_rank=min(CG_PRECONDITIONER_RANK, n_params) if preconditioner == "nystroem" else None,
             block=True,
         )
     elif family == "arnoldi":
@@ -157,6 +185,13 @@ def method_settings(method, *, n_params, top_eigenvalue, regularization, batch_s
         )
     elif family == "datainf":
         settings.update(second_order="gauss_newton", blocks="layer")
+    elif family in ("ekfac", "ekfac_empirical"):
+        settings.update(
+            second_order="gauss_newton",
+            fisher="true" if family == "ekfac" else "empirical",
+            n_target_draws=EKFAC_N_TARGET_DRAWS,
+            correct_eigenvalues=True,
+        )
     return settings
 
 
@@ -170,10 +205,10 @@ def _skinfl_estimator(skinfl, family, model, settings):
     required = {"loss": settings["loss"], "regularization": settings["regularization"],
                 "batch_size": settings["batch_size"]}
     optional = {"random_state": 0}
-    if family in ("cg", "cg_plain"):
+    if family in CG_FAMILIES:
         required.update(rtol=settings["rtol"], atol=settings["atol"], max_iter=settings["max_iter"],
                         preconditioner=settings["preconditioner"])
-        if settings["preconditioner"] is not None:
+        if settings["preconditioner_rank"] is not None:
             required["preconditioner_rank"] = settings["preconditioner_rank"]
         if settings.get("skinfl_cg_method"):
             optional["method"] = settings["skinfl_cg_method"]
@@ -186,6 +221,10 @@ def _skinfl_estimator(skinfl, family, model, settings):
         required.update(scale=settings["scale"], dampen=settings["dampen"], max_iter=settings["max_iter"])
         optional.update(rtol=settings["rtol"], minibatch_size=settings["minibatch_size"])
     elif family == "datainf":
+        optional["second_order"] = settings["second_order"]
+    elif family in ("ekfac", "ekfac_empirical"):
+        required.update(fisher=settings["fisher"], n_target_draws=settings["n_target_draws"],
+                        correct_eigenvalues=settings["correct_eigenvalues"])
         optional["second_order"] = settings["second_order"]
     estimator = cls(model)
     accepted = estimator.get_params(deep=False)
@@ -224,11 +263,13 @@ def _fitted_attributes(estimator):
 
 # ------------------------------------------------------------------- pyDVL
 def _pydvl_estimator(family, model, settings):
+    import torch
     import torch.nn.functional as F
     from pydvl.influence.torch import (
         ArnoldiInfluence,
         BlockMode,
         CgInfluence,
+        EkfacInfluence,
         InverseHarmonicMeanInfluence,
         LissaInfluence,
         NystroemSketchInfluence,
@@ -265,6 +306,14 @@ def _pydvl_estimator(family, model, settings):
             block_structure = BlockMode.FULL
         _weigh_first_batch_in_point_averaging()
         return InverseHarmonicMeanInfluence(model, loss, regularization, block_structure=block_structure)
+    if family == "ekfac":
+        # pyDVL's EK-FAC: cross-entropy only, nn.Linear layers only (fit raises
+        # NotImplementedLayerRepresentationException on anything else), its own Fisher (see the README).
+        # Two of its limitations are lifted where they would apply (the logistic regression of loo_logreg.py).
+        no_bias = any(isinstance(m, torch.nn.Linear) and m.bias is None for m in model.modules())
+        not_float32 = any(p.dtype != torch.float32 for p in model.parameters())
+        cls = _fixed_ekfac_influence() if no_bias or not_float32 else EkfacInfluence
+        return cls(model, update_diagonal=True, hessian_regularization=regularization)
     raise ValueError(family)
 
 
@@ -284,6 +333,61 @@ def _returning_nystroem_preconditioner():
             return self
 
     return ReturningNystroemPreconditioner
+
+
+def _fixed_ekfac_influence():
+    """pyDVL's EkfacInfluence, for float64 models and ``nn.Linear`` layers without bias.
+
+    - pyDVL 0.10.0's ``EkfacInfluence.fit`` allocates its factors in torch's
+      default dtype (float32), so a float64 model fails later with "expected
+      m1 and m2 to have the same dtype". This subclass fits with the default
+      dtype set to the model's.
+    - Its ``_solve_hvp_by_layer`` always takes the last ``out_features``
+      entries of a layer's gradient as the bias and reshapes the others to
+      ``(out_features, -1)``: for a layer without bias (the logistic
+      regression of loo_logreg.py) the weight's ``(out, in)`` layout is then
+      read shifted, and the factors are applied to the wrong entries (the
+      result differs from them applied to the right layout by about 100%).
+      This subclass does what pyDVL does for a layer with bias, and reads a
+      layer without bias as its ``(out, in)`` weight.
+
+    The factors and their eigenvalue correction are pyDVL's own.
+    """
+    import torch
+    from pydvl.influence.torch import EkfacInfluence
+
+    class FixedEkfacInfluence(EkfacInfluence):
+        def fit(self, data):
+            previous = torch.get_default_dtype()
+            torch.set_default_dtype(next(self.model.parameters()).dtype)
+            try:
+                return super().fit(data)
+            finally:
+                torch.set_default_dtype(previous)
+
+        @staticmethod
+        def _solve_hvp_by_layer(rhs, ekfac_representation, hessian_regularization):
+            solved = {}
+            start = 0
+            for layer_id, (module, evecs_a, evecs_g, diag) in ekfac_representation:
+                end = start + diag.shape[0]
+                block, n_out = rhs[:, start:end], evecs_g.shape[0]
+                with_bias = module.bias is not None
+                if with_bias:  # weight (n_out, n_in) row-major, then bias (n_out,): a column of the Kronecker form
+                    block = torch.cat([block[:, :-n_out].reshape(len(rhs), n_out, -1), block[:, -n_out:, None]], dim=2)
+                else:
+                    block = block.reshape(len(rhs), n_out, -1)
+                in_eigenbasis = evecs_g.t() @ block @ evecs_a
+                in_eigenbasis = in_eigenbasis / (diag.reshape(in_eigenbasis.shape[1:]) + hessian_regularization)
+                inverse = evecs_g @ in_eigenbasis @ evecs_a.t()
+                if with_bias:
+                    solved[layer_id] = torch.cat([inverse[:, :, :-1].reshape(len(rhs), -1), inverse[:, :, -1]], dim=1)
+                else:
+                    solved[layer_id] = inverse.reshape(len(rhs), -1)
+                start = end
+            return solved
+
+    return FixedEkfacInfluence
 
 
 def _weigh_first_batch_in_point_averaging():
@@ -469,7 +573,7 @@ def run(args):
         args.method, size, summary, lissa_max_iter=args.lissa_max_iter,
         pydvl_arnoldi_woodbury=not args.pydvl_arnoldi_projected,
     )
-    if args.skinfl_cg_method and family in ("cg", "cg_plain"):
+    if args.skinfl_cg_method and family in CG_FAMILIES:
         settings["skinfl_cg_method"] = args.skinfl_cg_method
     X, y, X_test, y_test = _tensors(size, torch.float32)
     model = P.load_hard_model(args.problem, size)
@@ -477,6 +581,10 @@ def run(args):
         "problem": args.problem, "lib": args.lib, "method": args.method, "n_params": summary["n_params"],
         "n_train": len(X), "n_test": len(X_test), "settings": settings, "threads": args.threads,
     }
+    if unavailable(args.lib, args.method):
+        print("RESULT " + json.dumps({**base, "status": "not available", "reason": unavailable(args.lib, args.method)}),
+              flush=True)
+        return
 
     # Warm-up settings: small, valid on the warm-up model (a few hundred parameters), quick.
     warm_settings = dict(settings, regularization=1.0)
@@ -492,6 +600,7 @@ def run(args):
         import skinfl
 
         version = skinfl.__version__
+        not_supported = ()
         try:
             estimator, dropped = _skinfl_estimator(skinfl, family, model, settings)
         except NotAvailable as error:
@@ -504,13 +613,15 @@ def run(args):
             Xf, yf, Xt, yt = data
             return (lambda: est.fit(Xf, yf)), (lambda: est.influences(Xt, yt)), est
 
-    else:
+    elif args.lib == "pydvl":
         import pydvl
         from pydvl.influence import InfluenceMode
+        from pydvl.influence.base_influence_function_model import NotImplementedLayerRepresentationException
         from torch.utils.data import DataLoader, TensorDataset
 
         version = pydvl.__version__
         dropped = []
+        not_supported = (NotImplementedLayerRepresentationException,)  # its EK-FAC on layers other than Linear
 
         def make(model, settings, data):
             Xf, yf, Xt, yt = data
@@ -528,13 +639,46 @@ def run(args):
                 est,
             )
 
+    else:  # kronfluence, in pyDVL's venv
+        try:
+            import kronfluence
+
+            import _kronfluence as K
+        except ImportError as error:
+            print("RESULT " + json.dumps({**base, "status": "not available", "reason": (
+                f"kronfluence cannot be imported in {sys.executable}'s environment ({error}); "
+                "bash benchmarks/setup_pydvl_env.sh installs it")}), flush=True)
+            return
+        import itertools
+        import tempfile
+
+        version = kronfluence.__version__
+        dropped = []
+        (size.work_dir / "kronfluence").mkdir(parents=True, exist_ok=True)
+        scratch = Path(tempfile.mkdtemp(prefix=f"{args.problem}_{args.method}_", dir=size.work_dir / "kronfluence"))
+        analyses = itertools.count()
+
+        def make(model, settings, data):
+            Xf, yf, Xt, yt = data
+            est = K.KronfluenceEkfac(model, regularization=settings["regularization"],
+                                     batch_size=settings["batch_size"], work_dir=scratch, fisher=settings["fisher"],
+                                     name=f"analysis{next(analyses)}")
+            return (lambda: est.fit(Xf, yf)), (lambda: est.influences(Xt, yt)), est
+
+    def report_not_supported(error):
+        print("RESULT " + json.dumps({**base, "status": "not supported", "reason": f"{type(error).__name__}: {error}",
+                                      "library_version": version}), flush=True)
+
     fit, influences, estimator = make(model, settings, (X, y, X_test, y_test))
     rss_loaded_mb = _maxrss_mb()
     with warnings.catch_warnings(record=True) as warm_caught:
         warnings.simplefilter("always")
         start = time.perf_counter()
         warm_fit, warm_influences, _ = make(warm_model, warm_settings, warm_data)
-        warm_fit()
+        try:
+            warm_fit()
+        except not_supported as error:
+            return report_not_supported(error)
         warm_influences()
         warmup_s = time.perf_counter() - start
     rss_import_mb = _maxrss_mb()
@@ -546,11 +690,18 @@ def run(args):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         start = time.perf_counter()
-        fit()
+        try:
+            fit()
+        except not_supported as error:
+            return report_not_supported(error)
         fitted = time.perf_counter()
         result = influences()
         done = time.perf_counter()
     peak_mb = _maxrss_mb()
+    if args.lib == "kronfluence":
+        import shutil
+
+        shutil.rmtree(scratch, ignore_errors=True)  # its factor and score files
 
     matrix = result.detach().cpu().numpy() if isinstance(result, torch.Tensor) else np.asarray(result)
     out = matrix_path(args.problem, args.lib, args.method, size)
@@ -562,7 +713,7 @@ def run(args):
         fitted_attributes = _fitted_attributes(estimator)
         if "n_iter_" in fitted_attributes:
             iterations = {"n_iter_": fitted_attributes["n_iter_"]}
-    else:
+    elif args.lib == "pydvl":
         iterations = _pydvl_iterations(collector.records)
 
     log_messages = [f"{logging.getLevelName(level)} {name}: {msg}"
@@ -576,6 +727,7 @@ def run(args):
         "python": sys.version.split()[0],
         "dtype": "float32",
         "dropped_settings": dropped,
+        "library_settings": estimator.settings() if args.lib == "kronfluence" else None,
         "fitted": fitted_attributes,
         "warmup_s": warmup_s,
         "warmup_warnings": summarise_messages([f"{w.category.__name__}: {w.message}" for w in warm_caught]),
@@ -608,7 +760,7 @@ def main(argv=None):
         else:
             command.add_argument("--problem", required=True)
         if name == "run":
-            command.add_argument("--lib", choices=("skinfl", "pydvl"), required=True)
+            command.add_argument("--lib", choices=("skinfl", "pydvl", "kronfluence"), required=True)
             command.add_argument("--method", required=True)
             command.add_argument("--lissa-max-iter", type=int, default=LISSA_MAX_ITER)
             command.add_argument("--pydvl-arnoldi-projected", action="store_true")

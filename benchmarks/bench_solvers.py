@@ -1,8 +1,9 @@
-"""Inverse-curvature solvers of skinfl against pyDVL 0.10.0's on hard digits models.
+"""Inverse-curvature solvers of skinfl against pyDVL 0.10.0's (and kronfluence 1.0.1's EK-FAC) on hard digits models.
 
 Usage::
 
     /work/venv/bin/python benchmarks/bench_solvers.py [--quick] [--only TOKEN[,TOKEN...]] [--skip-pydvl]
+                                                      [--skip-kronfluence]
 
 Problems (standardised ``load_digits``, 1397 training and 100 test points;
 models trained to a minimum of cross-entropy + 1e-3/2 ||theta||^2 with
@@ -14,15 +15,20 @@ full-batch LBFGS, cached under ``benchmarks/.work/hard/``):
 
 Methods, with the same settings on both sides (``regularization=1e-3``, the
 training penalty): ``cg`` (block CG, Nystroem preconditioner of rank 100),
-``cg_plain`` (block CG, no preconditioner), ``arnoldi<rank>``,
-``nystroem<rank>`` (ranks 50 and 100), ``lissa``, ``datainf``.
+``cg_plain`` (block CG, no preconditioner), ``cg_ekfac`` (block CG, EK-FAC
+preconditioner; skinfl only), ``arnoldi<rank>``, ``nystroem<rank>`` (ranks 50
+and 100), ``lissa``, ``datainf``, ``ekfac`` (EK-FAC of the true Fisher, one
+target drawn per point; also kronfluence's, run in pyDVL's venv; pyDVL's
+supports nn.Linear only) and ``ekfac_empirical`` (the same with the
+training labels: skinfl and kronfluence, a deterministic check that both
+compute the same thing).
 
 Every (problem, library, method) runs in a fresh process (_solver_worker.py),
 which times ``fit`` and the 100 x 1397 influence matrix and reports its peak
 resident memory. Agreement is measured against a float64 reference (skinfl's
 DirectInfluence up to 10,000 parameters, else CgInfluence with rtol=1e-8),
-computed once per model and cached. A method skinfl does not have (yet) is
-reported as "not available".
+computed once per model and cached. A method a library does not have (yet) is
+reported as "not available", pyDVL's EK-FAC on the CNN as "not supported".
 
 Results: a table on stdout and ``benchmarks/results/solvers.{md,json}``
 (``solvers_quick`` with ``--quick``; ``--only`` and ``--skip-pydvl`` add
@@ -51,7 +57,8 @@ import _solver_worker as W  # noqa: E402  (constants and settings; nothing heavy
 
 WORKER = HERE / "_solver_worker.py"
 DEFAULT_PYDVL_PYTHON = HERE / ".venv-pydvl" / "bin" / "python"
-LIBRARIES = ("skinfl", "pydvl")
+LIBRARIES = ("skinfl", "pydvl", "kronfluence")
+OTHERS = {"pydvl": "pyDVL", "kronfluence": "kronfluence"}  # compared with skinfl, with their display names
 
 
 # ----------------------------------------------------------------- accuracy
@@ -98,32 +105,51 @@ def _iterations(run):
     return "+".join(str(v) for v in values[:3]) + ("+..." if len(values) > 3 else "")
 
 
+def _versus(mine, theirs):
+    """Time ratio (theirs / mine) and a direct comparison of the two matrices, when both ran."""
+    if mine.get("status") != "ok" or theirs.get("status") != "ok":
+        return None, None
+    ratio = theirs["total_s"] / mine["total_s"]
+    a, b = (np.load(P.REPO_ROOT / run["matrix"]).astype(np.float64) for run in (mine, theirs))
+    cross = None
+    if a.shape == b.shape and np.isfinite(a).all() and np.isfinite(b).all():
+        cross = {"pearson": float(np.corrcoef(a.ravel(), b.ravel())[0, 1]),
+                 "norm_ratio": float(np.linalg.norm(a) / np.linalg.norm(b))}
+    return ratio, cross
+
+
 def comparison_rows(runs, problems, methods):
     rows = []
     for problem in problems:
         for method in methods:
-            pair = {lib: runs.get((problem, lib, method)) for lib in LIBRARIES}
-            if not any(pair.values()):
+            row = {lib: runs.get((problem, lib, method)) or {} for lib in LIBRARIES}
+            if not any(row.values()):
                 continue
-            mine, theirs = pair["skinfl"] or {}, pair["pydvl"] or {}
-            ratio = cross = None
-            if mine.get("status") == "ok" and theirs.get("status") == "ok":
-                ratio = theirs["total_s"] / mine["total_s"]
-                a, b = (np.load(P.REPO_ROOT / run["matrix"]).astype(np.float64) for run in (mine, theirs))
-                if a.shape == b.shape and np.isfinite(a).all() and np.isfinite(b).all():
-                    cross = {"pearson": float(np.corrcoef(a.ravel(), b.ravel())[0, 1]),
-                             "norm_ratio": float(np.linalg.norm(a) / np.linalg.norm(b))}
-            rows.append({"problem": problem, "method": method, "skinfl": mine, "pydvl": theirs, "ratio": ratio,
-                         "cross": cross, "n_params": mine.get("n_params") or theirs.get("n_params")})
+            row.update(problem=problem, method=method, ratio={}, cross={},
+                       n_params=next((row[lib]["n_params"] for lib in LIBRARIES if row[lib].get("n_params")), None))
+            for lib in OTHERS:
+                row["ratio"][lib], row["cross"][lib] = _versus(row["skinfl"], row[lib])
+            rows.append(row)
     return rows
 
 
-HEADER = ["problem", "params", "method", "skinfl s", "pyDVL s", "pyDVL/skinfl", "skinfl MB", "pyDVL MB",
-          "skinfl Pearson", "pyDVL Pearson", "skinfl Spearman", "pyDVL Spearman", "iterations skinfl / pyDVL",
-          "skinfl vs pyDVL: Pearson, norm ratio"]
+def table_libraries(rows):
+    """The libraries that get columns: kronfluence only when it ran (it has EK-FAC only)."""
+    return [lib for lib in LIBRARIES if lib != "kronfluence" or any(row["kronfluence"] for row in rows)]
 
 
-def _cells(row):
+def header(libraries):
+    names = {"skinfl": "skinfl", **OTHERS}
+    others = [lib for lib in libraries if lib != "skinfl"]
+    return (["problem", "params", "method"] + [f"{names[lib]} s" for lib in libraries]
+            + [f"{names[lib]}/skinfl" for lib in others] + [f"{names[lib]} MB" for lib in libraries]
+            + [f"{names[lib]} Pearson" for lib in libraries] + [f"{names[lib]} Spearman" for lib in libraries]
+            + ["iterations skinfl / pyDVL"] + [f"skinfl vs {names[lib]}: Pearson, norm ratio" for lib in others])
+
+
+def _cells(row, libraries):
+    others = [lib for lib in libraries if lib != "skinfl"]
+
     def side(lib, key, spec):
         run = row[lib]
         if not run:
@@ -138,16 +164,20 @@ def _cells(row):
             return "-"
         return f"{run['peak_mb']:.0f} (+{run['work_mb']:.0f})"
 
-    return [
-        row["problem"], fmt(row["n_params"], ","), row["method"],
-        side("skinfl", "total_s", ".2f"), side("pydvl", "total_s", ".2f"),
-        "-" if row["ratio"] is None else f"{row['ratio']:.2f}x",
-        memory("skinfl"), memory("pydvl"),
-        side("skinfl", "pearson", ".6f"), side("pydvl", "pearson", ".6f"),
-        side("skinfl", "spearman_rows", ".4f"), side("pydvl", "spearman_rows", ".4f"),
-        f"{_iterations(row['skinfl'])} / {_iterations(row['pydvl'])}",
-        "-" if row["cross"] is None else f"{row['cross']['pearson']:.6f}, {row['cross']['norm_ratio']:.3f}",
-    ]
+    def versus(lib):
+        cross = row["cross"][lib]
+        return "-" if cross is None else f"{cross['pearson']:.6f}, {cross['norm_ratio']:.3f}"
+
+    return (
+        [row["problem"], fmt(row["n_params"], ","), row["method"]]
+        + [side(lib, "total_s", ".2f") for lib in libraries]
+        + ["-" if row["ratio"][lib] is None else f"{row['ratio'][lib]:.2f}x" for lib in others]
+        + [memory(lib) for lib in libraries]
+        + [side(lib, "pearson", ".6f") for lib in libraries]
+        + [side(lib, "spearman_rows", ".4f") for lib in libraries]
+        + [f"{_iterations(row['skinfl'])} / {_iterations(row['pydvl'])}"]
+        + [versus(lib) for lib in others]
+    )
 
 
 def detail_rows(runs):
@@ -187,7 +217,8 @@ def main(argv=None):
                         help="200 training / 10 test points, small models, rank 50, LiSSA 100 steps: a smoke test")
     parser.add_argument("--only", help="comma-separated problems and/or methods, e.g. mlp,cg or wide_mlp")
     parser.add_argument("--ranks", default=None, help="Arnoldi/Nystroem ranks (default 50,100; --quick 50)")
-    parser.add_argument("--skip-pydvl", action="store_true", help="run skinfl only")
+    parser.add_argument("--skip-pydvl", action="store_true", help="run skinfl only (kronfluence runs in pyDVL's venv)")
+    parser.add_argument("--skip-kronfluence", action="store_true", help="no kronfluence runs (EK-FAC rows)")
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds per worker (default 3600)")
     parser.add_argument("--reference-timeout", type=float, default=10800.0,
                         help="seconds for computing a reference (once per model; default 10800)")
@@ -214,7 +245,8 @@ def main(argv=None):
         parser.error(f"{args.pydvl_python} not found: run `bash benchmarks/setup_pydvl_env.sh` or pass --skip-pydvl")
     name = args.output or "solvers" + ("_quick" if args.quick else "") + (
         "_" + "-".join(t.strip() for t in args.only.split(",")) if args.only else "") + (
-        "_skinfl" if args.skip_pydvl else "")
+        "_skinfl" if args.skip_pydvl else "_no-kronfluence" if args.skip_kronfluence else "")
+    skipped = {"pydvl": args.skip_pydvl, "kronfluence": args.skip_pydvl or args.skip_kronfluence}
     command = command_line(argv, P.REPO_ROOT)
     started = _dt.datetime.now().astimezone()
     load_before = os.getloadavg()
@@ -280,7 +312,13 @@ def main(argv=None):
         reference = np.load(W.reference_path(problem, size)) if "estimator" in references[problem] else None
         for method in methods:
             for lib in LIBRARIES:
-                if lib == "pydvl" and args.skip_pydvl:
+                if skipped.get(lib) or (lib == "kronfluence" and W.unavailable(lib, method)):
+                    continue
+                reason = W.unavailable(lib, method)
+                if reason:  # no process needed to say so
+                    runs[problem, lib, method] = {"problem": problem, "lib": lib, "method": method,
+                                                  "status": "not available", "reason": reason}
+                    print(f"  {problem:9s} {lib:11s} {method:15s} not available: {reason}", flush=True)
                     continue
                 worker_args = ["run", "--problem", problem, "--lib", lib, "--method", method,
                                "--size", size.name, "--threads", str(args.threads),
@@ -289,7 +327,7 @@ def main(argv=None):
                     worker_args.append("--pydvl-arnoldi-projected")
                 if args.skinfl_cg_method:
                     worker_args += ["--skinfl-cg-method", args.skinfl_cg_method]
-                python = args.pydvl_python if lib == "pydvl" else args.skinfl_python
+                python = args.skinfl_python if lib == "skinfl" else args.pydvl_python  # kronfluence: pyDVL's venv
                 attempts = []
                 for _ in range(args.repeat):
                     rec, status, wall, err = launch(python, WORKER, worker_args,
@@ -311,7 +349,7 @@ def main(argv=None):
                                                        "status": status, "stderr_tail": err}
                 run["worker_wall_s"] = attempts[-1][2]
                 runs[problem, lib, method] = run
-                line = f"  {problem:9s} {lib:6s} {method:11s} {run.get('status', '?'):13s}"
+                line = f"  {problem:9s} {lib:11s} {method:15s} {run.get('status', '?'):13s}"
                 if run.get("status") == "ok":
                     line += (f" fit {run['fit_s']:8.2f} s  influences {run['influences_s']:8.2f} s  "
                              f"peak {run['peak_mb']:6.0f} MB  Pearson {fmt(run.get('pearson'), '.5f')}  "
@@ -326,9 +364,10 @@ def main(argv=None):
 
     # 5. tables and files.
     rows = comparison_rows(runs, problems, methods)
-    body = [_cells(row) for row in rows]
+    libraries = table_libraries(rows)
+    body = [_cells(row, libraries) for row in rows]
     print()
-    print(text_table(HEADER, body))
+    print(text_table(header(libraries), body))
     versions = {}
     for lib in LIBRARIES:
         first = next((r for (_, l, _), r in runs.items() if l == lib and r.get("status") == "ok"), None)
@@ -353,8 +392,9 @@ def main(argv=None):
         "skinfl_commit": P.git_state(), "machine": machine, "settings": settings, "lissa_scale": lissa_scales,
         "models": models, "plain_cg": hardness, "references": references,
         "runs": list(runs.values()),
-        "comparison": [{"problem": r["problem"], "method": r["method"], "pyDVL_over_skinfl_time": r["ratio"],
-                        "skinfl_vs_pydvl": r["cross"]} for r in rows],
+        "comparison": [{"problem": r["problem"], "method": r["method"],
+                        **{f"{OTHERS[lib]}_over_skinfl_time": r["ratio"][lib] for lib in OTHERS},
+                        **{f"skinfl_vs_{lib}": r["cross"][lib] for lib in OTHERS}} for r in rows],
         "notes": notes,
     }
     json_path.write_text(json.dumps(payload, indent=2, default=str) + "\n")
@@ -373,7 +413,9 @@ def main(argv=None):
         f"{machine['memory']} RAM; 1-min load average {load_before[0]:.1f} at start, {os.getloadavg()[0]:.1f} at end",
         f"- skinfl {versions.get('skinfl_version', '?')} (commit {P.git_state()}), torch "
         f"{versions.get('skinfl_env_torch', '?')}; pyDVL {versions.get('pydvl_version', '-')} (own venv, torch "
-        f"{versions.get('pydvl_env_torch', '-')}, numpy {versions.get('pydvl_env_numpy', '-')})",
+        f"{versions.get('pydvl_env_torch', '-')}, numpy {versions.get('pydvl_env_numpy', '-')})"
+        + (f"; kronfluence {versions['kronfluence_version']} (in pyDVL's venv)" if "kronfluence_version" in versions
+           else ""),
     ]
     if busy:
         md.append(f"- **{busy}**")
@@ -383,14 +425,14 @@ def main(argv=None):
                            f"plain CG iterations (rtol {W.CG_RTOL:g}, first {W.HARDNESS_RHS} test points)",
                            "converged", "reference"], hard_body, n_left=2),
            "", "## Time, memory, agreement with the reference", "",
-           markdown_table(HEADER, body), "", "## Each run", ""]
-    header, details = detail_rows(runs)
-    md += [markdown_table(header, details), "", "## Notes", ""] + [f"- {n}" for n in notes]
+           markdown_table(header(libraries), body), "", "## Each run", ""]
+    detail_header, details = detail_rows(runs)
+    md += [markdown_table(detail_header, details), "", "## Notes", ""] + [f"- {n}" for n in notes]
     md_path.write_text("\n".join(md) + "\n")
     print("\n".join(f"  {n}" for n in notes))
     print(f"\nwrote {json_path.relative_to(P.REPO_ROOT)} and {md_path.relative_to(P.REPO_ROOT)} "
           f"({total_s / 60:.1f} minutes)")
-    return 0 if all(r.get("status") in ("ok", "not available") for r in runs.values()) else 1
+    return 0 if all(r.get("status") in ("ok", "not available", "not supported") for r in runs.values()) else 1
 
 
 def notes_for(size, args, lissa_scales, references):
@@ -432,6 +474,20 @@ def notes_for(size, args, lissa_scales, references):
         "parameters; DataInf inverts per layer).",
         "Iterations: skinfl's n_iter_ where the estimator has it (CG: of the influences call; Arnoldi: its "
         "eigensolver's); pyDVL's from its DEBUG log (block CG and LiSSA iterations).",
+        f"ekfac: skinfl EkfacInfluence(fisher='true', n_target_draws={W.EKFAC_N_TARGET_DRAWS}, "
+        "correct_eigenvalues=True, random_state=0) (Kronecker blocks for Linear and Conv2d); pyDVL "
+        "EkfacInfluence(update_diagonal=True, hessian_regularization=regularization) (Linear only: 'not supported' "
+        "on the CNN; its Fisher comes from one backward pass of sum_c sqrt(p_c) log p_c per batch, not from drawn "
+        "targets); kronfluence Analyzer with FactorArguments(strategy='ekfac') (true Fisher, one drawn target per "
+        "point), ScoreArguments(damping_factor=regularization), summed cross-entropy as train loss and measurement "
+        "(its eigenvalues are means over samples, so the damping is not rescaled; see _kronfluence.py), pairwise "
+        "scores of every test point against every training point, factor and score files in a temporary folder "
+        "under .work/ (their I/O is timed). The three draw their targets from different generators: their "
+        "matrices differ by sampling noise.",
+        "ekfac_empirical: the same with the training labels (skinfl fisher='empirical', kronfluence "
+        "use_empirical_fisher=True): no sampling, so skinfl and kronfluence should agree to float32 rounding.",
+        "cg_ekfac: skinfl CgInfluence(preconditioner='ekfac') with the cg settings (one target drawn per point "
+        "for the preconditioner, random_state=0); pyDVL has no EK-FAC preconditioner.",
     ]
 
 

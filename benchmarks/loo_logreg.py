@@ -2,7 +2,7 @@
 
 Usage::
 
-    /work/venv/bin/python benchmarks/loo_logreg.py [--quick] [--skip-pydvl] [--reuse-truth]
+    /work/venv/bin/python benchmarks/loo_logreg.py [--quick] [--skip-pydvl] [--skip-kronfluence] [--reuse-truth]
 
 The model and ground truth are section A of accuracy.py: L2 logistic
 regression (C=0.1, no intercept, 640 parameters) on ``load_digits``
@@ -15,14 +15,18 @@ earlier run of this script or of accuracy.py.
 
 Estimators, each library with the same settings (those of bench_solvers.py,
 at the model's regularization 1 / (C n) = 0.01): Direct, CG (block, Nystroem
-preconditioner of rank 100, rtol 1e-4), Arnoldi and Nystroem at ranks 50 and
-100, LiSSA (scale from the top Hessian eigenvalue, 1000 steps of minibatch
-100), DataInf (per layer). A skinfl estimator that does not exist (yet) is
-reported as "not available". pyDVL runs in its own virtual environment, in
-one subprocess (_pydvl_accuracy.py).
+preconditioner of rank 100, rtol 1e-4), CG with the EK-FAC preconditioner
+(skinfl only), Arnoldi and Nystroem at ranks 50 and 100, LiSSA (scale from
+the top Hessian eigenvalue, 1000 steps of minibatch 100), DataInf (per
+layer), EK-FAC of the true Fisher (one target drawn per point; skinfl, pyDVL
+and kronfluence 1.0.1) and of the empirical Fisher (skinfl and kronfluence).
+The model is one ``nn.Linear`` without bias: one Kronecker block. A method a
+library does not have (yet) is reported as "not available". pyDVL and
+kronfluence run in pyDVL's virtual environment, in one subprocess
+(_pydvl_accuracy.py).
 
 Results: ``benchmarks/results/loo_logreg.{md,json}`` (``_quick`` /
-``_skinfl`` appended for partial runs).
+``_skinfl`` / ``_no-kronfluence`` appended for partial runs).
 """
 
 from __future__ import annotations
@@ -52,10 +56,19 @@ import accuracy as A  # noqa: E402
 RANKS = (50, 100)
 LISSA_MINIBATCH = 100  # divides both setups' n_train (pyDVL takes LiSSA's minibatch from its DataLoader)
 THREADS = 2
+OTHERS = {"pydvl": "pyDVL", "kronfluence": "kronfluence"}  # run in pyDVL's venv, compared with skinfl
 
 
 def methods():
-    return ["direct", "cg", *(f"arnoldi{r}" for r in RANKS), *(f"nystroem{r}" for r in RANKS), "lissa", "datainf"]
+    return ["direct", "cg", "cg_ekfac", *(f"arnoldi{r}" for r in RANKS), *(f"nystroem{r}" for r in RANKS), "lissa",
+            "datainf", "ekfac", "ekfac_empirical"]
+
+
+def unavailable(lib, method):
+    """Why ``lib`` (pyDVL or kronfluence) has no ``method``, or None."""
+    if method == "direct":
+        return "kronfluence has no direct inverse" if lib == "kronfluence" else None
+    return W.unavailable(lib, method)
 
 
 def settings_for(method, n_params, top_eigenvalue, regularization, setup):
@@ -110,7 +123,8 @@ def warm_up(model_factory):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="200 training / 20 test points (about a minute)")
-    parser.add_argument("--skip-pydvl", action="store_true")
+    parser.add_argument("--skip-pydvl", action="store_true", help="skinfl only (kronfluence runs in pyDVL's venv)")
+    parser.add_argument("--skip-kronfluence", action="store_true", help="no kronfluence tasks")
     parser.add_argument("--reuse-truth", action="store_true",
                         help="read the leave-one-out truth stored by an earlier run (this script or accuracy.py)")
     parser.add_argument("--n-jobs", type=int, default=2, help="parallel retrainings for the ground truth")
@@ -128,7 +142,9 @@ def main(argv=None):
 
     torch.set_num_threads(THREADS)
     setup = A.QUICK if args.quick else A.FULL
-    name = "loo_logreg" + ("_quick" if args.quick else "") + ("_skinfl" if args.skip_pydvl else "")
+    name = "loo_logreg" + ("_quick" if args.quick else "") + (
+        "_skinfl" if args.skip_pydvl else "_no-kronfluence" if args.skip_kronfluence else "")
+    skipped = {"pydvl": args.skip_pydvl, "kronfluence": args.skip_pydvl or args.skip_kronfluence}
     command = " ".join(shlex.quote(a) for a in [sys.executable, os.path.relpath(__file__, P.REPO_ROOT),
                                                 *(sys.argv[1:] if argv is None else argv)])
     started = _dt.datetime.now().astimezone()
@@ -157,7 +173,7 @@ def main(argv=None):
 
     warm_up(lambda: P._mlp(hidden=4).double())
     settings = {m: settings_for(m, n_params, top, regularization, setup) for m in methods()}
-    results = {"skinfl": {}, "pydvl": {}}
+    results = {"skinfl": {}, "pydvl": {}, "kronfluence": {}}
     matrices = {}
     for method in methods():
         run = run_skinfl(method, model, settings[method], X, y, X_test, y_test)
@@ -174,39 +190,55 @@ def main(argv=None):
     pydvl_versions = None
     if not args.skip_pydvl:
         torch.save(model.state_dict(), work / "logreg.pt")
-        tasks = []
-        for method in methods():
-            task = {"name": f"logreg/{method}", "model": "logreg", "method": method, "labels": "y_train",
-                    "batch_size": settings[method]["batch_size"],
-                    "outputs": [{"query": "test", "regularization": regularization,
-                                 "file": f"pydvl_logreg_{method}.npy"}]}
-            if method != "direct":
-                task["settings"] = settings[method]
-            tasks.append(task)
-        print("pyDVL (own venv, one subprocess)", flush=True)
-        pydvl = A.run_pydvl(SimpleNamespace(work_dir=work), tasks, args.pydvl_python, THREADS, args.timeout)
+        tasks = {}  # (library, method) -> task; pyDVL and kronfluence share one subprocess
+        for lib in OTHERS:
+            for method in methods():
+                if skipped[lib]:
+                    continue
+                if unavailable(lib, method):
+                    if lib == "pydvl":  # kronfluence, which has EK-FAC only, gets no entry: "-" in the table
+                        results[lib][method] = {"status": "not available", "reason": unavailable(lib, method)}
+                    continue
+                prefix = "pydvl" if lib == "pydvl" else "kronfluence"
+                task = {"name": f"logreg/{method}" if lib == "pydvl" else f"logreg/{lib}/{method}", "model": "logreg",
+                        "method": method, "labels": "y_train", "batch_size": settings[method]["batch_size"],
+                        "outputs": [{"query": "test", "regularization": regularization,
+                                     "file": f"{prefix}_logreg_{method}.npy"}]}
+                if method != "direct":
+                    task["settings"] = settings[method]
+                if lib == "kronfluence":
+                    task["library"] = "kronfluence"
+                tasks[lib, method] = task
+        print("pyDVL and kronfluence (pyDVL's venv, one subprocess)", flush=True)
+        pydvl = A.run_pydvl(SimpleNamespace(work_dir=work), list(tasks.values()), args.pydvl_python, THREADS,
+                            args.timeout)
         if pydvl is not None:
             pydvl_versions = pydvl["versions"]
-            for method in methods():
-                task, output = A.pydvl_output(pydvl, f"logreg/{method}", "test", regularization)
+            for (lib, method), sent in tasks.items():
+                task, output = A.pydvl_output(pydvl, sent["name"], "test", regularization)
                 if output is None:
-                    results["pydvl"][method] = {"status": (task or {}).get("status", "missing")}
+                    results[lib][method] = {"status": (task or {}).get("status", "missing")}
                     continue
-                matrices["pydvl", method] = output["values"]
+                matrices[lib, method] = output["values"]
                 scores = metrics.leave_one_out_agreement(output["values"], loo)
-                results["pydvl"][method] = {"status": "ok", "pearson": scores.pearson, "spearman": scores.spearman,
-                                            "fit_s": task["fit_s"], "influences_s": output["seconds"],
-                                            "warnings": task["warnings"]}
+                results[lib][method] = {"status": "ok", "pearson": scores.pearson, "spearman": scores.spearman,
+                                        "fit_s": task["fit_s"], "influences_s": output["seconds"],
+                                        "warnings": task["warnings"]}
+                if lib == "kronfluence":
+                    results[lib][method]["settings"] = task["settings"].get("kronfluence")
 
     direct = matrices.get(("skinfl", "direct"))
     for (lib, method), matrix in matrices.items():
         if direct is not None:
             agreement = metrics.reference_agreement(matrix, direct)
             results[lib][method]["pearson_vs_skinfl_direct"] = agreement.pearson
-        if lib == "skinfl" and ("pydvl", method) in matrices:
-            other = matrices["pydvl", method]
-            results[lib][method]["pearson_vs_pydvl"] = float(np.corrcoef(matrix.ravel(), other.ravel())[0, 1])
-            results[lib][method]["norm_ratio_vs_pydvl"] = float(np.linalg.norm(matrix) / np.linalg.norm(other))
+        for other_lib in OTHERS:
+            if lib == "skinfl" and (other_lib, method) in matrices:
+                other = matrices[other_lib, method]
+                results[lib][method].update({
+                    f"pearson_vs_{other_lib}": float(np.corrcoef(matrix.ravel(), other.ravel())[0, 1]),
+                    f"norm_ratio_vs_{other_lib}": float(np.linalg.norm(matrix) / np.linalg.norm(other)),
+                })
 
     def cell(lib, method, key, spec):
         entry = results[lib].get(method) or {}
@@ -217,12 +249,19 @@ def main(argv=None):
             value = entry["fit_s"] + entry["influences_s"]
         return "-" if value is None else format(value, spec)
 
-    header = ["method", "skinfl Pearson", "pyDVL Pearson", "skinfl Spearman", "pyDVL Spearman",
-              "skinfl s", "pyDVL s", "skinfl vs pyDVL Pearson", "||skinfl|| / ||pyDVL||"]
-    body = [[m, cell("skinfl", m, "pearson", ".4f"), cell("pydvl", m, "pearson", ".4f"),
-             cell("skinfl", m, "spearman", ".4f"), cell("pydvl", m, "spearman", ".4f"),
-             cell("skinfl", m, "seconds", ".2f"), cell("pydvl", m, "seconds", ".2f"),
-             cell("skinfl", m, "pearson_vs_pydvl", ".6f"), cell("skinfl", m, "norm_ratio_vs_pydvl", ".4f")]
+    # kronfluence's columns only when it ran (it has EK-FAC only).
+    libraries = ["skinfl", "pydvl"] + (["kronfluence"] if results["kronfluence"] else [])
+    others = libraries[1:]
+    names = {"skinfl": "skinfl", **OTHERS}
+    header = (["method"] + [f"{names[lib]} Pearson" for lib in libraries]
+              + [f"{names[lib]} Spearman" for lib in libraries] + [f"{names[lib]} s" for lib in libraries]
+              + [f"skinfl vs {names[lib]} Pearson" for lib in others]
+              + [f"||skinfl|| / ||{names[lib]}||" for lib in others])
+    body = [[m] + [cell(lib, m, "pearson", ".4f") for lib in libraries]
+            + [cell(lib, m, "spearman", ".4f") for lib in libraries]
+            + [cell(lib, m, "seconds", ".2f") for lib in libraries]
+            + [cell("skinfl", m, f"pearson_vs_{lib}", ".6f") for lib in others]
+            + [cell("skinfl", m, f"norm_ratio_vs_{lib}", ".4f") for lib in others]
             for m in methods()]
     from _common import markdown_table, text_table
 
@@ -235,12 +274,23 @@ def main(argv=None):
         f"{setup.n_test} test points; leave-one-out over all training points ({len(loo.removed) + 1} fits).",
         "Pearson / Spearman: per test point, across training points, of influences / n against the actual "
         "test-loss change after retraining without the point; averaged over test points.",
-        "Settings (both libraries): " + "; ".join(
+        "Settings (every library): " + "; ".join(
             f"{m}: " + ", ".join(f"{k}={v}" for k, v in s.items() if k not in ("loss",)) for m, s in settings.items()),
         "pyDVL CG: solve_simultaneously=True, rtol=sqrt(1e-4), atol=1e-10 (it stops at ||r|| < max(rtol^2 ||b||, "
         "atol^2)); Arnoldi use_woodbury=True; DataInf BlockMode.LAYER_WISE; LiSSA minibatch = its DataLoader batch.",
-        f"Wall times are informative only: skinfl runs in this process, pyDVL in a subprocess, each after a "
-        f"small warm-up; {THREADS} torch threads.",
+        "ekfac: skinfl EkfacInfluence(fisher='true', n_target_draws=1, correct_eigenvalues=True, random_state=0); "
+        "pyDVL EkfacInfluence(update_diagonal=True, hessian_regularization=regularization), its Fisher from one "
+        "backward pass of sum_c sqrt(p_c) log p_c per batch, with two fixes (_solver_worker._fixed_ekfac_influence: "
+        "factors in the model's dtype, float64 here, instead of torch's default float32; a Linear layer without "
+        "bias read as its (out, in) weight, pyDVL 0.10.0 shifts it by taking the last out_features entries as "
+        "a bias); kronfluence 1.0.1 Analyzer, FactorArguments(strategy='ekfac'), "
+        "ScoreArguments(damping_factor=regularization), summed cross-entropy, float64 (_kronfluence.py), the "
+        "bare Linear put in an nn.Sequential (prepare_model wraps modules inside a parent). ekfac_empirical: "
+        "training labels instead of drawn targets (skinfl fisher='empirical', kronfluence "
+        "use_empirical_fisher=True): no sampling, so the two should agree to rounding. cg_ekfac: skinfl "
+        "CgInfluence(preconditioner='ekfac') with the cg settings.",
+        f"Wall times are informative only: skinfl runs in this process, pyDVL and kronfluence in a subprocess, "
+        f"each after a small warm-up; {THREADS} torch threads.",
     ]
     payload = {"command": command, "date": started.isoformat(timespec="seconds"), "total_s": total_s,
                "skinfl_version": skinfl.__version__, "skinfl_commit": P.git_state(), "pydvl": pydvl_versions,
@@ -253,7 +303,9 @@ def main(argv=None):
           f"- Command: `{command}` ({total_s / 60:.1f} minutes)",
           f"- Date: {started.strftime('%Y-%m-%d %H:%M %Z')}; skinfl {skinfl.__version__} (commit {P.git_state()})"
           + (f"; pyDVL {pydvl_versions['pydvl']} (torch {pydvl_versions['torch']}, numpy {pydvl_versions['numpy']})"
-             if pydvl_versions else ""),
+             if pydvl_versions else "")
+          + (f"; kronfluence {pydvl_versions['kronfluence']} (pyDVL's venv)"
+             if pydvl_versions and "kronfluence" in pydvl_versions and results["kronfluence"] else ""),
           "", markdown_table(header, body, n_left=1), "", "## Notes", ""] + [f"- {n}" for n in notes]
     warned = [f"{lib} {m}: {w}" for lib in results for m, r in results[lib].items() for w in r.get("warnings", [])]
     warned += [f"{lib} {m}: {r['status']} {r.get('reason', '')}" for lib in results for m, r in results[lib].items()

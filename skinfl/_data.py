@@ -68,15 +68,39 @@ def chunk_rows(shape, itemsize=8, budget=None):
 
 @dataclass
 class TargetSpec:
-    """How targets are checked and converted: for ``loss`` on outputs of ``output_shape``."""
+    """How targets are checked and converted: for ``loss`` on outputs of ``output_shape``.
+
+    With ``classes`` (a scikit-learn classifier's ``classes_``), targets are
+    labels, encoded to their index in ``classes``.
+    """
 
     loss: object
     output_shape: tuple
     dtype: torch.dtype
+    classes: np.ndarray | None = None
 
     def convert(self, chunk, name):
         """Checked target tensor of ``chunk``, where the rows were."""
+        if self.classes is not None:
+            chunk = encoded_labels(chunk, self.classes, name)
         return as_target_tensor(chunk, self.loss, self.output_shape, self.dtype, None, name)
+
+
+def encoded_labels(labels, classes, name):
+    """The index of each label of ``labels`` in the sorted array ``classes``."""
+    if isinstance(labels, torch.Tensor):
+        labels = labels.cpu().numpy()
+    labels = np.asarray(labels)
+    if labels.ndim != 1:
+        raise ValueError(f"{name} must be a 1-D array of class labels, got shape {labels.shape}.")
+    index = np.clip(np.searchsorted(classes, labels), 0, len(classes) - 1)
+    unknown = classes[index] != labels
+    if unknown.any():
+        raise ValueError(
+            f"{name} holds labels {np.unique(labels[unknown])[:5].tolist()} that the model was not trained on; "
+            f"its classes_ are {classes.tolist()}."
+        )
+    return index
 
 
 class DataSource:

@@ -26,6 +26,7 @@ _MODULE_KINDS = {
     nn.CrossEntropyLoss: "cross_entropy",
     nn.MSELoss: "mse",
     nn.BCEWithLogitsLoss: "bce_with_logits",
+    nn.NLLLoss: "nll",
 }
 
 
@@ -57,18 +58,24 @@ class LossSpec:
 
     Attributes
     ----------
-    kind : {"cross_entropy", "mse", "bce_with_logits", "custom"}
+    kind : {"cross_entropy", "mse", "bce_with_logits", "nll", "custom"}
         What the loss measures; decides target checks and the measurement
-        used when no target is given.
+        used when no target is given. ``"nll"`` is torch's ``NLLLoss`` on
+        log-probabilities output by the model.
     function : callable or None
         The user's loss module or callable, or None for a built-in string.
     normalizer : float
         Divides every per-sample loss (see above).
+    takes_probabilities : bool
+        With ``"nll"``: the model outputs probabilities ``p``, and the loss is
+        ``NLLLoss`` on ``log(p + eps)``, ``eps`` the machine epsilon of the
+        output's dtype, as skorch's ``NeuralNetClassifier`` computes it.
     """
 
     kind: str
     function: object = None
     normalizer: float = 1.0
+    takes_probabilities: bool = False
 
     @classmethod
     def resolve(cls, loss, device=None):
@@ -86,7 +93,11 @@ class LossSpec:
 
     @property
     def is_classification(self):
-        return self.kind in ("cross_entropy", "bce_with_logits")
+        return self.kind in ("cross_entropy", "bce_with_logits", "nll")
+
+    @property
+    def takes_class_indices(self):
+        return self.kind in ("cross_entropy", "nll")
 
     @property
     def is_module(self):
@@ -98,7 +109,7 @@ class LossSpec:
 
     def sample_weights(self, target):
         """Per-sample weights ``w[y_i]`` of the weighted mean, or None when unweighted."""
-        if self.kind != "cross_entropy":
+        if not self.takes_class_indices:
             return None
         weight = self._option("weight")
         ignore_index = self._option("ignore_index", -100)
@@ -121,7 +132,13 @@ class LossSpec:
                 "Every training sample has zero weight under the loss's class weights (or ignore_index); "
                 "the training loss is undefined."
             )
-        return LossSpec(self.kind, self.function, total / count)
+        return LossSpec(self.kind, self.function, total / count, self.takes_probabilities)
+
+    def log_probabilities(self, output):
+        """The model's output as log-probabilities, for ``"nll"``."""
+        if self.takes_probabilities:
+            return torch.log(output + torch.finfo(output.dtype).eps)
+        return output
 
     def _unnormalized(self, output, target):
         if self.kind == "cross_entropy":
@@ -129,6 +146,11 @@ class LossSpec:
                 output, target, reduction="none", weight=self._option("weight"),
                 ignore_index=self._option("ignore_index", -100),
                 label_smoothing=self._option("label_smoothing", 0.0),
+            )
+        if self.kind == "nll":
+            return F.nll_loss(
+                self.log_probabilities(output), target, reduction="none", weight=self._option("weight"),
+                ignore_index=self._option("ignore_index", -100),
             )
         if self.kind == "mse":
             return _mean_over_non_batch_dims(F.mse_loss(output, target, reduction="none"))
@@ -161,6 +183,9 @@ class LossSpec:
         if self.kind == "cross_entropy":
             predicted = output.argmax(dim=1).detach()
             return F.cross_entropy(output, predicted, reduction="none")
+        if self.kind == "nll":
+            predicted = output.argmax(dim=1).detach()
+            return F.nll_loss(self.log_probabilities(output), predicted, reduction="none")
         if self.kind == "bce_with_logits":
             predicted = (output > 0).to(output.dtype).detach()
             return _mean_over_non_batch_dims(
@@ -188,6 +213,9 @@ class LossSpec:
         output = output.detach()
         if self.kind == "cross_entropy":
             return torch.multinomial(torch.softmax(output, dim=1), 1, generator=generator).squeeze(1)
+        if self.kind == "nll":
+            probabilities = output if self.takes_probabilities else output.exp()
+            return torch.multinomial(probabilities.clamp_min(0), 1, generator=generator).squeeze(1)
         if self.kind == "bce_with_logits":
             return torch.bernoulli(torch.sigmoid(output), generator=generator)
         if self.kind == "mse":
@@ -206,7 +234,7 @@ class LossSpec:
         covariance ``H / d`` at sampled targets, so their gradients are
         scaled by ``sqrt(d)``.
         """
-        if self.kind == "cross_entropy":
+        if self.takes_class_indices:
             return 1.0
         return float(_elements_per_sample(output)) ** 0.5
 

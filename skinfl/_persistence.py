@@ -27,13 +27,17 @@ from ._cache import directory_of
 from ._data import DataSource, TargetSpec
 from ._devices import available_device
 from ._model import LossSpec, evaluation_copy, has_lazy_parameters
+from ._model_source import loss_on_device, model_source
+from ._sklearn_models import is_sklearn_model
+from ._skorch_nets import is_skorch_net
 from ._tensorfile import TensorFile, write
 from ._validation import validate_estimator_params
 from ._warnings import warn
 from .base import BaseInfluence, Factors, model_dtype, registered_estimators
 
 FORMAT_VERSION = 1
-_FITTED = ("n_params_", "n_samples_fit_", "n_features_in_", "input_shape_", "output_shape_", "trainable_parameters_")
+_FITTED = ("n_params_", "n_samples_fit_", "n_features_in_", "input_shape_", "output_shape_", "trainable_parameters_",
+           "regularization_", "unpenalized_parameters_")
 
 
 # ------------------------------------------------------------------ saving
@@ -107,7 +111,7 @@ def save(estimator, path, include_data=True):
                              else [str(name) for name in estimator.feature_names_in_]),
         "device": str(estimator.device_),
         "model": {"class": f"{type(estimator.model).__module__}.{type(estimator.model).__qualname__}",
-                  "training": bool(estimator.model.training)},
+                  "training": bool(getattr(estimator.model, "training", False))},
         "factor_metadata": estimator._factor_metadata,
         "factor_seed": estimator._factor_seed,
         "data": {"included": bool(saved_data), "input_dtype": str(estimator._input_dtype)},
@@ -181,11 +185,13 @@ def load(path, model, loss=None):
     ----------
     path : str or os.PathLike
         The saved file.
-    model : torch.nn.Module
+    model : torch.nn.Module, skorch net or scikit-learn model
         A model of the saved architecture (its weights do not matter): the
         saved weights are loaded into a copy of it, which becomes the
         estimator's ``model``. A model whose parameters do not match raises
-        a ``ValueError``.
+        a ``ValueError``. For a skorch net or a scikit-learn model, pass the
+        fitted model again: the estimator's ``model`` is that model, and its
+        module gets the saved weights.
     loss : str, torch.nn.Module or callable, default=None
         The training loss. Built-in losses and torch loss modules are saved
         and rebuilt; a custom callable is not saved and must be passed
@@ -201,8 +207,9 @@ def load(path, model, loss=None):
     --------
     save : Write an estimator.
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"load needs the model (a torch.nn.Module of the saved architecture), got {type(model).__name__}.")
+    if not (isinstance(model, nn.Module) or is_skorch_net(model) or is_sklearn_model(model)):
+        raise TypeError(f"load needs the model (a torch.nn.Module of the saved architecture, or the fitted skorch "
+                        f"net or scikit-learn model), got {type(model).__name__}.")
     file = TensorFile(path).verify()
     meta = file.metadata
     try:
@@ -225,10 +232,14 @@ def _restore(file, meta, model, loss):
     if torch.device(saved) != device:
         warn(f"This estimator was fitted on {saved}, which is not available here; it was loaded on {device}.",
              UserWarning)
-    fitted = meta["fitted"]
+    # Files from before "auto" regularization: the parameter itself, on every parameter.
+    fitted = {"regularization_": meta["params"].get("regularization"), "unpenalized_parameters_": [],
+              **meta["fitted"]}
     trainable = list(fitted["trainable_parameters_"])
-    user_model = _model_with_saved_weights(file, meta, model, trainable)
     loss_param = loss if loss is not None else _rebuild_loss(file, meta["loss"])
+    source = model_source(model, loss_param)
+    module = _model_with_saved_weights(file, meta, source.module, trainable)
+    user_model = module if isinstance(model, nn.Module) else model
     estimator = cls(**{**meta["params"], "model": user_model, "loss": loss_param})
     validate_estimator_params(estimator)
 
@@ -236,11 +247,14 @@ def _restore(file, meta, model, loss):
     if not isinstance(input_dtype, torch.dtype):
         raise ValueError(f"{file.path} names an unknown input dtype {meta['data']['input_dtype']!r}.")
     example = None
-    if has_lazy_parameters(user_model):
+    if has_lazy_parameters(module):
         example = torch.zeros((1, *fitted["input_shape_"]), dtype=input_dtype, device=device)
-    estimator.model_ = evaluation_copy(user_model, device, example=example)
-    resolved = LossSpec.resolve(loss_param, device)
-    estimator.loss_ = LossSpec(resolved.kind, resolved.function, float(meta["loss_normalizer"]))
+    estimator.model_ = evaluation_copy(module, device, example=example)
+    resolved = loss_on_device(source.loss, device)
+    estimator.loss_ = LossSpec(resolved.kind, resolved.function, float(meta["loss_normalizer"]),
+                               resolved.takes_probabilities)
+    if source.classes is not None:
+        estimator.classes_ = source.classes
     estimator.device_ = device
     for name in _FITTED:
         value = fitted[name]
@@ -318,5 +332,6 @@ def _saved_data(file, meta, estimator):
 
     X = array("data.X")
     y = array("data.y") if "data.y" in file.table else None
-    targets = TargetSpec(estimator.loss_, estimator.output_shape_, model_dtype(estimator.model_))
+    targets = TargetSpec(estimator.loss_, estimator.output_shape_, model_dtype(estimator.model_),
+                         getattr(estimator, "classes_", None))
     return DataSource(X, y, input_dtype=model_dtype(estimator.model_), device=estimator.device_, targets=targets)

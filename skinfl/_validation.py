@@ -140,7 +140,7 @@ def as_target_tensor(y, loss, output_shape, dtype, device=None, name="y"):
     if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
         raise ValueError(f"Input {name} contains NaN or infinity; every target must be finite.")
 
-    if loss.kind == "cross_entropy":
+    if loss.takes_class_indices:
         return _class_labels(tensor, output_shape, name, device)
     if loss.kind in ("mse", "bce_with_logits"):
         tensor = _reshape_to_outputs(tensor.to(dtype), output_shape, name, loss.kind)

@@ -22,6 +22,7 @@ number of samples.
 from __future__ import annotations
 
 import contextvars
+import copy
 import functools
 import os
 import warnings
@@ -32,7 +33,7 @@ from numbers import Integral, Real
 import numpy as np
 import torch
 from sklearn import get_config
-from sklearn.base import BaseEstimator, TransformerMixin
+from sklearn.base import BaseEstimator, TransformerMixin, clone
 from sklearn.utils import check_random_state
 from sklearn.utils.validation import _check_feature_names, _check_feature_names_in, check_is_fitted
 from torch import nn
@@ -44,10 +45,10 @@ from ._data import DataSource, TargetSpec
 from ._devices import available_device, first_device, moved
 from ._fingerprint import fingerprint
 from ._gradients import batch_slices, gradients_of, iter_gradients, perturbation_batch
+from ._model_source import loss_on_device, model_source
 from ._model import (
     BUILTIN_LOSSES,
     FunctionalModel,
-    LossSpec,
     evaluation_copy,
     mode_dependent_modules_in_training,
 )
@@ -145,9 +146,9 @@ class BaseInfluence(TransformerMixin, BaseEstimator):
     """
 
     _parameter_constraints = {
-        "model": [nn.Module],
-        "loss": [StrOptions(set(BUILTIN_LOSSES)), callable],
-        "regularization": [Interval(Real, 0, None, closed="left")],
+        "model": [nn.Module, HasMethods(["fit", "get_params"])],
+        "loss": [StrOptions({"auto", *BUILTIN_LOSSES}), callable],
+        "regularization": [Interval(Real, 0, None, closed="left"), StrOptions({"auto"})],
         "second_order": [StrOptions(set(SECOND_ORDER_MODES))],
         "batch_size": [Interval(Integral, 1, None, closed="left")],
         "device": [str, torch.device, None],
@@ -174,6 +175,26 @@ class BaseInfluence(TransformerMixin, BaseEstimator):
 
     def _apply_inverse(self, gradients):  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def _regularization_terms(self):
+        """What is added to the curvature's diagonal: ``regularization_``, or, where the model's own penalty
+        leaves parameters out (``unpenalized_parameters_``), a vector with 0 on them.
+
+        Solvers that can add a diagonal (Direct, CG) use it; the others add ``regularization_`` to all.
+        """
+        if not self.unpenalized_parameters_:
+            return self.regularization_
+        layout = self._functional_model().layout
+        terms = torch.full((layout.n_params,), self.regularization_, dtype=self._dtype(), device=self.device_)
+        start = 0
+        for name, size in zip(layout.names, layout.sizes):
+            if name in self.unpenalized_parameters_:
+                terms[start:start + size] = 0
+            start += size
+        return terms
+
+    def _check_regularization(self, regularization):
+        """Reject a resolved ``regularization`` the solver cannot use (raise ``ValueError``)."""
 
     def _solve_warning(self, reports):
         """``(message, category)`` about the solves of one call, or None (iterative solvers)."""
@@ -246,15 +267,16 @@ class BaseInfluence(TransformerMixin, BaseEstimator):
                 f"{type(self).__name__} requires y to be passed, but the target y is None: "
                 "the curvature is that of the training loss, which needs targets."
             )
-        device = self._resolve_device()
-        trainable = [name for name, p in self.model.named_parameters() if p.requires_grad]
+        source = model_source(self.model, self.loss)
+        device = self._resolve_device(source.module)
+        trainable = [name for name, p in source.module.named_parameters() if p.requires_grad]
         if not trainable:
             raise ValueError(
                 "The model has no trainable parameters (none has requires_grad=True); "
                 "influence is taken with respect to trainable parameters."
             )
-        in_training = mode_dependent_modules_in_training(self.model)
-        if in_training:
+        in_training = mode_dependent_modules_in_training(source.module)
+        if in_training and not source.predicts_in_eval_mode:
             warn(
                 f"The model is in training mode and its modules {in_training[:3]} behave differently "
                 "in eval mode; influences are computed on a copy in eval mode (dropout off, batch norm "
@@ -262,16 +284,26 @@ class BaseInfluence(TransformerMixin, BaseEstimator):
                 "before fitting to silence this warning.",
                 TrainingModeWarning,
             )
-        loss = LossSpec.resolve(self.loss, device)
-        inputs = DataSource(X, y, input_dtype=model_dtype(self.model), device=device)
+        loss = loss_on_device(source.loss, device)
+        inputs = DataSource(X, y, input_dtype=model_dtype(source.module), device=device)
         first = inputs.inputs(slice(0, 1))
-        module = _evaluation_copy_for(self.model, device, first)
+        module = _evaluation_copy_for(source.module, device, first)
         fmodel = FunctionalModel(module, loss, trainable)
         output_shape = _probe_output_shape(fmodel, first)
-        data = inputs.with_targets(TargetSpec(loss, tuple(output_shape), fmodel.dtype)).validate()
+        targets_as = TargetSpec(loss, tuple(output_shape), fmodel.dtype, source.classes)
+        data = inputs.with_targets(targets_as).validate()
 
         self.model_ = module
         self.loss_ = loss.fitted(data.iter_targets())
+        self.regularization_ = source.regularization(self.regularization, len(data))
+        self._check_regularization(self.regularization_)
+        by_model = isinstance(self.regularization, str)  # "auto": the model's own penalty, where it applies
+        unpenalized = set(source.unpenalized()) if by_model else set()
+        self.unpenalized_parameters_ = [name for name in trainable if name in unpenalized]
+        if source.classes is not None:
+            self.classes_ = source.classes
+        else:
+            self.__dict__.pop("classes_", None)
         self.trainable_parameters_ = trainable
         self.device_ = device
         self.n_params_ = fmodel.n_params
@@ -340,7 +372,7 @@ class BaseInfluence(TransformerMixin, BaseEstimator):
         return fingerprint(
             "skinfl-factors", __version__, type(self).__name__, settings, self.second_order,
             self.model_, self.trainable_parameters_, self.loss_.kind, self.loss_.function,
-            self.loss_.normalizer, self._fit_data.X, self._fit_data.y,
+            self.loss_.normalizer, self.loss_.takes_probabilities, self._fit_data.X, self._fit_data.y,
         )
 
     def _progress(self, desc, total=None, unit="it"):
@@ -681,6 +713,14 @@ class BaseInfluence(TransformerMixin, BaseEstimator):
                     write(result, (held, batch), perturbation_batch(fmodel, factors, x, y))
 
     # ------------------------------------------------------------- plumbing
+    def __sklearn_clone__(self):
+        # The model is trained state, not a hyper-parameter: scikit-learn would clone a fitted
+        # scikit-learn model or skorch net into an unfitted one. A clone gets a copy of it, as
+        # scikit-learn gives any other object, a torch module included.
+        params = self.get_params(deep=False)
+        model = copy.deepcopy(params.pop("model"))
+        return type(self)(model=model, **{name: clone(value, safe=False) for name, value in params.items()})
+
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()
         tags.target_tags.required = True
@@ -692,7 +732,7 @@ class BaseInfluence(TransformerMixin, BaseEstimator):
         """Floating dtype of the fitted model copy: the dtype influences are computed in."""
         return model_dtype(self.model_)
 
-    def _resolve_device(self):
+    def _resolve_device(self, module):
         if self.device is not None:
             device = torch.device(self.device)
             if device.type == "cuda" and not torch.cuda.is_available():
@@ -701,7 +741,7 @@ class BaseInfluence(TransformerMixin, BaseEstimator):
                     "use device='cpu' or device=None (the model's device)."
                 )
             return device
-        parameters = list(self.model.parameters())
+        parameters = list(module.parameters())
         if not parameters:
             raise ValueError("The model has no parameters, so influence functions are undefined for it.")
         for tensor in parameters:
@@ -753,7 +793,7 @@ class BaseInfluence(TransformerMixin, BaseEstimator):
     def _check_data(self, X, y, names=("X", "y")):
         check_is_fitted(self)
         self._check_input_feature_names(X, reset=False)
-        targets = TargetSpec(self.loss_, self.output_shape_, self._dtype())
+        targets = TargetSpec(self.loss_, self.output_shape_, self._dtype(), getattr(self, "classes_", None))
         data = DataSource(X, y, input_dtype=self._dtype(), device=self.device_, targets=targets, names=names)
         if tuple(data.input_shape) != self.input_shape_:
             if len(data.input_shape) == 1 and len(self.input_shape_) == 1:

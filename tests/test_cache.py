@@ -43,7 +43,7 @@ OTHER_VALUES = {
     "max_iter": [4000],
     "solver": ["eigh"],
     "max_params": [5000],
-    "preconditioner": ["jacobi", None],
+    "preconditioner": ["jacobi", "ekfac", None],
     "preconditioner_rank": [7],
     "block_structure": ["full"],
     "relative_regularization": [True],
@@ -56,6 +56,9 @@ OTHER_VALUES = {
     "minibatch_size": [1000],  # at least the data: still deterministic, so results are comparable
     "check_every": [3],
     "method": ["independent"],
+    "fisher": ["empirical"],
+    "n_target_draws": [2],
+    "correct_eigenvalues": [False],
 }
 # Settings that a cache entry computed at a larger value serves: a smaller rank takes the top pairs of
 # the cached ones (a hit whose results are those of the truncated larger factors, not those of a fresh

@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
@@ -39,3 +41,72 @@ def test_select_regularization_example_finds_the_true_value():
     assert re.search(r"selected: ([0-9.e-]+)", out).group(1) == true_value
     pearson = float(re.search(r"leave-one-out Pearson ([0-9.]+), Spearman", out).group(1))
     assert pearson > 0.99
+
+
+def test_sklearn_models_example_matches_retraining():
+    out = run_example("plot_sklearn_models.py")
+    # regularization="auto" takes LogisticRegression's penalty, 1 / (C n), and MLPClassifier's, alpha / n.
+    resolved, expected = re.search(r"regularization_ = ([0-9.e-]+), 1/\(C n\) = ([0-9.e-]+)", out).groups()
+    assert float(resolved) == float(expected)
+    resolved, expected = re.search(r"MLP regularization_ = ([0-9.e-]+), alpha/n = ([0-9.e-]+)", out).groups()
+    assert float(resolved) == float(expected)
+    assert "classes_ = [0 1]" in out
+    # Influences predict scikit-learn's own leave-one-out refits.
+    pearson = float(re.search(r"leave-one-out Pearson: ([0-9.-]+)", out).group(1))
+    assert pearson > 0.99
+    assert len(re.findall(r"most helpful: #\d+", out)) == len(re.findall(r"most harmful: #\d+", out)) == 3
+    top = [float(value) for value in re.findall(r"label \d, predicted \d, self-influence ([0-9.]+)", out)]
+    assert len(top) == 5 and top == sorted(top, reverse=True)
+    assert top[-1] > 10 * float(re.search(r"median self-influence: ([0-9.e+-]+)", out).group(1))
+
+
+def test_skorch_example_finds_wrong_labels():
+    pytest.importorskip("skorch")
+    out = run_example("plot_skorch_classifier.py")
+    # regularization="auto" is the weight decay of the net's optimizer.
+    resolved, weight_decay = re.search(r"regularization_ = ([0-9.e-]+) \(the optimizer's weight decay is "
+                                       r"([0-9.e-]+)\)", out).groups()
+    assert float(resolved) == float(weight_decay) == 1e-3
+    found, flipped = map(int, re.search(r"(\d+) of (\d+) wrong labels are among", out).groups())
+    assert found > 5 * 0.1 * flipped  # inspecting 10% at random finds 10% of them
+    assert len(re.findall(r"self-influence [0-9.]+", out)) == 5
+
+
+def test_pipeline_example():
+    out = run_example("plot_pipeline.py")
+    assert "steps: ['frozenestimator', 'cginfluence']" in out
+    assert "pipe.transform(X_test[:3]): ndarray of shape (3, 266)" in out
+    assert "influences of the 426 training points on 3 test points: shape (3, 426)" in out
+    # GridSearchCV over the step's regularization, by the estimator's own score (at most 0).
+    rows = re.findall(r"^\s+([0-9.e-]+)\s+(-?[0-9.]+)$", out, flags=re.MULTILINE)
+    scores = {float(value): float(score) for value, score in rows}
+    assert len(scores) == 5 and all(score <= 0 for score in scores.values())
+    selected = float(re.search(r"selected regularization: ([0-9.e-]+)", out).group(1))
+    assert scores[selected] == max(scores.values())
+    assert float(re.search(r"refitted pipeline: ([0-9.e-]+)", out).group(1)) == selected
+    if "set_output" not in out:  # the last part needs pandas
+        pytest.importorskip("pandas")
+    assert "set_output(transform='pandas'): DataFrame of shape (3, 266)" in out
+    assert "columns == get_feature_names_out(): True" in out
+
+
+def test_save_load_example_round_trips():
+    out = run_example("plot_save_load.py")
+    assert "identical influences: True" in out.split("skinfl.save:")[1]
+    assert "influences(X_test, y_test, X_train, y_train) identical: True" in out
+    assert "joblib: " in out and out.count("identical influences: True") == 2
+    # A file of another architecture and a modified file are refused.
+    assert "another architecture: ValueError: The weights saved in digits.skinfl do not fit" in out
+    assert "a modified file: TensorFileError: tampered.skinfl has been modified or corrupted" in out
+    light, with_data = map(float, re.search(r"include_data=False: ([0-9.]+) MB \(with the data: ([0-9.]+) MB",
+                                            out).groups())
+    assert light < with_data
+    assert "saved without its training data" in out
+
+
+def test_lds_example_selects_the_subset_regularization():
+    out = run_example("plot_lds_regularization.py")
+    half = re.search(r"1/\(C alpha n\) = ([0-9.e-]+)", out).group(1)
+    assert re.search(r"selected: ([0-9.e-]+)", out).group(1) == half
+    scores = [float(score) for score in re.findall(r"LDS ([0-9.]+)", out)]
+    assert len(scores) == 7 and max(scores[:6]) == scores[6] > 0.95

@@ -16,6 +16,7 @@ EXPECTED = {
     "NystroemInfluence": ["factors (curvature products)"],
     "LissaInfluence": ["factors (curvature products)", "LiSSA, ", "largest change"],
     "InverseHarmonicMeanInfluence": ["gradient norms"],
+    "EkfacInfluence": ["EK-FAC statistics"],
 }
 
 

@@ -116,7 +116,7 @@ def test_cg_reports_why_each_system_stopped():
 # ------------------------------------------------------------------- Direct
 def test_direct_warns_and_falls_back_when_indefinite():
     model, X, y = untrained_problem()
-    with pytest.warns(NotPositiveDefiniteWarning, match="non-positive eigenvalue.*gauss_newton"):
+    with pytest.warns(NotPositiveDefiniteWarning, match="negative eigenvalue.*gauss_newton"):
         est = DirectInfluence(model, regularization=0.0).fit(X, y)
     assert est.solver_ == "eigh"
     with pytest.raises(ValueError, match="not positive definite.*solver='eigh'"):

@@ -9,9 +9,10 @@ line here; ``skinfl`` exports what ``__all__`` lists.
 from .arnoldi import ArnoldiInfluence
 from .cg import CgInfluence
 from .direct import DirectInfluence
+from .ekfac import EkfacInfluence
 from .inverse_harmonic_mean import InverseHarmonicMeanInfluence
 from .lissa import LissaInfluence
 from .nystroem import NystroemInfluence
 
-__all__ = ["ArnoldiInfluence", "CgInfluence", "DirectInfluence", "InverseHarmonicMeanInfluence", "LissaInfluence",
-           "NystroemInfluence"]
+__all__ = ["ArnoldiInfluence", "CgInfluence", "DirectInfluence", "EkfacInfluence", "InverseHarmonicMeanInfluence",
+           "LissaInfluence", "NystroemInfluence"]

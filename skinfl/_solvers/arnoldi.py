@@ -41,13 +41,20 @@ class ArnoldiInfluence(_LowRankInfluence):
 
     Parameters
     ----------
-    model : torch.nn.Module
+    model : torch.nn.Module, skorch net or scikit-learn model
         The trained model. It is copied in ``fit`` and evaluated in eval mode;
         influence is taken with respect to its parameters that require gradients.
-    loss : {"cross_entropy", "mse", "bce_with_logits"}, torch.nn loss module or callable, default="cross_entropy"
-        The training loss. A callable takes ``(output, target)`` and returns the
-        scalar mean loss of a batch, and must be picklable to save the estimator.
-    regularization : float, default=1e-3
+        A fitted skorch net stands for its ``module_``; a fitted
+        ``LogisticRegression``, ``LinearRegression``, ``Ridge``,
+        ``SGDClassifier(loss="log_loss")``, ``MLPClassifier`` or
+        ``MLPRegressor`` is converted to an equivalent torch module (see
+        ``model_`` and :ref:`user-guide-models`).
+    loss : {"auto", "cross_entropy", "mse", "bce_with_logits"}, torch.nn loss module or callable, default="auto"
+        The training loss. ``"auto"`` is the loss a skorch net or scikit-learn
+        model was trained with, and ``"cross_entropy"`` for a torch module. A
+        callable takes ``(output, target)`` and returns the scalar mean loss of
+        a batch, and must be picklable to save the estimator.
+    regularization : float or "auto", default=1e-3
         ``lambda >= 0`` added as ``lambda * I`` to the curvature. It is also
         the curvature the discarded directions are given, so it should be
         about the size of the eigenvalues beyond ``rank`` or larger (see
@@ -56,6 +63,8 @@ class ArnoldiInfluence(_LowRankInfluence):
         inverse is then ``U diag(1 / s) U^T``, blind to gradients outside the
         top eigenspace unless ``rank = n_params`` (where it is the exact
         inverse of a positive definite curvature).
+        ``"auto"`` takes the model's own penalty (a scikit-learn model's, a
+        skorch optimizer's weight decay), resolved in ``regularization_``.
     second_order : {"hessian", "gauss_newton"}, default="hessian"
         Which curvature to decompose. The Hessian of a model away from a
         minimum is indefinite: the largest (algebraic) eigenvalues are kept,
@@ -138,7 +147,20 @@ class ArnoldiInfluence(_LowRankInfluence):
     device_ : torch.device
         Device the estimator computes on.
     model_ : torch.nn.Module
-        The evaluation copy of the model.
+        The evaluation copy of the model (of the converted module for a
+        scikit-learn model, of ``module_`` for a skorch net).
+    regularization_ : float
+        The regularization used: ``regularization``, or the model's own
+        penalty when it is ``"auto"``.
+    unpenalized_parameters_ : list of str
+        With ``regularization="auto"``, the parameters the model's own penalty
+        leaves out (a scikit-learn model's intercepts, a skorch parameter
+        group without weight decay). This estimator regularizes them too
+        (its inverse needs one ``regularization`` for all parameters);
+        :class:`DirectInfluence` and :class:`CgInfluence` leave them out.
+    classes_ : numpy.ndarray
+        Labels of a scikit-learn classifier: targets are given as these
+        labels. Only with a scikit-learn classifier as ``model``.
     loss_ : object
         The resolved loss.
     trainable_parameters_ : list of str
@@ -220,7 +242,7 @@ class ArnoldiInfluence(_LowRankInfluence):
         self,
         model,
         *,
-        loss="cross_entropy",
+        loss="auto",
         regularization=1e-3,
         second_order="hessian",
         rank=10,

@@ -9,10 +9,12 @@ import torch
 
 from .._curvature import _MAX_VECTOR_BLOCK
 from .._gradients import batch_slices
+from .._kronecker import EkfacInverse, compute_ekfac_factors, plan_layers
 from .._linalg.block_cg import block_conjugate_gradient
 from .._linalg.cg import BREAKDOWN, CONVERGED, MAX_ITER, NEGATIVE_CURVATURE, batched_conjugate_gradient
 from .._linalg.nystroem import nystroem_sketch
 from .._memory import release_freed_memory
+from .._progress import NO_PROGRESS
 from .._validation import Interval, StrOptions
 from ..base import BaseInfluence, ExactnessCheck
 from ..exceptions import CgConvergenceWarning
@@ -35,7 +37,7 @@ class JacobiPreconditioner:
         return {"diagonal": curvature.sampled_gauss_newton_diagonal(generator)}
 
     @classmethod
-    def build(cls, factors, regularization):
+    def build(cls, factors, regularization, fmodel):
         diagonal = factors["diagonal"] + regularization
         # Parameters with no curvature at all (dead units) would divide by zero.
         floor = float(diagonal.mean()) * torch.finfo(diagonal.dtype).eps ** 0.5
@@ -66,7 +68,7 @@ class NystroemPreconditioner:
         return {"eigenvalues": sketch.eigenvalues, "eigenvectors": sketch.eigenvectors}
 
     @classmethod
-    def build(cls, factors, regularization):
+    def build(cls, factors, regularization, fmodel):
         eigenvalues = factors["eigenvalues"]
         floor = eigenvalues[-1] if len(eigenvalues) else eigenvalues.new_zeros(())
         scale = (floor + regularization) / (eigenvalues + regularization)
@@ -77,7 +79,32 @@ class NystroemPreconditioner:
         return rows + (coordinates * (self.scale - 1)) @ self.eigenvectors.T
 
 
-_PRECONDITIONERS = {"jacobi": JacobiPreconditioner, "nystroem": NystroemPreconditioner}
+@dataclass
+class EkfacPreconditioner:
+    """Inverse of the EK-FAC approximation of ``C_GN + lambda I`` (see :class:`EkfacInfluence`).
+
+    Its factors come from two passes of gradients over the training data
+    (one target drawn per sample from the model's predictive distribution):
+    CG then refines the block-diagonal Kronecker inverse towards the exact
+    one, and needs fewest iterations where EK-FAC is already close.
+    """
+
+    inverse: EkfacInverse
+
+    @staticmethod
+    def compute_factors(curvature, rank, generator):
+        return compute_ekfac_factors(curvature.fmodel, curvature.data, curvature.batch_size, "true", 1, True,
+                                     generator, NO_PROGRESS)
+
+    @classmethod
+    def build(cls, factors, regularization, fmodel):
+        return cls(EkfacInverse(plan_layers(fmodel), factors, regularization))
+
+    def apply(self, rows):
+        return self.inverse.apply(rows)
+
+
+_PRECONDITIONERS = {"jacobi": JacobiPreconditioner, "nystroem": NystroemPreconditioner, "ekfac": EkfacPreconditioner}
 _METHODS = {"block": block_conjugate_gradient, "independent": batched_conjugate_gradient}
 
 
@@ -151,15 +178,24 @@ class CgInfluence(BaseInfluence):
 
     Parameters
     ----------
-    model : torch.nn.Module
+    model : torch.nn.Module, skorch net or scikit-learn model
         The trained model. It is copied in ``fit`` and evaluated in eval mode;
         influence is taken with respect to its parameters that require gradients.
-    loss : {"cross_entropy", "mse", "bce_with_logits"}, torch.nn loss module or callable, default="cross_entropy"
-        The training loss. A callable takes ``(output, target)`` and returns the
-        scalar mean loss of a batch, and must be picklable to save the estimator.
-    regularization : float, default=1e-3
+        A fitted skorch net stands for its ``module_``; a fitted
+        ``LogisticRegression``, ``LinearRegression``, ``Ridge``,
+        ``SGDClassifier(loss="log_loss")``, ``MLPClassifier`` or
+        ``MLPRegressor`` is converted to an equivalent torch module (see
+        ``model_`` and :ref:`user-guide-models`).
+    loss : {"auto", "cross_entropy", "mse", "bce_with_logits"}, torch.nn loss module or callable, default="auto"
+        The training loss. ``"auto"`` is the loss a skorch net or scikit-learn
+        model was trained with, and ``"cross_entropy"`` for a torch module. A
+        callable takes ``(output, target)`` and returns the scalar mean loss of
+        a batch, and must be picklable to save the estimator.
+    regularization : float or "auto", default=1e-3
         ``lambda >= 0`` added as ``lambda * I`` to the curvature. Conjugate
         gradient needs ``C + lambda I`` positive definite.
+        ``"auto"`` takes the model's own penalty (a scikit-learn model's, a
+        skorch optimizer's weight decay), resolved in ``regularization_``.
     second_order : {"hessian", "gauss_newton"}, default="hessian"
         Which curvature to invert.
     rtol : float, default=1e-4
@@ -170,7 +206,7 @@ class CgInfluence(BaseInfluence):
     max_iter : int, default=1000
         Iterations before giving up with a
         :class:`~skinfl.exceptions.CgConvergenceWarning`.
-    preconditioner : {None, "jacobi", "nystroem"}, default="nystroem"
+    preconditioner : {None, "jacobi", "nystroem", "ekfac"}, default="nystroem"
         Built once in ``fit``. ``"nystroem"``: a randomised rank
         ``preconditioner_rank`` Nystroem approximation of the Gauss-Newton
         matrix (one batched product of ``preconditioner_rank`` vectors),
@@ -184,7 +220,11 @@ class CgInfluence(BaseInfluence):
         have very different curvature scales; the diagonal is estimated from
         per-sample gradients at targets sampled from the model's predictive
         distribution (at least 1024 draws), so it needs a built-in loss or
-        its torch module. None: plain CG.
+        its torch module. ``"ekfac"``: the EK-FAC approximation of the
+        Gauss-Newton matrix plus ``lambda`` (see :class:`EkfacInfluence`;
+        two passes of gradients over the data, one target drawn per sample,
+        so a built-in loss), which already captures most of each layer's
+        curvature: CG refines it towards the exact inverse. None: plain CG.
     preconditioner_rank : int, default=100
         Rank of the ``"nystroem"`` preconditioner (capped at ``n_params``).
     method : {"auto", "block", "independent"}, default="auto"
@@ -236,7 +276,19 @@ class CgInfluence(BaseInfluence):
     device_ : torch.device
         Device the estimator computes on.
     model_ : torch.nn.Module
-        The evaluation copy of the model.
+        The evaluation copy of the model (of the converted module for a
+        scikit-learn model, of ``module_`` for a skorch net).
+    regularization_ : float
+        The regularization used: ``regularization``, or the model's own
+        penalty when it is ``"auto"``.
+    unpenalized_parameters_ : list of str
+        With ``regularization="auto"``, the parameters the model's own penalty
+        leaves out (a scikit-learn model's intercepts, a skorch parameter
+        group without weight decay): they get no regularization, as in the
+        model's training objective. Empty otherwise.
+    classes_ : numpy.ndarray
+        Labels of a scikit-learn classifier: targets are given as these
+        labels. Only with a scikit-learn classifier as ``model``.
     loss_ : object
         The resolved loss.
     trainable_parameters_ : list of str
@@ -289,7 +341,7 @@ class CgInfluence(BaseInfluence):
         self,
         model,
         *,
-        loss="cross_entropy",
+        loss="auto",
         regularization=1e-3,
         second_order="hessian",
         rtol=1e-4,
@@ -331,7 +383,8 @@ class CgInfluence(BaseInfluence):
     def _build_inverse(self):
         self.preconditioner_ = None
         if self.preconditioner is not None:
-            self.preconditioner_ = _PRECONDITIONERS[self.preconditioner].build(self._factors, self.regularization)
+            self.preconditioner_ = _PRECONDITIONERS[self.preconditioner].build(
+                self._factors, self.regularization_, self._functional_model())
         self.method_ = "block" if self.method == "auto" else self.method
 
     @property
@@ -359,7 +412,7 @@ class CgInfluence(BaseInfluence):
 
     def _apply_inverse(self, gradients):
         curvature = self._curvature()
-        regularization = self.regularization
+        regularization = self._regularization_terms()
 
         def apply_matrix(vectors):
             return curvature.matmat(vectors) + regularization * vectors

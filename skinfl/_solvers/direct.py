@@ -15,10 +15,10 @@ _BYTES_PER_FLOAT64 = 8
 
 
 def _factorize_cholesky(curvature, regularization):
-    """Lower Cholesky factor of ``curvature + regularization I`` in float64, column-major; None if
-    the matrix is not positive definite."""
+    """Lower Cholesky factor of ``curvature + diag(regularization)`` in float64, column-major (a float
+    regularization is added to the whole diagonal); None if the matrix is not positive definite."""
     system = curvature.to(torch.float64, copy=True)
-    system.diagonal().add_(regularization)
+    system.diagonal().add_(regularization.double() if isinstance(regularization, torch.Tensor) else regularization)
     info = torch.empty((), dtype=torch.int32, device=system.device)
     torch.linalg.cholesky_ex(system, upper=True, out=(system, info))  # in place: U with C = U^T U
     return system.mT if int(info) == 0 else None  # L = U^T, a column-major view
@@ -34,14 +34,23 @@ class DirectInfluence(BaseInfluence):
 
     Parameters
     ----------
-    model : torch.nn.Module
+    model : torch.nn.Module, skorch net or scikit-learn model
         The trained model. It is copied in ``fit`` and evaluated in eval mode;
         influence is taken with respect to its parameters that require gradients.
-    loss : {"cross_entropy", "mse", "bce_with_logits"}, torch.nn loss module or callable, default="cross_entropy"
-        The training loss. A callable takes ``(output, target)`` and returns the
-        scalar mean loss of a batch, and must be picklable to save the estimator.
-    regularization : float, default=1e-3
+        A fitted skorch net stands for its ``module_``; a fitted
+        ``LogisticRegression``, ``LinearRegression``, ``Ridge``,
+        ``SGDClassifier(loss="log_loss")``, ``MLPClassifier`` or
+        ``MLPRegressor`` is converted to an equivalent torch module (see
+        ``model_`` and :ref:`user-guide-models`).
+    loss : {"auto", "cross_entropy", "mse", "bce_with_logits"}, torch.nn loss module or callable, default="auto"
+        The training loss. ``"auto"`` is the loss a skorch net or scikit-learn
+        model was trained with, and ``"cross_entropy"`` for a torch module. A
+        callable takes ``(output, target)`` and returns the scalar mean loss of
+        a batch, and must be picklable to save the estimator.
+    regularization : float or "auto", default=1e-3
         ``lambda >= 0`` added as ``lambda * I`` to the curvature.
+        ``"auto"`` takes the model's own penalty (a scikit-learn model's, a
+        skorch optimizer's weight decay), resolved in ``regularization_``.
     second_order : {"hessian", "gauss_newton"}, default="hessian"
         Which curvature to invert.
     solver : {"auto", "cholesky", "eigh"}, default="auto"
@@ -90,7 +99,19 @@ class DirectInfluence(BaseInfluence):
     device_ : torch.device
         Device the estimator computes on.
     model_ : torch.nn.Module
-        The evaluation copy of the model.
+        The evaluation copy of the model (of the converted module for a
+        scikit-learn model, of ``module_`` for a skorch net).
+    regularization_ : float
+        The regularization used: ``regularization``, or the model's own
+        penalty when it is ``"auto"``.
+    unpenalized_parameters_ : list of str
+        With ``regularization="auto"``, the parameters the model's own penalty
+        leaves out (a scikit-learn model's intercepts, a skorch parameter
+        group without weight decay): they get no regularization, as in the
+        model's training objective. Empty otherwise.
+    classes_ : numpy.ndarray
+        Labels of a scikit-learn classifier: targets are given as these
+        labels. Only with a scikit-learn classifier as ``model``.
     loss_ : object
         The resolved loss.
     trainable_parameters_ : list of str
@@ -100,6 +121,8 @@ class DirectInfluence(BaseInfluence):
     eigenvalues_ : torch.Tensor of shape (n_params,) or None
         Eigenvalues of the curvature ``C`` (without regularization), in
         descending order, in float64, when ``solver_ == "eigh"``; None otherwise.
+        With ``unpenalized_parameters_``, those of ``C`` plus the model's
+        penalty, minus ``regularization_``.
 
     See Also
     --------
@@ -128,7 +151,7 @@ class DirectInfluence(BaseInfluence):
         self,
         model,
         *,
-        loss="cross_entropy",
+        loss="auto",
         regularization=1e-3,
         second_order="hessian",
         solver="auto",
@@ -169,7 +192,7 @@ class DirectInfluence(BaseInfluence):
         if self.solver == "eigh":
             return self._build_from_eigenpairs()
         with self._progress(f"Cholesky factorization ({self.n_params_} x {self.n_params_})", total=1) as bar:
-            factor = _factorize_cholesky(self._factors["curvature"], self.regularization)
+            factor = _factorize_cholesky(self._factors["curvature"], self._regularization_terms())
             bar.update()
         if factor is not None:
             self.solver_ = "cholesky"
@@ -184,6 +207,19 @@ class DirectInfluence(BaseInfluence):
         return self._build_from_eigenpairs()
 
     def _build_from_eigenpairs(self):
+        terms = self._regularization_terms()
+        if isinstance(terms, torch.Tensor):
+            # Parameters left unregularized: the eigenpairs of C no longer give those of C + diag(terms).
+            with self._progress(f"eigendecomposition ({self.n_params_} x {self.n_params_})", total=1) as bar:
+                system = self._factors["curvature"].to(torch.float64, copy=True)
+                system.diagonal().add_(terms.double())
+                eigenvalues, eigenvectors = torch.linalg.eigh(system)
+                bar.update()
+            self.solver_ = "eigh"
+            self._factorization = (eigenvalues, eigenvectors)
+            self.eigenvalues_ = (eigenvalues - self.regularization_).flip(0)
+            self._warn_about_spectrum(eigenvalues)
+            return
         if "eigenvectors" not in self._factors:
             # Of C, not of C + lambda I: a factor every regularization shares. It is added to the
             # cached factors, so that the other candidates of a search that need it read it back.
@@ -193,27 +229,36 @@ class DirectInfluence(BaseInfluence):
             self._add_factors({"eigenvalues": eigenvalues, "eigenvectors": eigenvectors})
         eigenvalues = self._factors["eigenvalues"]
         self.solver_ = "eigh"
-        self._factorization = (eigenvalues + self.regularization, self._factors["eigenvectors"])
+        self._factorization = (eigenvalues + self.regularization_, self._factors["eigenvectors"])
         self.eigenvalues_ = eigenvalues.flip(0)
-        self._warn_about_spectrum(eigenvalues + self.regularization)
+        self._warn_about_spectrum(eigenvalues + self.regularization_)
 
     def _warn_about_spectrum(self, eigenvalues):
         smallest = float(eigenvalues[0])
-        if smallest <= 0:
-            n_negative = int((eigenvalues <= 0).sum())
+        largest = float(eigenvalues.abs().max())
+        rounding = largest * torch.finfo(torch.float64).eps * len(eigenvalues)
+        if smallest < -rounding:
+            n_negative = int((eigenvalues < -rounding).sum())
+            advice = f"Use regularization > {-(smallest - self.regularization_):.3g}"
+            if self.second_order != "gauss_newton":
+                advice += ", or second_order='gauss_newton' (always positive semi-definite)"
             warn(
-                f"The {self.second_order} plus regularization has {n_negative} non-positive "
+                f"The {self.second_order} plus regularization has {n_negative} negative "
                 f"eigenvalue(s) (smallest {smallest:.3g}): the model is not at a minimum of the "
-                "training loss, so influences invert an indefinite matrix. Use "
-                f"regularization > {-(smallest - self.regularization):.3g}, or "
-                "second_order='gauss_newton' (always positive semi-definite).",
+                f"training loss, so influences invert an indefinite matrix. {advice}.",
                 NotPositiveDefiniteWarning,
             )
-        largest = float(eigenvalues.abs().max())
-        if float(eigenvalues.abs().min()) <= largest * torch.finfo(torch.float64).eps * len(eigenvalues):
+        elif smallest <= rounding:
+            advice = "Raise regularization."
+            if self.unpenalized_parameters_:
+                advice = (
+                    "The parameters the model's penalty leaves out (unpenalized_parameters_) get no "
+                    "regularization, and some get no curvature from the data either (a dead unit's intercept, "
+                    "intercepts that only add up): pass regularization as a number to regularize every parameter."
+                )
             warn(
                 "The curvature plus regularization is numerically singular; influences are "
-                "dominated by rounding. Raise regularization.",
+                f"dominated by rounding. {advice}",
                 NotPositiveDefiniteWarning,
             )
 

@@ -111,13 +111,20 @@ class InverseHarmonicMeanInfluence(BaseInfluence):
 
     Parameters
     ----------
-    model : torch.nn.Module
+    model : torch.nn.Module, skorch net or scikit-learn model
         The trained model. It is copied in ``fit`` and evaluated in eval mode;
         influence is taken with respect to its parameters that require gradients.
-    loss : {"cross_entropy", "mse", "bce_with_logits"}, torch.nn loss module or callable, default="cross_entropy"
-        The training loss. A callable takes ``(output, target)`` and returns the
-        scalar mean loss of a batch, and must be picklable to save the estimator.
-    regularization : float, default=0.1
+        A fitted skorch net stands for its ``module_``; a fitted
+        ``LogisticRegression``, ``LinearRegression``, ``Ridge``,
+        ``SGDClassifier(loss="log_loss")``, ``MLPClassifier`` or
+        ``MLPRegressor`` is converted to an equivalent torch module (see
+        ``model_`` and :ref:`user-guide-models`).
+    loss : {"auto", "cross_entropy", "mse", "bce_with_logits"}, torch.nn loss module or callable, default="auto"
+        The training loss. ``"auto"`` is the loss a skorch net or scikit-learn
+        model was trained with, and ``"cross_entropy"`` for a torch module. A
+        callable takes ``(output, target)`` and returns the scalar mean loss of
+        a batch, and must be picklable to save the estimator.
+    regularization : float or "auto", default=0.1
         ``lambda > 0`` added to each rank-one term ``g g^T`` (the formula
         divides by it, so 0 is an error). Influences scale as ``1 /
         lambda``. The approximation is accurate when ``lambda`` is large
@@ -128,6 +135,8 @@ class InverseHarmonicMeanInfluence(BaseInfluence):
         further changes their scale more than their ranking. The default is
         larger than the other estimators' for that reason. To choose it,
         search it with :meth:`score` or a scorer of ``skinfl.metrics``.
+        ``"auto"`` takes the model's own penalty (a scikit-learn model's, a
+        skorch optimizer's weight decay), resolved in ``regularization_``.
     second_order : {"gauss_newton"}, default="gauss_newton"
         The curvature approximated: the Gauss-Newton matrix, through the
         empirical Fisher of the training gradients. The Hessian is never
@@ -189,7 +198,20 @@ class InverseHarmonicMeanInfluence(BaseInfluence):
     device_ : torch.device
         Device the estimator computes on.
     model_ : torch.nn.Module
-        The evaluation copy of the model.
+        The evaluation copy of the model (of the converted module for a
+        scikit-learn model, of ``module_`` for a skorch net).
+    regularization_ : float
+        The regularization used: ``regularization``, or the model's own
+        penalty when it is ``"auto"``.
+    unpenalized_parameters_ : list of str
+        With ``regularization="auto"``, the parameters the model's own penalty
+        leaves out (a scikit-learn model's intercepts, a skorch parameter
+        group without weight decay). This estimator regularizes them too
+        (its inverse needs one ``regularization`` for all parameters);
+        :class:`DirectInfluence` and :class:`CgInfluence` leave them out.
+    classes_ : numpy.ndarray
+        Labels of a scikit-learn classifier: targets are given as these
+        labels. Only with a scikit-learn classifier as ``model``.
     loss_ : object
         The resolved loss.
     trainable_parameters_ : list of str
@@ -229,7 +251,7 @@ class InverseHarmonicMeanInfluence(BaseInfluence):
 
     _parameter_constraints = {
         **BaseInfluence._parameter_constraints,
-        "regularization": [Interval(Real, 0, None, closed="neither")],
+        "regularization": [Interval(Real, 0, None, closed="left"), StrOptions({"auto"})],
         "second_order": [StrOptions({"gauss_newton"})],
         "block_structure": [StrOptions(set(_BLOCK_STRUCTURES))],
         "relative_regularization": ["boolean"],
@@ -241,7 +263,7 @@ class InverseHarmonicMeanInfluence(BaseInfluence):
         self,
         model,
         *,
-        loss="cross_entropy",
+        loss="auto",
         regularization=0.1,
         second_order="gauss_newton",
         block_structure="layer",
@@ -273,16 +295,18 @@ class InverseHarmonicMeanInfluence(BaseInfluence):
                 "gradients) and never uses the Hessian. Use second_order='gauss_newton' (the default), or "
                 "an estimator that inverts the Hessian: DirectInfluence (small models) or CgInfluence."
             )
-        if isinstance(self.regularization, Real) and self.regularization == 0:
+        return super().fit(X, y)
+
+    fit.__doc__ = BaseInfluence.fit.__doc__
+
+    def _check_regularization(self, regularization):
+        if regularization == 0:
             raise ValueError(
                 "InverseHarmonicMeanInfluence needs regularization > 0: each rank-one term g g^T is singular "
                 "and the closed-form inverse divides by the regularization. Use for example "
                 "regularization=0.1 (the default), or regularization=0.1 with relative_regularization=True "
                 "(DataInf's choice)."
             )
-        return super().fit(X, y)
-
-    fit.__doc__ = BaseInfluence.fit.__doc__
 
     def _compute_factors(self, curvature):
         if not self.relative_regularization:
@@ -301,7 +325,7 @@ class InverseHarmonicMeanInfluence(BaseInfluence):
             self.block_fisher_traces_ = traces.to(self.device_)
             regularization = self._relative_block_regularization(traces, blocks, fmodel.n_params)
         else:
-            regularization = torch.full((len(blocks),), float(self.regularization), dtype=torch.float64)
+            regularization = torch.full((len(blocks),), float(self.regularization_), dtype=torch.float64)
         self.block_regularization_ = regularization.to(self.device_)
         self._block_regularization = [float(value) for value in regularization]
 
@@ -322,7 +346,7 @@ class InverseHarmonicMeanInfluence(BaseInfluence):
                     "use relative_regularization=False with an absolute regularization."
                 )
             mean_diagonals = torch.where(traces > 0, mean_diagonals, torch.full_like(mean_diagonals, overall))
-        return self.regularization * mean_diagonals
+        return self.regularization_ * mean_diagonals
 
     def _apply_inverse(self, gradients):
         # Through the curvature operator: its data is the fitted data, with the error for a

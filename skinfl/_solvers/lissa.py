@@ -252,14 +252,23 @@ class LissaInfluence(BaseInfluence):
 
     Parameters
     ----------
-    model : torch.nn.Module
+    model : torch.nn.Module, skorch net or scikit-learn model
         The trained model. It is copied in ``fit`` and evaluated in eval mode;
         influence is taken with respect to its parameters that require gradients.
-    loss : {"cross_entropy", "mse", "bce_with_logits"}, torch.nn loss module or callable, default="cross_entropy"
-        The training loss. A callable takes ``(output, target)`` and returns the
-        scalar mean loss of a batch, and must be picklable to save the estimator.
-    regularization : float, default=1e-3
+        A fitted skorch net stands for its ``module_``; a fitted
+        ``LogisticRegression``, ``LinearRegression``, ``Ridge``,
+        ``SGDClassifier(loss="log_loss")``, ``MLPClassifier`` or
+        ``MLPRegressor`` is converted to an equivalent torch module (see
+        ``model_`` and :ref:`user-guide-models`).
+    loss : {"auto", "cross_entropy", "mse", "bce_with_logits"}, torch.nn loss module or callable, default="auto"
+        The training loss. ``"auto"`` is the loss a skorch net or scikit-learn
+        model was trained with, and ``"cross_entropy"`` for a torch module. A
+        callable takes ``(output, target)`` and returns the scalar mean loss of
+        a batch, and must be picklable to save the estimator.
+    regularization : float or "auto", default=1e-3
         ``lambda >= 0`` added as ``lambda * I`` to the curvature.
+        ``"auto"`` takes the model's own penalty (a scikit-learn model's, a
+        skorch optimizer's weight decay), resolved in ``regularization_``.
     second_order : {"hessian", "gauss_newton"}, default="hessian"
         Which curvature to invert.
     scale : "auto" or float, default="auto"
@@ -333,7 +342,20 @@ class LissaInfluence(BaseInfluence):
     device_ : torch.device
         Device the estimator computes on.
     model_ : torch.nn.Module
-        The evaluation copy of the model.
+        The evaluation copy of the model (of the converted module for a
+        scikit-learn model, of ``module_`` for a skorch net).
+    regularization_ : float
+        The regularization used: ``regularization``, or the model's own
+        penalty when it is ``"auto"``.
+    unpenalized_parameters_ : list of str
+        With ``regularization="auto"``, the parameters the model's own penalty
+        leaves out (a scikit-learn model's intercepts, a skorch parameter
+        group without weight decay). This estimator regularizes them too
+        (its inverse needs one ``regularization`` for all parameters);
+        :class:`DirectInfluence` and :class:`CgInfluence` leave them out.
+    classes_ : numpy.ndarray
+        Labels of a scikit-learn classifier: targets are given as these
+        labels. Only with a scikit-learn classifier as ``model``.
     loss_ : object
         The resolved loss.
     trainable_parameters_ : list of str
@@ -386,7 +408,7 @@ class LissaInfluence(BaseInfluence):
         self,
         model,
         *,
-        loss="cross_entropy",
+        loss="auto",
         regularization=1e-3,
         second_order="hessian",
         scale="auto",
@@ -465,22 +487,22 @@ class LissaInfluence(BaseInfluence):
             return
         largest, _, smallest_ritz = self._spectrum()
         self.largest_eigenvalue_ = largest
-        top = largest + self.regularization
+        top = largest + self.regularization_
         if top <= 0:
             raise ValueError(
                 f"The {self.second_order} plus regularization has no positive eigenvalue (largest about "
                 f"{top:.3g}): LiSSA's recursion cannot converge. Raise regularization above "
                 f"{-largest:.3g}, or use second_order='gauss_newton'."
             )
-        self.scale_ = auto_scale(top, smallest_ritz + self.regularization, self.dampen, self._stochastic())
+        self.scale_ = auto_scale(top, smallest_ritz + self.regularization_, self.dampen, self._stochastic())
         self._check_negative_curvature(smallest_ritz)
 
     def _check_negative_curvature(self, smallest_ritz):
-        lifted = smallest_ritz + self.regularization + self.dampen * self.scale_
+        lifted = smallest_ritz + self.regularization_ + self.dampen * self.scale_
         if lifted <= 0:
             raise ValueError(
                 f"The {self.second_order} has a negative eigenvalue of about {smallest_ritz:.3g} (the model "
-                f"is not at a minimum of the training loss), which regularization={self.regularization:.3g} "
+                f"is not at a minimum of the training loss), which regularization={self.regularization_:.3g} "
                 "does not lift above zero: LiSSA's recursion diverges along it. Use regularization > "
                 f"{-smallest_ritz:.3g}, or second_order='gauss_newton' (positive semi-definite)."
             )
@@ -497,7 +519,7 @@ class LissaInfluence(BaseInfluence):
             solution, report = lissa_recursion(
                 minibatches,
                 gradients,
-                regularization=self.regularization,
+                regularization=self.regularization_,
                 scale=self.scale_,
                 dampen=self.dampen,
                 max_iter=self.max_iter,
@@ -513,7 +535,7 @@ class LissaInfluence(BaseInfluence):
         return solution
 
     def _divergence_message(self, report, stochastic):
-        regularization, scale, dampen = self.regularization, self.scale_, self.dampen
+        regularization, scale, dampen = self.regularization_, self.scale_, self.dampen
         largest, _, smallest_ritz = self._spectrum()
         top = largest + regularization
         along = float("nan")

@@ -89,7 +89,7 @@ class _LowRankInfluence(BaseInfluence):
         level of the spectrum are treated as zero (their direction is not
         inverted).
         """
-        regularization = float(self.regularization)
+        regularization = float(self.regularization_)
         shifted = eigenvalues + regularization
         scale = max(float(eigenvalues.abs().max()) if len(eigenvalues) else 0.0, regularization)
         floor = len(eigenvalues) * torch.finfo(self._dtype()).eps * scale
@@ -101,7 +101,7 @@ class _LowRankInfluence(BaseInfluence):
         return inverse.to(self._dtype()), 0.0
 
     def _warn_about_spectrum(self, shifted, singular):
-        regularization = float(self.regularization)
+        regularization = float(self.regularization_)
         # With regularization > 0, s + lambda vanishes only for a negative eigenvalue.
         negative = (shifted < 0) & ~singular | (singular & (regularization > 0))
         if bool(negative.any()):

@@ -19,7 +19,11 @@ from sklearn.base import clone
 from sklearn.utils import check_random_state
 from torch import nn
 
+from .._data import encoded_labels
 from .._model import LossSpec
+from .._model_source import loss_on_device, model_source
+from .._sklearn_models import is_sklearn_model
+from .._skorch_nets import is_skorch_net
 from .._validation import as_model_data, check_same_length
 
 # Query losses of a retrained model are evaluated in chunks of this many samples.
@@ -66,11 +70,12 @@ class DatamodelTruth:
 
 
 def retrain_function(retrain):
-    """``retrain`` as a function ``(X, y) -> torch.nn.Module``.
+    """``retrain`` as a function ``(X, y) -> model``.
 
     A callable is used as it is. An object with ``fit`` is cloned and fitted
     on every call; the model is the fitted object itself when it is a torch
-    module, else its ``module_`` attribute (skorch's convention).
+    module, a skorch net or a scikit-learn model, else its ``module_``
+    attribute.
     """
     if hasattr(retrain, "fit"):
         return _FitRetrain(retrain)
@@ -93,8 +98,8 @@ class _FitRetrain:
             fresh = copy.deepcopy(self.estimator)
         fitted = fresh.fit(X, y)
         fitted = fresh if fitted is None else fitted
-        if isinstance(fitted, nn.Module):
-            return fitted
+        if isinstance(fitted, nn.Module) or is_skorch_net(fitted) or is_sklearn_model(fitted):
+            return fitted  # skinfl takes skorch nets and scikit-learn models as they are
         module = getattr(fitted, "module_", None)
         if isinstance(module, nn.Module):
             return module
@@ -109,22 +114,29 @@ def query_losses(model, loss, X_query, y_query):
 
     Parameters
     ----------
-    model : torch.nn.Module
-        The model, evaluated in eval mode without gradients.
-    loss : str, torch.nn.Module or callable
-        The loss, as for the influence estimators.
+    model : torch.nn.Module, skorch net or scikit-learn model
+        The model, evaluated in eval mode without gradients (a scikit-learn
+        model through its converted module).
+    loss : str, torch.nn.Module, callable or LossSpec
+        The loss, as for the influence estimators (``"auto"``: the model's
+        own), or an estimator's resolved ``loss_``.
     X_query, y_query : array-like or torch.Tensor
-        Query points.
+        Query points; a scikit-learn classifier's in its own labels.
 
     Returns
     -------
     losses : ndarray of shape (n_query,)
         Float64 losses.
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"retrain must return a torch.nn.Module, got {type(model).__name__}.")
-    spec = loss if isinstance(loss, LossSpec) else LossSpec.resolve(loss)
-    model = model.eval()
+    if not (isinstance(model, nn.Module) or is_skorch_net(model) or is_sklearn_model(model)):
+        raise TypeError(f"retrain must return a torch.nn.Module, a skorch net or a scikit-learn model, got "
+                        f"{type(model).__name__}.")
+    source = model_source(model, "auto" if isinstance(loss, LossSpec) else loss)
+    model = source.module.eval()
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    spec = loss_on_device(loss if isinstance(loss, LossSpec) else source.loss, device)
+    if source.classes is not None:
+        y_query = encoded_labels(y_query, source.classes, "y_query")
     X_t, y_t = as_model_data(model, spec, X_query, y_query, ("X_query", "y_query"))
     values = []
     with torch.no_grad():

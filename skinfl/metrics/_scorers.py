@@ -181,7 +181,9 @@ class _RetrainingScorer(_CachingScorer):
         retrain_function(self.retrain)  # fail early on a bad retrain
         # An integer seed draws the same points every time; any other random_state is drawn once per cache entry.
         seed = self.random_state if isinstance(self.random_state, (int, np.integer)) else None
-        parts = (type(self).__name__, X, y, X_query, y_query, estimator.loss, *settings, seed)
+        loss = estimator.loss_
+        parts = (type(self).__name__, X, y, X_query, y_query, loss.kind, loss.function, loss.normalizer,
+                 loss.takes_probabilities, *settings, seed)
         return self._cached(parts, self.retrain, lambda: compute_from(X, y))
 
 
@@ -279,7 +281,7 @@ class LeaveOneOutScorer(_RetrainingScorer):
                 rng = check_random_state(self.random_state)
                 removed = np.sort(rng.choice(len(X), size=self.n_removals, replace=False))
             return leave_one_out_truth(
-                self.retrain, X, y, X_query, y_query, loss=estimator.loss, removed=removed, n_jobs=self.n_jobs
+                self.retrain, X, y, X_query, y_query, loss=estimator.loss_, removed=removed, n_jobs=self.n_jobs
             )
 
         return self._retrained_truth(estimator, X_query, y_query, (self.n_removals,), compute_from)
@@ -383,7 +385,7 @@ class LdsScorer(_RetrainingScorer):
 
         def compute_from(X, y):
             masks = random_subsets(len(X), self.alpha, int(self.n_subsets), self.random_state)
-            return datamodel_truth(self.retrain, X, y, X_query, y_query, loss=estimator.loss, masks=masks, n_jobs=self.n_jobs)
+            return datamodel_truth(self.retrain, X, y, X_query, y_query, loss=estimator.loss_, masks=masks, n_jobs=self.n_jobs)
 
         return self._retrained_truth(estimator, X_query, y_query, (self.alpha, self.n_subsets), compute_from)
 
