@@ -95,7 +95,7 @@ def test_single_output_regression_targets_are_not_broadcast():
 
 @pytest.mark.parametrize("params, message", [
     ({"regularization": -1.0}, r"'regularization' parameter of DirectInfluence must be a float in the range \[0"),
-    ({"regularization": np.inf}, r"range \[0.0, inf\). Got inf"),
+    ({"regularization": np.inf}, r"range \[0.0, inf\) or a str among {.auto.}. Got inf"),
     ({"second_order": "fisher"}, "'second_order' parameter"),
     ({"loss": "hinge"}, "'loss' parameter"),
     ({"batch_size": 0}, "'batch_size' parameter"),
