@@ -684,7 +684,10 @@ class BaseInfluence(TransformerMixin, BaseEstimator):
             factors[position] = solved
         return factors
 
-    def _write_up_influences(self, test, train, result):
+    def _write_up_influences(self, test, train, result, pair_products=None):
+        """Fill ``result`` with ``pair_products(factors, gradients)`` (default ``factors @ gradients.T``):
+        factors of one side held, gradients of the other streamed; extra trailing axes allowed."""
+        pair_products = pair_products or (lambda factors, gradients: factors @ gradients.T)
         fmodel = self._functional_model()
         # <A^-1 a, b> = <a, A^-1 b> for symmetric A: invert on the smaller side.
         held_data, streamed_data, transposed = (test, train, False) if len(test) <= len(train) else (train, test, True)
@@ -692,9 +695,9 @@ class BaseInfluence(TransformerMixin, BaseEstimator):
             factors = self._factors_of(held_data, held)
             for position, gradients in iter_gradients(fmodel, streamed_data, self.batch_size,
                                                       progress=self.progress, desc="influences"):
-                block = factors @ gradients.T
+                block = pair_products(factors, gradients)
                 if transposed:
-                    write(result, (position, held), block.T)
+                    write(result, (position, held), block.transpose(0, 1))
                 else:
                     write(result, (held, position), block)
 

@@ -386,6 +386,7 @@ class CgInfluence(BaseInfluence):
             self.preconditioner_ = _PRECONDITIONERS[self.preconditioner].build(
                 self._factors, self.regularization_, self._functional_model())
         self.method_ = "block" if self.method == "auto" else self.method
+        self._regularization_diagonal = self._regularization_terms()  # once, not per solve
 
     @property
     def n_iter_(self):
@@ -412,7 +413,7 @@ class CgInfluence(BaseInfluence):
 
     def _apply_inverse(self, gradients):
         curvature = self._curvature()
-        regularization = self._regularization_terms()
+        regularization = self._regularization_diagonal
 
         def apply_matrix(vectors):
             return curvature.matmat(vectors) + regularization * vectors

@@ -6,9 +6,8 @@ from numbers import Integral
 
 import torch
 
-from .._gradients import iter_gradients
 from .._kronecker import FISHER_TYPES, EkfacInverse, compute_ekfac_factors, plan_layers
-from .._results import DEFAULT_MAX_RESULT_BYTES, allocate, write
+from .._results import DEFAULT_MAX_RESULT_BYTES, allocate
 from .._validation import Interval, StrOptions, returns_torch
 from ..base import BaseInfluence, ExactnessCheck, reporting_solves
 
@@ -287,12 +286,10 @@ class EkfacInfluence(BaseInfluence):
         spans = [plan.block.span for plan in self._plans]
         shape = (len(test), len(train), len(spans))
         result = allocate(shape, self._dtype(), returns_torch(X_test), self.device_, out, max_result_bytes)
-        fmodel = self._functional_model()
-        for held in self._held_chunks(len(test)):
-            factors = self._factors_of(test, held)
-            for position, gradients in iter_gradients(fmodel, train, self.batch_size, progress=self.progress,
-                                                      desc="influences by layer"):
-                block = torch.stack([factors[:, span] @ gradients[:, span].T for span in spans], dim=2)
-                write(result, (held, position), block)
+
+        def by_block(factors, gradients):
+            return torch.stack([factors[:, span] @ gradients[:, span].T for span in spans], dim=2)
+
+        self._write_up_influences(test, train, result, by_block)
         return result
 
