@@ -75,10 +75,17 @@ LISSA_SCALE_MARGIN = 3.0
 PYDVL_CG_ATOL = 1e-10
 # EK-FAC: targets drawn from the model's predictive distribution (the true Fisher), one per point, and
 # the eigenvalues refitted on the data; ekfac_empirical uses the training labels instead (no draws: a
-# deterministic check that skinfl and kronfluence compute the same thing).
+# deterministic check that skinfl and kronfluence compute the same thing); ekfac_exact is skinfl's exact
+# expectation over the predictive distribution (n_target_draws=None), which neither peer has.
 EKFAC_N_TARGET_DRAWS = 1
 
-FAMILIES = ("cg", "cg_plain", "cg_ekfac", "arnoldi", "nystroem", "lissa", "datainf", "ekfac", "ekfac_empirical")
+FAMILIES = ("cg", "cg_plain", "cg_ekfac", "arnoldi", "nystroem", "lissa", "datainf", "ekfac", "ekfac_exact",
+            "ekfac_empirical")
+# The curvature each family approximates, and so the reference its agreement is measured against:
+# EK-FAC and DataInf approximate the Gauss-Newton (Fisher) matrix, the others solve with the Hessian.
+GAUSS_NEWTON_FAMILIES = ("datainf", "ekfac", "ekfac_exact", "ekfac_empirical")
+CURVATURES = ("hessian", "gauss_newton")
+
 CG_FAMILIES = ("cg", "cg_plain", "cg_ekfac")
 SKINFL_CLASSES = {
     "cg": "CgInfluence",
@@ -89,6 +96,7 @@ SKINFL_CLASSES = {
     "lissa": "LissaInfluence",
     "datainf": "InverseHarmonicMeanInfluence",
     "ekfac": "EkfacInfluence",
+    "ekfac_exact": "EkfacInfluence",
     "ekfac_empirical": "EkfacInfluence",
 }
 PYDVL_CLASSES = {
@@ -119,7 +127,12 @@ def parse_method(method):
 
 def method_names(ranks):
     return ["cg", "cg_plain", "cg_ekfac", *(f"arnoldi{r}" for r in ranks), *(f"nystroem{r}" for r in ranks), "lissa",
-            "datainf", "ekfac", "ekfac_empirical"]
+            "datainf", "ekfac", "ekfac_exact", "ekfac_empirical"]
+
+
+def curvature_of(method):
+    """``"gauss_newton"`` for the methods that approximate the Gauss-Newton matrix, else ``"hessian"``."""
+    return "gauss_newton" if parse_method(method)[0] in GAUSS_NEWTON_FAMILIES else "hessian"
 
 
 def unavailable(lib, method):
@@ -127,7 +140,10 @@ def unavailable(lib, method):
     family, _ = parse_method(method)
     if lib == "pydvl" and family not in PYDVL_CLASSES:
         return {"cg_ekfac": "pyDVL 0.10.0's CG has no EK-FAC preconditioner",
+                "ekfac_exact": "pyDVL 0.10.0's EkfacInfluence draws one target per point (no exact expectation)",
                 "ekfac_empirical": "pyDVL 0.10.0's EkfacInfluence has no empirical-Fisher option"}[family]
+    if lib == "kronfluence" and family == "ekfac_exact":
+        return "kronfluence 1.0.1's true Fisher draws one target per point (no exact expectation)"
     if lib == "kronfluence" and family not in KRONFLUENCE_FAMILIES:
         return f"kronfluence is run for {', '.join(KRONFLUENCE_FAMILIES)} only"
     return None
@@ -185,11 +201,11 @@ def method_settings(method, *, n_params, top_eigenvalue, regularization, batch_s
         )
     elif family == "datainf":
         settings.update(second_order="gauss_newton", blocks="layer")
-    elif family in ("ekfac", "ekfac_empirical"):
+    elif family in ("ekfac", "ekfac_exact", "ekfac_empirical"):
         settings.update(
             second_order="gauss_newton",
-            fisher="true" if family == "ekfac" else "empirical",
-            n_target_draws=EKFAC_N_TARGET_DRAWS,
+            fisher="empirical" if family == "ekfac_empirical" else "true",
+            n_target_draws=None if family == "ekfac_exact" else EKFAC_N_TARGET_DRAWS,
             correct_eigenvalues=True,
         )
     return settings
@@ -222,7 +238,7 @@ def _skinfl_estimator(skinfl, family, model, settings):
         optional.update(rtol=settings["rtol"], minibatch_size=settings["minibatch_size"])
     elif family == "datainf":
         optional["second_order"] = settings["second_order"]
-    elif family in ("ekfac", "ekfac_empirical"):
+    elif family in ("ekfac", "ekfac_exact", "ekfac_empirical"):
         required.update(fisher=settings["fisher"], n_target_draws=settings["n_target_draws"],
                         correct_eigenvalues=settings["correct_eigenvalues"])
         optional["second_order"] = settings["second_order"]
@@ -510,12 +526,13 @@ def hardness(args):
     print("RESULT " + json.dumps(record), flush=True)
 
 
-def reference_path(problem, size):
-    return size.work_dir / f"{problem}_reference.npy"
+def reference_path(problem, size, curvature="hessian"):
+    suffix = "" if curvature == "hessian" else f"_{curvature}"
+    return size.work_dir / f"{problem}_reference{suffix}.npy"
 
 
 def reference(args):
-    """The float64 reference influence matrix (Direct, or CG with rtol=1e-8 above the size's limit)."""
+    """The float64 reference influence matrix of ``--curvature`` (Direct, or CG with rtol=1e-8 above the size's limit)."""
     import numpy as np
     import torch
 
@@ -526,7 +543,8 @@ def reference(args):
     summary = _summary(args.problem, size)
     X, y, X_test, y_test = _tensors(size, torch.float64)
     model = P.load_hard_model(args.problem, size, dtype=torch.float64)
-    common = {"loss": "cross_entropy", "regularization": REGULARIZATION, "batch_size": REFERENCE_BATCH_SIZE}
+    common = {"loss": "cross_entropy", "regularization": REGULARIZATION, "batch_size": REFERENCE_BATCH_SIZE,
+              "second_order": args.curvature}
     if summary["n_params"] <= size.direct_reference_max_params:
         estimator = skinfl.DirectInfluence(model, **common)
     else:
@@ -539,10 +557,11 @@ def reference(args):
         estimator.fit(X, y)
         matrix = estimator.influences(X_test, y_test).numpy()
         seconds = time.perf_counter() - start
-    path = reference_path(args.problem, size)
+    path = reference_path(args.problem, size, args.curvature)
     np.save(path, matrix)
     record = {
         "problem": args.problem,
+        "curvature": args.curvature,
         "estimator": type(estimator).__name__,
         "settings": {k: v for k, v in estimator.get_params(deep=False).items() if k != "model"},
         "dtype": "float64",
@@ -759,6 +778,8 @@ def main(argv=None):
             command.add_argument("--problems", required=True)
         else:
             command.add_argument("--problem", required=True)
+        if name == "reference":
+            command.add_argument("--curvature", choices=CURVATURES, default="hessian")
         if name == "run":
             command.add_argument("--lib", choices=("skinfl", "pydvl", "kronfluence"), required=True)
             command.add_argument("--method", required=True)

@@ -19,7 +19,8 @@ training penalty): ``cg`` (block CG, Nystroem preconditioner of rank 100),
 preconditioner; skinfl only), ``arnoldi<rank>``, ``nystroem<rank>`` (ranks 50
 and 100), ``lissa``, ``datainf``, ``ekfac`` (EK-FAC of the true Fisher, one
 target drawn per point; also kronfluence's, run in pyDVL's venv; pyDVL's
-supports nn.Linear only) and ``ekfac_empirical`` (the same with the
+supports nn.Linear only), ``ekfac_exact`` (skinfl's exact expectation over
+the predictive distribution, which neither peer has) and ``ekfac_empirical`` (the same with the
 training labels: skinfl and kronfluence, a deterministic check that both
 compute the same thing).
 
@@ -27,7 +28,8 @@ Every (problem, library, method) runs in a fresh process (_solver_worker.py),
 which times ``fit`` and the 100 x 1397 influence matrix and reports its peak
 resident memory. Agreement is measured against a float64 reference (skinfl's
 DirectInfluence up to 10,000 parameters, else CgInfluence with rtol=1e-8),
-computed once per model and cached. A method a library does not have (yet) is
+computed once per model and cached: of the Gauss-Newton matrix for the methods
+that approximate it (EK-FAC, DataInf), of the Hessian for the others. A method a library does not have (yet) is
 reported as "not available", pyDVL's EK-FAC on the CNN as "not supported".
 
 Results: a table on stdout and ``benchmarks/results/solvers.{md,json}``
@@ -290,27 +292,33 @@ def main(argv=None):
                   f"({cached.get('converged', '?')}/{cached.get('systems')} converged, {cached['seconds']:.0f} s)",
                   flush=True)
 
-    # 3. references (float64, cached per model).
+    # 3. references (float64, cached per model): the Hessian's for the solvers, the Gauss-Newton
+    # matrix's for the methods that approximate it (EK-FAC, DataInf), where those are asked.
+    curvatures = sorted({W.curvature_of(method) for method in methods}, key=W.CURVATURES.index)
     references = {}
     for problem in problems:
-        path = W.reference_path(problem, size)
-        meta_path = path.with_suffix(".json")
-        meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
-        if not (path.exists() and meta.get("state_dict_sha1") == models[problem]["state_dict_sha1"]):
-            print(f"  {problem}: computing the reference ...", flush=True)
-            meta, status, _, err = skinfl_worker("reference", "--problem", problem, timeout=args.reference_timeout)
-            if meta is None:
-                print(f"    reference {status}:\n{err}", flush=True)
-                meta = {"status": status}
-            else:
-                print(f"    {meta['estimator']} in {meta['seconds']:.1f} s", flush=True)
-        references[problem] = meta
+        for curvature in curvatures:
+            path = W.reference_path(problem, size, curvature)
+            meta_path = path.with_suffix(".json")
+            meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+            if not (path.exists() and meta.get("state_dict_sha1") == models[problem]["state_dict_sha1"]):
+                print(f"  {problem}: computing the {curvature} reference ...", flush=True)
+                meta, status, _, err = skinfl_worker("reference", "--problem", problem, "--curvature", curvature,
+                                                     timeout=args.reference_timeout)
+                if meta is None:
+                    print(f"    reference {status}:\n{err}", flush=True)
+                    meta = {"status": status}
+                else:
+                    print(f"    {meta['estimator']} in {meta['seconds']:.1f} s", flush=True)
+            references[problem, curvature] = meta
 
     # 4. the runs, one fresh process each.
     runs = {}
     for problem in problems:
-        reference = np.load(W.reference_path(problem, size)) if "estimator" in references[problem] else None
         for method in methods:
+            curvature = W.curvature_of(method)
+            reference = (np.load(W.reference_path(problem, size, curvature))
+                         if "estimator" in references[problem, curvature] else None)
             for lib in LIBRARIES:
                 if skipped.get(lib) or (lib == "kronfluence" and W.unavailable(lib, method)):
                     continue
@@ -390,7 +398,7 @@ def main(argv=None):
         "command": command, "date": started.isoformat(timespec="seconds"), "total_s": total_s,
         "size": {"name": size.name, "n_train": size.n_train, "n_test": size.n_test, "batch_size": size.batch_size},
         "skinfl_commit": P.git_state(), "machine": machine, "settings": settings, "lissa_scale": lissa_scales,
-        "models": models, "plain_cg": hardness, "references": references,
+        "models": models, "plain_cg": hardness, "references": {f"{p} {c}": r for (p, c), r in references.items()},
         "runs": list(runs.values()),
         "comparison": [{"problem": r["problem"], "method": r["method"],
                         **{f"{OTHERS[lib]}_over_skinfl_time": r["ratio"][lib] for lib in OTHERS},
@@ -403,7 +411,8 @@ def main(argv=None):
                   str(len(models[p].get("saddle_escapes", []))), minimum(models[p]),
                   f"{models[p]['top_hessian_eigenvalue']:.4g}", str(hardness[p].get("iterations", "-")),
                   f"{hardness[p].get('converged', '-')}/{hardness[p].get('systems', '-')}",
-                  references[p].get("estimator", references[p].get("status", "-"))] for p in problems]
+                  "; ".join(f"{c}: {r.get('estimator', r.get('status', '-'))}"
+                            for (q, c), r in references.items() if q == p)] for p in problems]
     md = [
         f"# Solver benchmark ({size.name}: {size.n_train} training / {size.n_test} test points)",
         "",
@@ -436,7 +445,7 @@ def main(argv=None):
 
 
 def notes_for(size, args, lissa_scales, references):
-    refs = ", ".join(f"{p}: {r.get('estimator', r.get('status'))}" for p, r in references.items())
+    refs = ", ".join(f"{p} {c}: {r.get('estimator', r.get('status'))}" for (p, c), r in references.items())
     return [
         "Time = fit + influences of every test point against every training point, in a fresh process after a "
         "small warm-up run of the same library and method (imports, first use of torch.func are not timed). "
@@ -445,7 +454,9 @@ def notes_for(size, args, lissa_scales, references):
         "high-water mark reached after imports, data, model and warm-up.",
         f"Agreement: Pearson over all {size.n_test} x {size.n_train} entries, and Spearman per test point "
         f"(across training points) averaged over test points, against a float64 reference ({refs}; Direct up "
-        f"to {size.direct_reference_max_params:,} parameters, else CgInfluence rtol={W.REFERENCE_CG_RTOL:g}).",
+        f"to {size.direct_reference_max_params:,} parameters, else CgInfluence rtol={W.REFERENCE_CG_RTOL:g}): "
+        f"the inverse Gauss-Newton matrix for {', '.join(W.GAUSS_NEWTON_FAMILIES)}, which approximate it, the "
+        "inverse Hessian for the others.",
         f"Both libraries: float32, regularization={W.REGULARIZATION:g} (the training penalty, so the model is "
         f"at a minimum of the objective whose Hessian is inverted), batch {size.batch_size} (skinfl batch_size; "
         "pyDVL DataLoader batch, which must divide n_train: pyDVL averages per-batch mean Hessians without "
@@ -484,10 +495,12 @@ def notes_for(size, args, lissa_scales, references):
         "scores of every test point against every training point, factor and score files in a temporary folder "
         "under .work/ (their I/O is timed). The three draw their targets from different generators: their "
         "matrices differ by sampling noise.",
+        "ekfac_exact: skinfl EkfacInfluence(fisher='true', n_target_draws=None): the exact expectation over the "
+        "predictive distribution (one backward pass per class instead of a drawn target); neither peer has it.",
         "ekfac_empirical: the same with the training labels (skinfl fisher='empirical', kronfluence "
         "use_empirical_fisher=True): no sampling, so skinfl and kronfluence should agree to float32 rounding.",
-        "cg_ekfac: skinfl CgInfluence(preconditioner='ekfac') with the cg settings (one target drawn per point "
-        "for the preconditioner, random_state=0); pyDVL has no EK-FAC preconditioner.",
+        "cg_ekfac: skinfl CgInfluence(preconditioner='ekfac') with the cg settings; pyDVL has no EK-FAC "
+        "preconditioner.",
     ]
 
 

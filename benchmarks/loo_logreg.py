@@ -61,7 +61,7 @@ OTHERS = {"pydvl": "pyDVL", "kronfluence": "kronfluence"}  # run in pyDVL's venv
 
 def methods():
     return ["direct", "cg", "cg_ekfac", *(f"arnoldi{r}" for r in RANKS), *(f"nystroem{r}" for r in RANKS), "lissa",
-            "datainf", "ekfac", "ekfac_empirical"]
+            "datainf", "ekfac", "ekfac_exact", "ekfac_empirical"]
 
 
 def unavailable(lib, method):

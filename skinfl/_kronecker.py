@@ -106,6 +106,21 @@ def _kronecker_kind(block):
 
 
 # ---------------------------------------------------------------- cotangents
+# n_target_draws="auto" takes the exact expectation up to this many output values per sample (one backward
+# pass each: a classifier with a few classes), and one drawn target per sample above.
+EXACT_EXPECTATION_MAX_OUTPUTS = 16
+
+
+def resolve_target_draws(n_target_draws, fmodel, data):
+    """``n_target_draws``, with ``"auto"`` resolved for this model: None (exact) or 1 (one draw)."""
+    if n_target_draws != "auto":
+        return n_target_draws
+    x, _ = data.batch(slice(0, 1))
+    with torch.no_grad():
+        n_outputs = fmodel.output(fmodel.params, x).numel()
+    return None if n_outputs <= EXACT_EXPECTATION_MAX_OUTPUTS else 1
+
+
 def output_cotangents(loss, output, target, fisher, n_target_draws, generator):
     """``[(weight, u)]``: output cotangents whose weighted sum of ``J^T u u^T J`` is the curvature.
 

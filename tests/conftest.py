@@ -1,10 +1,25 @@
 """Shared fixtures: small float64 problems with exact references, and the estimator registry."""
 
+import os
+
 import numpy as np
 import pytest
 import torch
 from torch import nn
 from torch.func import functional_call, hessian
+
+
+def _share_the_cores_between_workers():
+    """Under pytest-xdist (``-n``), each worker's torch, and the examples it runs in subprocesses, take
+    their share of the cores: more threads than cores stall the tiny models of the suite."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        torch.set_num_threads(threads)
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+
+
+_share_the_cores_between_workers()
 
 
 @pytest.fixture(scope="module")

@@ -167,10 +167,10 @@ def test_results_do_not_depend_on_batch_size():
     small = EkfacInfluence(model, regularization=0.05, n_target_draws=None, batch_size=4).fit(X, y)
     torch.testing.assert_close(small.influences(X[:5], y[:5]), reference.influences(X[:5], y[:5]), rtol=1e-9,
                                atol=1e-11)
-    # Sampled targets too: the draws follow the samples, whatever the batches.
-    a = EkfacInfluence(model, random_state=3, batch_size=512).fit(X, y).influences(X[:3], y[:3])
-    b = EkfacInfluence(model, random_state=3, batch_size=512).fit(X, y).influences(X[:3], y[:3])
-    torch.testing.assert_close(a, b)
+    # Sampled targets are reproducible with a seed.
+    a = EkfacInfluence(model, n_target_draws=2, random_state=3).fit(X, y).influences(X[:3], y[:3])
+    b = EkfacInfluence(model, n_target_draws=2, random_state=3).fit(X, y).influences(X[:3], y[:3])
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
 def test_influences_by_layer_sum_to_the_influences():
@@ -243,7 +243,7 @@ def test_clear_errors():
         return F.cross_entropy(output, target)
 
     with pytest.raises(ValueError, match="known likelihood"):
-        EkfacInfluence(model, loss=custom, random_state=0).fit(X, y)
+        EkfacInfluence(model, loss=custom, n_target_draws=1, random_state=0).fit(X, y)
     # The exact expectation needs only the loss's output Hessian, which a custom loss has.
     exact = EkfacInfluence(model, loss=custom, n_target_draws=None).fit(X, y)
     reference = EkfacInfluence(model, n_target_draws=None).fit(X, y)
@@ -266,3 +266,37 @@ def test_ekfac_preconditioned_cg_reaches_the_exact_inverse_in_fewer_iterations()
         torch.testing.assert_close(est.transform(X[:8], y[:8]), exact.transform(X[:8], y[:8]), rtol=1e-4, atol=1e-7)
         runs[preconditioner] = est.n_iter_
     assert runs["ekfac"] < runs[None] / 2, runs
+
+
+@pytest.mark.parametrize("n_outputs", [16, 17])
+def test_ekfac_preconditioner_takes_the_exact_expectation_for_few_outputs(n_outputs):
+    # Up to 16 output values per sample the preconditioner's Fisher is the exact expectation (no sampling
+    # noise); above, one drawn target per sample, as EkfacInfluence(n_target_draws=1) with the same seed.
+    generator = torch.Generator().manual_seed(0)
+    X = torch.randn(40, 5, generator=generator, dtype=DOUBLE)
+    y = torch.randint(0, n_outputs, (40,), generator=generator)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, n_outputs)).to(DOUBLE)
+    cg = CgInfluence(model, regularization=1e-2, preconditioner="ekfac", random_state=3).fit(X, y)
+    exact = EkfacInfluence(model, regularization=1e-2, n_target_draws=None, random_state=3).fit(X, y)
+    drawn = EkfacInfluence(model, regularization=1e-2, n_target_draws=1, random_state=3).fit(X, y)
+    expected, other = (exact, drawn) if n_outputs <= 16 else (drawn, exact)
+    assert cg._factors.keys() == expected._factors.keys()
+    for name, tensor in cg._factors.items():
+        torch.testing.assert_close(tensor, expected._factors[name], rtol=1e-10, atol=1e-12)
+    assert any(not torch.allclose(tensor, other._factors[name]) for name, tensor in cg._factors.items()
+               if name.endswith("eigenvalues"))
+
+
+@pytest.mark.parametrize("n_outputs", [16, 17])
+def test_auto_target_draws_is_exact_for_few_outputs(n_outputs):
+    generator = torch.Generator().manual_seed(1)
+    X = torch.randn(30, 5, generator=generator, dtype=DOUBLE)
+    y = torch.randint(0, n_outputs, (30,), generator=generator)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, n_outputs)).to(DOUBLE)
+    auto = EkfacInfluence(model, random_state=3).fit(X, y)
+    expected = EkfacInfluence(model, n_target_draws=None if n_outputs <= 16 else 1, random_state=3).fit(X, y)
+    assert auto.n_target_draws_ == expected.n_target_draws_ == (None if n_outputs <= 16 else 1)
+    torch.testing.assert_close(auto.transform(X[:3], y[:3]), expected.transform(X[:3], y[:3]), rtol=1e-10, atol=0)
+    assert EkfacInfluence(model, fisher="empirical").fit(X, y).n_target_draws_ is None

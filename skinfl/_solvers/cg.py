@@ -9,7 +9,7 @@ import torch
 
 from .._curvature import _MAX_VECTOR_BLOCK
 from .._gradients import batch_slices
-from .._kronecker import EkfacInverse, compute_ekfac_factors, plan_layers
+from .._kronecker import EkfacInverse, compute_ekfac_factors, plan_layers, resolve_target_draws
 from .._linalg.block_cg import block_conjugate_gradient
 from .._linalg.cg import BREAKDOWN, CONVERGED, MAX_ITER, NEGATIVE_CURVATURE, batched_conjugate_gradient
 from .._linalg.nystroem import nystroem_sketch
@@ -83,18 +83,23 @@ class NystroemPreconditioner:
 class EkfacPreconditioner:
     """Inverse of the EK-FAC approximation of ``C_GN + lambda I`` (see :class:`EkfacInfluence`).
 
-    Its factors come from two passes of gradients over the training data
-    (one target drawn per sample from the model's predictive distribution):
+    Its factors come from two passes of gradients over the training data:
     CG then refines the block-diagonal Kronecker inverse towards the exact
-    one, and needs fewest iterations where EK-FAC is already close.
+    one, and needs fewest iterations where EK-FAC is already close. The
+    Fisher is that of ``EkfacInfluence(n_target_draws="auto")``: the exact
+    expectation over the predictive distribution for a few outputs per
+    sample, else one drawn target. Without sampling noise CG needs fewer
+    iterations (on the digits MLP and CNN of the benchmarks, 58 instead of
+    73 and 48 instead of 52).
     """
 
     inverse: EkfacInverse
 
     @staticmethod
     def compute_factors(curvature, rank, generator):
-        return compute_ekfac_factors(curvature.fmodel, curvature.data, curvature.batch_size, "true", 1, True,
-                                     generator, NO_PROGRESS)
+        n_target_draws = resolve_target_draws("auto", curvature.fmodel, curvature.data)
+        return compute_ekfac_factors(curvature.fmodel, curvature.data, curvature.batch_size, "true", n_target_draws,
+                                     True, generator, NO_PROGRESS)
 
     @classmethod
     def build(cls, factors, regularization, fmodel):
@@ -222,9 +227,11 @@ class CgInfluence(BaseInfluence):
         distribution (at least 1024 draws), so it needs a built-in loss or
         its torch module. ``"ekfac"``: the EK-FAC approximation of the
         Gauss-Newton matrix plus ``lambda`` (see :class:`EkfacInfluence`;
-        two passes of gradients over the data, one target drawn per sample,
-        so a built-in loss), which already captures most of each layer's
-        curvature: CG refines it towards the exact inverse. None: plain CG.
+        two passes of gradients over the data, with the exact expectation
+        over the predictive distribution when a sample's output has at most
+        16 values, else one target drawn per sample; a built-in loss), which
+        already captures most of each layer's curvature: CG refines it
+        towards the exact inverse. None: plain CG.
     preconditioner_rank : int, default=100
         Rank of the ``"nystroem"`` preconditioner (capped at ``n_params``).
     method : {"auto", "block", "independent"}, default="auto"
