@@ -152,6 +152,8 @@ def _loss_gradient(loss, output, target):
 
 def _output_hessian_roots(loss, output, target):
     """``L_i`` with ``L_i L_i^T`` the Hessian of sample ``i``'s loss in its (flattened) output."""
+    if loss.kind == "cross_entropy" and output.ndim == 2 and target.ndim == 1:
+        return _cross_entropy_hessian_roots(loss, output, target)
     n = output.shape[0]
     flat = output.reshape(n, -1)
 
@@ -162,6 +164,26 @@ def _output_hessian_roots(loss, output, target):
     values, vectors = torch.linalg.eigh(hessians)
     # Convex losses have positive semi-definite output Hessians; rounding can leave tiny negatives.
     return vectors * values.clamp_min(0).sqrt().unsqueeze(1)
+
+
+def _cross_entropy_hessian_roots(loss, output, target):
+    """The roots for cross-entropy on logits with class-index targets, in closed form.
+
+    Its Hessian in the logits is ``c_i (diag(p) - p p^T)`` with ``p`` the
+    softmax, whatever the target (label smoothing included), and ``c_i``
+    the sample's class weight over the loss's normalizer (0 for an ignored
+    target). ``L = diag(sqrt(p)) - p sqrt(p)^T`` has ``L L^T = diag(p) - p
+    p^T`` because ``sum(p) = 1``: no per-sample Hessian and eigensolve.
+    """
+    p = torch.softmax(output, dim=1)
+    sqrt_p = p.sqrt()
+    roots = torch.diag_embed(sqrt_p) - p.unsqueeze(2) * sqrt_p.unsqueeze(1)
+    weights = loss.sample_weights(target)
+    if weights is None and loss.normalizer == 1.0:
+        return roots
+    weights = torch.ones(len(target)) if weights is None else weights
+    scale = (weights.to(dtype=output.dtype, device=output.device) / loss.normalizer).sqrt()
+    return roots * scale[:, None, None]
 
 
 # ---------------------------------------------------------- the hooked pass
@@ -330,19 +352,34 @@ class LayerStatistics:
     def corrected_eigenvalues(self, bases):
         """``{name: Lambda}``: ``mean_i sum_c (Q_G^T d_ic Q_A)**2`` in each Kronecker block's eigenbasis."""
         corrected = {}
+
+        def add(name, squares):
+            corrected[name] = squares if name not in corrected else corrected[name] + squares
+
         for recorder, output, cotangents, _ in self._batches():
             # Rotate each factor first: sum_t (Q_G^T g_t)(Q_A^T a_t)^T is Q_G^T d Q_A.
             rotated_activations = {plan.name: _activations(plan, recorder.inputs[plan.name]) @ bases[plan.name][0]
                                    for plan in recorder.plans if recorder.inputs[plan.name]}
+            # With one position (a Linear layer on (n, in) inputs) d_ic is the outer product g_ic a_i^T,
+            # and sum_c (g_ic a_i^T)**2 = (sum_c g_ic**2) (a_i**2)^T: the squares of the rotated factors
+            # are summed over the cotangents first, and one product per batch replaces n outer products.
+            single_position = {name for name, a in rotated_activations.items() if a.shape[1] == 1}
+            gradient_squares = {}
             for weight, cotangent in cotangents:
                 gradients = self._output_gradients(recorder, output, cotangent)
                 for plan in recorder.plans:
                     if plan.name not in rotated_activations:
                         continue
                     g = _output_gradients_by_position(plan, gradients[plan.name]) @ bases[plan.name][1]
+                    if plan.name in single_position:
+                        squares = weight * g[:, 0] * g[:, 0]
+                        gradient_squares[plan.name] = squares + gradient_squares.get(plan.name, 0.0)
+                        continue
                     rotated = torch.einsum("nto,nti->noi", g, rotated_activations[plan.name])
-                    squares = weight * (rotated * rotated).sum(dim=0)
-                    corrected[plan.name] = squares if plan.name not in corrected else corrected[plan.name] + squares
+                    add(plan.name, weight * (rotated * rotated).sum(dim=0))
+            for name, squares in gradient_squares.items():
+                activation = rotated_activations[name][:, 0]
+                add(name, squares.T @ (activation * activation))
         n = len(self.data)
         return {plan.name: (corrected[plan.name].detach() / n if plan.name in corrected
                             else torch.zeros(tuple(reversed(_factor_sizes(plan))), dtype=self.fmodel.dtype,

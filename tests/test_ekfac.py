@@ -300,3 +300,25 @@ def test_auto_target_draws_is_exact_for_few_outputs(n_outputs):
     assert auto.n_target_draws_ == expected.n_target_draws_ == (None if n_outputs <= 16 else 1)
     torch.testing.assert_close(auto.transform(X[:3], y[:3]), expected.transform(X[:3], y[:3]), rtol=1e-10, atol=0)
     assert EkfacInfluence(model, fisher="empirical").fit(X, y).n_target_draws_ is None
+
+
+@pytest.mark.parametrize("loss", [
+    "cross_entropy",
+    nn.CrossEntropyLoss(label_smoothing=0.2),
+    nn.CrossEntropyLoss(weight=torch.tensor([0.5, 2.0, 1.0, 3.0], dtype=DOUBLE), ignore_index=1),
+], ids=["plain", "label_smoothing", "class_weights_ignore_index"])
+def test_cross_entropy_output_hessian_roots_in_closed_form(loss):
+    # The closed form against the generic roots (per-sample Hessians of the loss, eigendecomposed).
+    from skinfl._kronecker import _output_hessian_roots
+    from skinfl._model import LossSpec
+
+    generator = torch.Generator().manual_seed(0)
+    output = torch.randn(12, 4, generator=generator, dtype=DOUBLE)
+    target = torch.randint(0, 4, (12,), generator=generator)
+    spec = LossSpec.resolve(loss).fitted([target])
+    roots = _output_hessian_roots(spec, output, target)
+    generic = _output_hessian_roots(LossSpec("custom", spec.per_sample), output, target)
+    torch.testing.assert_close(roots @ roots.transpose(1, 2), generic @ generic.transpose(1, 2), rtol=1e-10,
+                               atol=1e-13)
+    if not isinstance(loss, str) and loss.ignore_index == 1:
+        assert torch.all(roots[target == 1] == 0)
