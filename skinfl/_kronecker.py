@@ -424,6 +424,9 @@ def compute_ekfac_factors(fmodel, data, batch_size, fisher, n_target_draws, corr
     return tensors
 
 
+_KRONECKER_SOLVE_ROWS = 16
+
+
 class EkfacInverse:
     """``(C_block + lambda I)^-1`` applied block by block, from the tensors of :func:`compute_ekfac_factors`."""
 
@@ -456,7 +459,10 @@ class EkfacInverse:
         for index, plan in enumerate(self.plans):
             span = plan.block.span
             if plan.is_kronecker:
-                self._kronecker_solve_into(result, index, plan, rows)
+                # A few rows at a time: each Kronecker solve makes several temporaries of the block's size
+                # per row, which for all rows at once would dwarf the rows themselves.
+                for chunk in batch_slices(len(rows), _KRONECKER_SOLVE_ROWS):
+                    self._kronecker_solve_into(result[chunk], index, plan, rows[chunk])
             else:
                 size = plan.block.size
                 result[:, span] = rows[:, span] / self._diagonal[diagonal_start:diagonal_start + size]
