@@ -30,11 +30,30 @@ def index_batches(rows, batch_size):
         yield piece, rows[piece]
 
 
-def gradient_batch(fmodel, x, y):
+# Per-sample gradients come from torch.func one tensor per parameter, and flattening them copies
+# them: a batch whose flat gradients would exceed this many bytes is differentiated a piece at a
+# time into the flat result, so that the copy costs a piece, not a second batch.
+_GRADIENT_PIECE_BYTES = 8 * 2**20
+
+
+def gradient_batch(fmodel, x, y, out=None):
     """Flat per-sample gradients of one batch, shape ``(len(x), n_params)``.
 
     ``y=None`` differentiates the model's measurement instead of the loss.
+    ``out``, a tensor of that shape, receives them.
     """
+    row_bytes = fmodel.n_params * torch.empty((), dtype=fmodel.dtype).element_size()
+    piece = max(1, _GRADIENT_PIECE_BYTES // row_bytes)
+    if out is None and len(x) <= piece:
+        return _flat_gradients(fmodel, x, y)
+    if out is None:
+        out = torch.empty(len(x), fmodel.n_params, dtype=fmodel.dtype, device=fmodel.device)
+    for rows in batch_slices(len(x), piece):
+        out[rows] = _flat_gradients(fmodel, x[rows], None if y is None else y[rows])
+    return out
+
+
+def _flat_gradients(fmodel, x, y):
     if y is None:
         per_sample = vmap(grad(lambda p, x_i: fmodel.sample_objective(p, x_i, None)), in_dims=(None, 0))
         gradients = per_sample(fmodel.params, x)
@@ -65,8 +84,10 @@ def gradients_of(fmodel, data, batch_size, rows):
     """
     n_rows = (rows.stop - (rows.start or 0)) if isinstance(rows, slice) else len(rows)
     gradients = torch.empty(n_rows, fmodel.n_params, dtype=fmodel.dtype, device=fmodel.device)
-    for position, block in iter_gradients(fmodel, data, batch_size, rows):
-        gradients[position] = block
+    for position, index in index_batches(rows, batch_size):
+        x, y = data.batch(index)
+        with torch.no_grad():
+            gradient_batch(fmodel, x, y, out=gradients[position])
     return gradients
 
 
