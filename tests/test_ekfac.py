@@ -268,15 +268,20 @@ def test_ekfac_preconditioned_cg_reaches_the_exact_inverse_in_fewer_iterations()
     assert runs["ekfac"] < runs[None] / 2, runs
 
 
+def classifier_with_outputs(n_outputs, n_samples, seed):
+    """A small tanh network with ``n_outputs`` classes, and data for it."""
+    generator = torch.Generator().manual_seed(seed)
+    X = torch.randn(n_samples, 5, generator=generator, dtype=DOUBLE)
+    y = torch.randint(0, n_outputs, (n_samples,), generator=generator)
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, n_outputs)).to(DOUBLE), X, y
+
+
 @pytest.mark.parametrize("n_outputs", [16, 17])
 def test_ekfac_preconditioner_takes_the_exact_expectation_for_few_outputs(n_outputs):
     # Up to 16 output values per sample the preconditioner's Fisher is the exact expectation (no sampling
     # noise); above, one drawn target per sample, as EkfacInfluence(n_target_draws=1) with the same seed.
-    generator = torch.Generator().manual_seed(0)
-    X = torch.randn(40, 5, generator=generator, dtype=DOUBLE)
-    y = torch.randint(0, n_outputs, (40,), generator=generator)
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, n_outputs)).to(DOUBLE)
+    model, X, y = classifier_with_outputs(n_outputs, 40, seed=0)
     cg = CgInfluence(model, regularization=1e-2, preconditioner="ekfac", random_state=3).fit(X, y)
     exact = EkfacInfluence(model, regularization=1e-2, n_target_draws=None, random_state=3).fit(X, y)
     drawn = EkfacInfluence(model, regularization=1e-2, n_target_draws=1, random_state=3).fit(X, y)
@@ -290,11 +295,7 @@ def test_ekfac_preconditioner_takes_the_exact_expectation_for_few_outputs(n_outp
 
 @pytest.mark.parametrize("n_outputs", [16, 17])
 def test_auto_target_draws_is_exact_for_few_outputs(n_outputs):
-    generator = torch.Generator().manual_seed(1)
-    X = torch.randn(30, 5, generator=generator, dtype=DOUBLE)
-    y = torch.randint(0, n_outputs, (30,), generator=generator)
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, n_outputs)).to(DOUBLE)
+    model, X, y = classifier_with_outputs(n_outputs, 30, seed=1)
     auto = EkfacInfluence(model, random_state=3).fit(X, y)
     expected = EkfacInfluence(model, n_target_draws=None if n_outputs <= 16 else 1, random_state=3).fit(X, y)
     assert auto.n_target_draws_ == expected.n_target_draws_ == (None if n_outputs <= 16 else 1)
