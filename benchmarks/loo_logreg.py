@@ -19,7 +19,8 @@ preconditioner of rank 100, rtol 1e-4), CG with the EK-FAC preconditioner
 (skinfl only), Arnoldi and Nystroem at ranks 50 and 100, LiSSA (scale from
 the top Hessian eigenvalue, 1000 steps of minibatch 100), DataInf (per
 layer), EK-FAC of the true Fisher (one target drawn per point; skinfl, pyDVL
-and kronfluence 1.0.1) and of the empirical Fisher (skinfl and kronfluence).
+and kronfluence 1.0.1), with its exact expectation (skinfl only) and of the
+empirical Fisher (skinfl and kronfluence).
 The model is one ``nn.Linear`` without bias: one Kronecker block. A method a
 library does not have (yet) is reported as "not available". pyDVL and
 kronfluence run in pyDVL's virtual environment, in one subprocess
