@@ -336,8 +336,6 @@ def test_top_influences_merged_over_chunks_and_batches(problem, name, held_chunk
     reference_dense = reference.influences(X_test, y_test)
     assert_no_ties(reference_dense)
 
-    # Per-sample gradients of a batch differentiated a row at a time, as for a batch above the byte limit.
-    monkeypatch.setattr(skinfl._gradients, "_GRADIENT_PIECE_BYTES", 1)
     est = make(name, model, batch_size=3).fit(X_train, y_train)
     held_chunk_sizes.clear()
     with sklearn.config_context(working_memory=working_memory_for(5, est)):
@@ -421,6 +419,8 @@ def test_results_do_not_depend_on_chunking(problem, name, held_chunk_sizes, monk
     # With the default working memory, everything is held in one chunk.
     assert all(len(sizes) == 1 for sizes in held_chunk_sizes)
 
+    # Per-sample gradients of a batch differentiated a row at a time, as for a batch above the byte limit.
+    monkeypatch.setattr(skinfl._gradients, "_GRADIENT_PIECE_BYTES", 1)
     est = make(name, model, batch_size=3).fit(X_train, y_train)
     held_chunk_sizes.clear()
     with sklearn.config_context(working_memory=1e-9):  # below one factor: batch_size rows at a time
