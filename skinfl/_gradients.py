@@ -42,8 +42,7 @@ def gradient_batch(fmodel, x, y, out=None):
     ``y=None`` differentiates the model's measurement instead of the loss.
     ``out``, a tensor of that shape, receives them.
     """
-    row_bytes = fmodel.n_params * torch.empty((), dtype=fmodel.dtype).element_size()
-    piece = max(1, _GRADIENT_PIECE_BYTES // row_bytes)
+    piece = max(1, _GRADIENT_PIECE_BYTES // (fmodel.n_params * fmodel.dtype.itemsize))
     if out is None and len(x) <= piece:
         return _flat_gradients(fmodel, x, y)
     if out is None:
@@ -69,12 +68,16 @@ def iter_gradients(fmodel, data, batch_size, rows=None, progress=False, desc="gr
     ``position`` is a slice into ``rows``; ``gradients`` has one row per
     sample of the piece. At most ``batch_size`` samples are read at a time.
     """
-    rows = slice(0, len(data)) if rows is None else rows
-    pieces = list(index_batches(rows, batch_size))
-    for position, index in progress_bar(pieces, progress, desc):
-        x, y = data.batch(index)
+    for position, x, y in _read_batches(data, batch_size, rows, progress, desc):
         with torch.no_grad():
             yield position, gradient_batch(fmodel, x, y)
+
+
+def _read_batches(data, batch_size, rows=None, progress=False, desc=""):
+    """Yield ``(position, x, y)``: ``rows`` of ``data`` (all by default) read ``batch_size`` at a time."""
+    rows = slice(0, len(data)) if rows is None else rows
+    for position, index in progress_bar(list(index_batches(rows, batch_size)), progress, desc):
+        yield (position, *data.batch(index))
 
 
 def gradients_of(fmodel, data, batch_size, rows):
@@ -84,8 +87,7 @@ def gradients_of(fmodel, data, batch_size, rows):
     """
     n_rows = (rows.stop - (rows.start or 0)) if isinstance(rows, slice) else len(rows)
     gradients = torch.empty(n_rows, fmodel.n_params, dtype=fmodel.dtype, device=fmodel.device)
-    for position, index in index_batches(rows, batch_size):
-        x, y = data.batch(index)
+    for position, x, y in _read_batches(data, batch_size, rows):
         with torch.no_grad():
             gradient_batch(fmodel, x, y, out=gradients[position])
     return gradients

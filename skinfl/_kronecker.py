@@ -30,6 +30,7 @@ per-sample ``d`` of one batch, never ``n_samples x n_params``.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -111,14 +112,11 @@ def _kronecker_kind(block):
 EXACT_EXPECTATION_MAX_OUTPUTS = 16
 
 
-def resolve_target_draws(n_target_draws, fmodel, data):
-    """``n_target_draws``, with ``"auto"`` resolved for this model: None (exact) or 1 (one draw)."""
+def resolve_target_draws(n_target_draws, output_shape):
+    """``n_target_draws``, with ``"auto"`` resolved for a per-sample ``output_shape``: None (exact) or 1."""
     if n_target_draws != "auto":
         return n_target_draws
-    x, _ = data.batch(slice(0, 1))
-    with torch.no_grad():
-        n_outputs = fmodel.output(fmodel.params, x).numel()
-    return None if n_outputs <= EXACT_EXPECTATION_MAX_OUTPUTS else 1
+    return None if math.prod(output_shape) <= EXACT_EXPECTATION_MAX_OUTPUTS else 1
 
 
 def output_cotangents(loss, output, target, fisher, n_target_draws, generator):
@@ -179,9 +177,8 @@ def _cross_entropy_hessian_roots(loss, output, target):
     sqrt_p = p.sqrt()
     roots = torch.diag_embed(sqrt_p) - p.unsqueeze(2) * sqrt_p.unsqueeze(1)
     weights = loss.sample_weights(target)
-    if weights is None and loss.normalizer == 1.0:
+    if weights is None:  # unweighted: the normalizer is 1
         return roots
-    weights = torch.ones(len(target)) if weights is None else weights
     scale = (weights.to(dtype=output.dtype, device=output.device) / loss.normalizer).sqrt()
     return roots * scale[:, None, None]
 

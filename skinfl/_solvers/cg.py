@@ -27,7 +27,7 @@ class JacobiPreconditioner:
     diagonal: torch.Tensor
 
     @staticmethod
-    def compute_factors(curvature, rank, generator):
+    def compute_factors(curvature, rank, generator, output_shape):
         if curvature.fmodel.loss.kind == "custom":
             raise ValueError(
                 "preconditioner='jacobi' estimates the Gauss-Newton diagonal from targets sampled from the "
@@ -63,7 +63,7 @@ class NystroemPreconditioner:
     scale: torch.Tensor
 
     @staticmethod
-    def compute_factors(curvature, rank, generator):
+    def compute_factors(curvature, rank, generator, output_shape):
         sketch = nystroem_sketch(_sketched_curvature(curvature), rank, generator)
         return {"eigenvalues": sketch.eigenvalues, "eigenvectors": sketch.eigenvectors}
 
@@ -96,8 +96,8 @@ class EkfacPreconditioner:
     inverse: EkfacInverse
 
     @staticmethod
-    def compute_factors(curvature, rank, generator):
-        n_target_draws = resolve_target_draws("auto", curvature.fmodel, curvature.data)
+    def compute_factors(curvature, rank, generator, output_shape):
+        n_target_draws = resolve_target_draws("auto", output_shape)
         return compute_ekfac_factors(curvature.fmodel, curvature.data, curvature.batch_size, "true", n_target_draws,
                                      True, generator, NO_PROGRESS)
 
@@ -383,7 +383,7 @@ class CgInfluence(BaseInfluence):
         if self.preconditioner is None:
             return {}, {}
         factors = _PRECONDITIONERS[self.preconditioner].compute_factors(
-            curvature, self.preconditioner_rank, self._generator()
+            curvature, self.preconditioner_rank, self._generator(), self.output_shape_
         )
         return factors, {}
 

@@ -230,7 +230,9 @@ class EkfacInfluence(BaseInfluence):
         fmodel, data = curvature.fmodel, curvature.data
         passes = 2 if self.correct_eigenvalues else 1
         with self._progress("EK-FAC statistics (samples)", total=passes * len(data), unit="sample") as bar:
-            n_target_draws = resolve_target_draws(self.n_target_draws, fmodel, data)
+            # The empirical Fisher draws nothing.
+            n_target_draws = None if self.fisher == "empirical" else resolve_target_draws(self.n_target_draws,
+                                                                                          self.output_shape_)
             tensors = compute_ekfac_factors(fmodel, data, self.batch_size, self.fisher, n_target_draws,
                                             self.correct_eigenvalues, self._generator(), bar)
         return tensors, {"n_target_draws": n_target_draws}
@@ -240,8 +242,9 @@ class EkfacInfluence(BaseInfluence):
         return self._compute_factors(self._curvature())
 
     def _build_inverse(self):
-        self.n_target_draws_ = (None if self.fisher == "empirical"
-                                else self._factor_metadata.get("n_target_draws", self.n_target_draws))
+        # Factors cached or saved before "auto" existed carry no resolved value; their parameter is it.
+        self.n_target_draws_ = self._factor_metadata.get(
+            "n_target_draws", None if self.fisher == "empirical" else self.n_target_draws)
         plans = plan_layers(self._functional_model())
         self.layers_ = [plan.name for plan in plans]
         self.layer_approximations_ = {plan.name: plan.describe() for plan in plans}
