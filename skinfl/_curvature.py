@@ -19,7 +19,13 @@ import math
 import torch
 from torch.func import grad, jvp, vjp, vmap
 
-from ._gradients import batch_slices, gradient_batch
+from ._cotangents import (
+    cross_entropy_curvature_scale,
+    elementwise_curvature,
+    output_cotangents,
+    resolve_target_draws,
+)
+from ._gradients import batch_slices, pullback_batch
 from ._progress import progress_bar
 
 SECOND_ORDER_MODES = ("hessian", "gauss_newton")
@@ -63,10 +69,7 @@ def _output_hessian_products(loss, output, target):
     its output gradient per vector.
     """
     if loss.kind == "cross_entropy" and output.ndim == 2 and output.shape[1] > 1:
-        # Every cross-entropy torch computes (class weights, label smoothing, ignored targets, the
-        # normalizer) is sum_c a_c * -log softmax(o)_c with a_c >= 0 per sample. Its Hessian in o is
-        # (sum_c a_c) (diag(p) - p p^T), and at o = 0 the loss is (sum_c a_c) log C.
-        scale = loss.per_sample(torch.zeros_like(output), target) / math.log(output.shape[1])
+        scale = cross_entropy_curvature_scale(loss, output, target)
         probabilities = torch.softmax(output, dim=1)
         scaled = scale[:, None] * probabilities
 
@@ -75,12 +78,11 @@ def _output_hessian_products(loss, output, target):
 
         return cross_entropy_products
 
-    output_gradient = grad(lambda o: loss.per_sample(o, target).sum())
     if loss.kind in ("mse", "bce_with_logits"):
-        # Element-wise losses (targets have the outputs' shape): the Hessian is diagonal, and one
-        # product with a vector of ones gives it.
-        diagonal = jvp(output_gradient, (output,), (torch.ones_like(output),))[1]
+        # Element-wise losses (targets have the outputs' shape): the Hessian is diagonal.
+        diagonal = elementwise_curvature(loss, output, target)
         return lambda u: diagonal * u
+    output_gradient = grad(lambda o: loss.per_sample(o, target).sum())
     return vmap(lambda u: jvp(output_gradient, (output,), (u,))[1])
 
 
@@ -267,28 +269,31 @@ class CurvatureOperator:
         # Reverse-over-reverse products are symmetric only up to rounding.
         return symmetrize_(matrix)
 
-    def sampled_gauss_newton_diagonal(self, generator):
-        """Unbiased estimate of the Gauss-Newton diagonal from sampled targets.
+    def gauss_newton_diagonal(self, output_shape, generator):
+        """The Gauss-Newton diagonal, exactly or as an unbiased estimate.
 
-        ``diag(1/n sum_i J_i^T H_i J_i)`` is the mean of squared per-sample
-        gradients at targets drawn from the model's predictive distribution
-        (see :meth:`LossSpec.sampled_targets`): one gradient per sample and
-        draw, never a per-sample Jacobian, so memory is that of a batch of
-        gradients. The estimate is nonnegative; its relative noise is about
-        ``1 / sqrt(draws)``, with at least ``_MIN_DIAGONAL_DRAWS`` draws in all.
+        ``diag(1/n sum_i J_i^T H_i J_i) = 1/n sum_i sum_c (J_i^T u_ic)**2``
+        with the output cotangents ``u_ic`` that EK-FAC's
+        ``n_target_draws="auto"`` takes (see
+        :func:`skinfl._cotangents.output_cotangents`): the columns of a root
+        of ``H_i`` for a few outputs per sample (exact, one pass), else one
+        drawn target per sample and pass, over enough passes for at least
+        ``_MIN_DIAGONAL_DRAWS`` draws in all (relative noise about
+        ``1 / sqrt(draws)``). One gradient per sample and cotangent, never a
+        per-sample Jacobian, so memory is that of a batch of gradients.
         """
         fmodel = self.fmodel
-        loss = fmodel.loss
-        passes = math.ceil(_MIN_DIAGONAL_DRAWS / self.n_samples)
+        draws = resolve_target_draws("auto", output_shape, fmodel.loss)
+        passes = 1 if draws is None else math.ceil(_MIN_DIAGONAL_DRAWS / self.n_samples)
         diagonal = torch.zeros(self.n_params, dtype=fmodel.dtype, device=fmodel.device)
         with torch.no_grad():
             for _ in range(passes):
                 for batch in batch_slices(self.n_samples, self.batch_size):
-                    x, _ = self.data.batch(batch)
+                    x, y = self.data.batch(batch)
                     output = fmodel.output(fmodel.params, x)
-                    targets = loss.sampled_targets(output, generator)
-                    gradients = gradient_batch(fmodel, x, targets) * loss.fisher_scale(output)
-                    diagonal += (gradients * gradients).sum(dim=0)
+                    for weight, cotangent in output_cotangents(fmodel.loss, output, y, "true", draws, generator):
+                        gradients = pullback_batch(fmodel, x, cotangent)
+                        diagonal += weight * (gradients * gradients).sum(dim=0)
         return diagonal / (passes * self.n_samples)
 
 

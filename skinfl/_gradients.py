@@ -52,6 +52,16 @@ def gradient_batch(fmodel, x, y, out=None):
     return out
 
 
+def pullback_batch(fmodel, x, cotangents):
+    """Flat per-sample ``J_i^T u_i``: the gradients of ``<output_i, u_i>``, shape ``(len(x), n_params)``."""
+
+    def pseudo_loss(params, x_i, u_i):
+        return (fmodel.output(params, x_i.unsqueeze(0))[0] * u_i).sum()
+
+    with torch.no_grad():
+        return fmodel.layout.flatten(vmap(grad(pseudo_loss), in_dims=(None, 0, 0))(fmodel.params, x, cotangents))
+
+
 def _flat_gradients(fmodel, x, y):
     if y is None:
         per_sample = vmap(grad(lambda p, x_i: fmodel.sample_objective(p, x_i, None)), in_dims=(None, 0))

@@ -3,7 +3,7 @@
 The Gauss-Newton matrix (the Fisher, for the built-in losses) of the mean
 training loss is ``C = 1/n sum_i sum_c d_ic d_ic^T``, with ``d_ic`` the
 gradients with respect to the parameters of output *cotangents* ``u_ic``
-(see :func:`output_cotangents`). It is approximated block-diagonally, one
+(see :func:`skinfl._cotangents.output_cotangents`). It is approximated block-diagonally, one
 block per module that owns trainable parameters:
 
 - ``nn.Linear`` and ``nn.Conv2d`` get Kronecker blocks. For a weight ``W``
@@ -30,15 +30,14 @@ per-sample ``d`` of one batch, never ``n_samples x n_params``.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.func import grad, hessian, vmap
 
-from ._gradients import batch_slices
+from ._cotangents import output_cotangents
+from ._gradients import batch_slices, pullback_batch
 from ._layers import module_blocks
 from ._model import FunctionalModel
 
@@ -104,83 +103,6 @@ def _kronecker_kind(block):
             return "diagonal", "padding other than explicit zero padding"
         return "conv2d", ""
     return "linear", ""
-
-
-# ---------------------------------------------------------------- cotangents
-# n_target_draws="auto" takes the exact expectation up to this many output values per sample (one backward
-# pass each: a classifier with a few classes), and one drawn target per sample above.
-EXACT_EXPECTATION_MAX_OUTPUTS = 16
-
-
-def resolve_target_draws(n_target_draws, output_shape):
-    """``n_target_draws``, with ``"auto"`` resolved for a per-sample ``output_shape``: None (exact) or 1."""
-    if n_target_draws != "auto":
-        return n_target_draws
-    return None if math.prod(output_shape) <= EXACT_EXPECTATION_MAX_OUTPUTS else 1
-
-
-def output_cotangents(loss, output, target, fisher, n_target_draws, generator):
-    """``[(weight, u)]``: output cotangents whose weighted sum of ``J^T u u^T J`` is the curvature.
-
-    - ``fisher="empirical"``: the loss gradient at the given targets.
-    - ``fisher="true"`` with ``n_target_draws`` draws: loss gradients at
-      targets drawn from the model's predictive distribution, each with
-      weight ``1 / n_target_draws`` (scaled by ``loss.fisher_scale``).
-    - ``fisher="true"`` with ``n_target_draws=None``: the columns of a square
-      root ``L`` of each sample's output Hessian, ``L L^T = H_i``: the
-      Gauss-Newton matrix exactly (the true Fisher, for the built-in losses),
-      one cotangent per output value.
-    """
-    output = output.detach()
-    if fisher == "empirical":
-        return [(1.0, _loss_gradient(loss, output, target))]
-    if n_target_draws is not None:
-        scale = loss.fisher_scale(output)
-        return [(1.0 / n_target_draws, _loss_gradient(loss, output, loss.sampled_targets(output, generator)) * scale)
-                for _ in range(n_target_draws)]
-    roots = _output_hessian_roots(loss, output, target)  # (n, d, d)
-    return [(1.0, roots[:, :, column].reshape(output.shape)) for column in range(roots.shape[2])]
-
-
-def _loss_gradient(loss, output, target):
-    output = output.detach().requires_grad_(True)
-    with torch.enable_grad():
-        return torch.autograd.grad(loss.per_sample(output, target).sum(), output)[0]
-
-
-def _output_hessian_roots(loss, output, target):
-    """``L_i`` with ``L_i L_i^T`` the Hessian of sample ``i``'s loss in its (flattened) output."""
-    if loss.kind == "cross_entropy" and output.ndim == 2 and target.ndim == 1:
-        return _cross_entropy_hessian_roots(loss, output, target)
-    n = output.shape[0]
-    flat = output.reshape(n, -1)
-
-    def sample_loss(out_i, target_i):
-        return loss.per_sample(out_i.reshape(1, *output.shape[1:]), target_i.unsqueeze(0))[0]
-
-    hessians = vmap(hessian(sample_loss))(flat, target)
-    values, vectors = torch.linalg.eigh(hessians)
-    # Convex losses have positive semi-definite output Hessians; rounding can leave tiny negatives.
-    return vectors * values.clamp_min(0).sqrt().unsqueeze(1)
-
-
-def _cross_entropy_hessian_roots(loss, output, target):
-    """The roots for cross-entropy on logits with class-index targets, in closed form.
-
-    Its Hessian in the logits is ``c_i (diag(p) - p p^T)`` with ``p`` the
-    softmax, whatever the target (label smoothing included), and ``c_i``
-    the sample's class weight over the loss's normalizer (0 for an ignored
-    target). ``L = diag(sqrt(p)) - p sqrt(p)^T`` has ``L L^T = diag(p) - p
-    p^T`` because ``sum(p) = 1``: no per-sample Hessian and eigensolve.
-    """
-    p = torch.softmax(output, dim=1)
-    sqrt_p = p.sqrt()
-    roots = torch.diag_embed(sqrt_p) - p.unsqueeze(2) * sqrt_p.unsqueeze(1)
-    weights = loss.sample_weights(target)
-    if weights is None:  # unweighted: the normalizer is 1
-        return roots
-    scale = (weights.to(dtype=output.dtype, device=output.device) / loss.normalizer).sqrt()
-    return roots * scale[:, None, None]
 
 
 # ---------------------------------------------------------- the hooked pass
@@ -303,13 +225,7 @@ class LayerStatistics:
 
     def _diagonal_gradients(self, x, cotangent):
         """Per-sample gradients of ``<output_i, u_i>`` for the diagonal blocks' parameters, flat."""
-        model = self._diagonal_model
-
-        def pseudo_loss(params, x_i, u_i):
-            return (model.output(params, x_i.unsqueeze(0))[0] * u_i).sum()
-
-        with torch.no_grad():
-            return model.layout.flatten(vmap(grad(pseudo_loss), in_dims=(None, 0, 0))(model.params, x, cotangent))
+        return pullback_batch(self._diagonal_model, x, cotangent)
 
     def kronecker_factors(self):
         """``(factors, diagonal)``: ``{name: (A, G)}`` for Kronecker blocks, and the diagonal blocks' diagonal."""
@@ -425,13 +341,50 @@ _KRONECKER_SOLVE_ROWS = 16
 
 
 class EkfacInverse:
-    """``(C_block + lambda I)^-1`` applied block by block, from the tensors of :func:`compute_ekfac_factors`."""
+    """``(C_block + lambda I)^-1`` applied block by block, from the tensors of :func:`compute_ekfac_factors`.
 
-    def __init__(self, plans, tensors, regularization):
+    Every block is diagonal in its basis (the Kronecker eigenbasis, or the
+    parameters themselves), so the inverse is ``1 / (eigenvalue + lambda)``
+    there. Values at the rounding level of their block (``eps`` times its
+    largest value or ``lambda``, times the order of the larger Kronecker
+    factor, whose eigendecomposition rounds at that level; with ``lambda =
+    0``, directions without curvature: a dead unit, an unused layer) have
+    no meaningful inverse:
+    with ``singular="pseudo_inverse"`` their directions are left out (a
+    pseudo-inverse, as the low-rank estimators do), with ``"clamp"`` they
+    are divided by that rounding level instead (a positive definite
+    preconditioner). ``n_singular`` and ``n_values`` count them.
+    """
+
+    def __init__(self, plans, tensors, regularization, singular="pseudo_inverse"):
         self.plans = plans
         self.regularization = float(regularization)
         self._tensors = tensors
-        self._diagonal = tensors["diagonal"] + self.regularization if "diagonal" in tensors else None
+        self.n_singular = self.n_values = 0
+        self.smallest = float("inf")
+        self._inverse_values = {}
+        diagonal_start = 0
+        for index, plan in enumerate(plans):
+            if plan.is_kronecker:
+                values = tensors[f"{index}.eigenvalues"]
+                order = max(values.shape)
+            else:
+                values = tensors["diagonal"][diagonal_start:diagonal_start + plan.block.size]
+                diagonal_start += plan.block.size
+                order = 1  # sums of squares: exact to their own rounding
+            self._inverse_values[index] = self._inverted(values, order, singular)
+
+    def _inverted(self, values, order, singular):
+        shifted = values + self.regularization
+        scale = max(float(values.abs().max()) if values.numel() else 0.0, self.regularization)
+        floor = order * torch.finfo(values.dtype).eps * scale
+        at_rounding = shifted <= floor
+        self.n_singular += int(at_rounding.sum())
+        self.n_values += values.numel()
+        self.smallest = min(self.smallest, float(shifted.min()) if values.numel() else self.smallest)
+        if singular == "clamp":
+            return 1.0 / shifted.clamp_min(max(floor, torch.finfo(values.dtype).tiny))
+        return torch.where(at_rounding, torch.zeros_like(shifted), 1.0 / torch.where(at_rounding, 1.0, shifted))
 
     def _kronecker_solve_into(self, result, index, plan, rows):
         block = plan.block
@@ -443,7 +396,7 @@ class EkfacInverse:
         activation_vectors = self._tensors[f"{index}.activation_eigenvectors"]
         gradient_vectors = self._tensors[f"{index}.gradient_eigenvectors"]
         rotated = gradient_vectors.T @ matrix @ activation_vectors
-        rotated = rotated / (self._tensors[f"{index}.eigenvalues"] + self.regularization)
+        rotated = rotated * self._inverse_values[index]
         solved = gradient_vectors @ rotated @ activation_vectors.T
         result[:, weight_slice] = solved[:, :, :weight.shape[2]].reshape(len(rows), -1)
         if plan.has_bias:
@@ -452,7 +405,6 @@ class EkfacInverse:
     def apply(self, rows):
         """Rows ``(C_EKFAC + lambda I)^-1 r``, shape ``(k, n_params)``."""
         result = torch.empty_like(rows)
-        diagonal_start = 0
         for index, plan in enumerate(self.plans):
             span = plan.block.span
             if plan.is_kronecker:
@@ -461,7 +413,5 @@ class EkfacInverse:
                 for chunk in batch_slices(len(rows), _KRONECKER_SOLVE_ROWS):
                     self._kronecker_solve_into(result[chunk], index, plan, rows[chunk])
             else:
-                size = plan.block.size
-                result[:, span] = rows[:, span] / self._diagonal[diagonal_start:diagonal_start + size]
-                diagonal_start += size
+                result[:, span] = rows[:, span] * self._inverse_values[index]
         return result

@@ -39,10 +39,6 @@ def _mean_over_non_batch_dims(values):
     return values.reshape(values.shape[0], -1).mean(dim=1)
 
 
-def _elements_per_sample(output):
-    return output[0].numel() if output.ndim > 1 else 1
-
-
 @dataclass
 class LossSpec:
     """A resolved ``loss`` parameter.
@@ -199,44 +195,6 @@ class LossSpec:
             "'mse' (or their torch.nn modules), not for a custom loss callable. "
             "Pass the targets y explicitly."
         )
-
-    def sampled_targets(self, output, generator):
-        """Targets drawn from the model's predictive distribution at ``output``.
-
-        The loss gradient at such targets, times :meth:`fisher_scale`, has
-        covariance ``J^T H J`` over the draws: the Gauss-Newton matrix, here
-        the true Fisher. Cross-entropy draws a class from the softmax,
-        binary cross-entropy a label from the sigmoid, and squared error
-        ``output + N(0, 1/2)`` (the Gaussian whose negative log-likelihood is
-        ``(output - target)**2`` up to a constant).
-        """
-        output = output.detach()
-        if self.kind == "cross_entropy":
-            return torch.multinomial(torch.softmax(output, dim=1), 1, generator=generator).squeeze(1)
-        if self.kind == "nll":
-            probabilities = output if self.takes_probabilities else output.exp()
-            return torch.multinomial(probabilities.clamp_min(0), 1, generator=generator).squeeze(1)
-        if self.kind == "bce_with_logits":
-            return torch.bernoulli(torch.sigmoid(output), generator=generator)
-        if self.kind == "mse":
-            noise = torch.randn(output.shape, generator=generator, dtype=output.dtype, device=output.device)
-            return output + noise * 0.5**0.5
-        raise ValueError(
-            "Sampling targets from the model's predictive distribution needs a known likelihood: "
-            "loss='cross_entropy', 'bce_with_logits' or 'mse' (or their torch.nn modules), not a "
-            "custom loss callable."
-        )
-
-    def fisher_scale(self, output):
-        """Factor that gives sampled-target gradients the Gauss-Newton covariance.
-
-        Losses averaged over ``d`` output elements per sample have gradient
-        covariance ``H / d`` at sampled targets, so their gradients are
-        scaled by ``sqrt(d)``.
-        """
-        if self.takes_class_indices:
-            return 1.0
-        return float(_elements_per_sample(output)) ** 0.5
 
 
 class ParameterLayout:

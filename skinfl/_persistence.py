@@ -114,6 +114,7 @@ def save(estimator, path, include_data=True):
                   "training": bool(getattr(estimator.model, "training", False))},
         "factor_metadata": estimator._factor_metadata,
         "factor_seed": estimator._factor_seed,
+        "seed": estimator._seed,
         "data": {"included": bool(saved_data), "input_dtype": str(estimator._input_dtype)},
     }
     write(path, tensors, metadata)
@@ -268,6 +269,10 @@ def _restore(file, meta, model, loss):
     estimator._factor_cache_key = None  # not from the cache: nothing is written back
     estimator._factor_metadata = meta["factor_metadata"]
     estimator._factor_seed = meta["factor_seed"]
+    # Files from before the seed was saved: the factors' seed, else a new draw (as they were read then).
+    estimator._seed = meta.get("seed", meta["factor_seed"])
+    if estimator._seed is None:
+        estimator._seed = int(np.random.randint(2**31 - 1))
     estimator._build_inverse()
     return estimator
 

@@ -193,6 +193,11 @@ class BaseInfluence(TransformerMixin, BaseEstimator):
             start += size
         return terms
 
+    def _symmetric_inverse(self):
+        """Whether ``_apply_inverse`` is a symmetric operator, so that :meth:`influences` may apply it to
+        either side (the smaller one); the test side otherwise."""
+        return True
+
     def _check_regularization(self, regularization):
         """Reject a resolved ``regularization`` the solver cannot use (raise ``ValueError``)."""
 
@@ -317,6 +322,11 @@ class BaseInfluence(TransformerMixin, BaseEstimator):
         self._input_dtype = first.dtype  # integer for token ids: what a lazy module is materialised on
         self._fit_data = data
         self._last_solve = {}  # filled by the solves of later calls (see _summarize_solves)
+        # One seed for all of this fit's randomness, drawn now when random_state is None: saved with the
+        # estimator, so that a loaded one draws what the fitted one drew (LiSSA's mini-batches, say).
+        self._seed = _seed_of(self.random_state)
+        if self._seed is None:
+            self._seed = int(np.random.randint(2**31 - 1))
         self._fit_factors()
         try:
             self._build_inverse()
@@ -331,7 +341,8 @@ class BaseInfluence(TransformerMixin, BaseEstimator):
         is built, with what building it added (see :meth:`_add_factors`).
         """
         directory = directory_of(self.memory)
-        self._factor_seed = _seed_of(self.random_state)
+        # In the cache key: None when random_state is None (the factors of any draw will do).
+        self._factor_seed = None if self.random_state is None else self._seed
         self._factor_cache_key = None if directory is None else self._factor_key()
         entry = None if directory is None else read_entry(directory, self._factor_cache_key)
         if entry is None:
@@ -385,10 +396,7 @@ class BaseInfluence(TransformerMixin, BaseEstimator):
 
     def _generator(self):
         """A torch generator on ``device_`` for the fit's randomness, seeded from ``random_state``."""
-        seed = self._factor_seed
-        if seed is None:
-            seed = int(np.random.randint(2**31 - 1))
-        return torch.Generator(device=self.device_).manual_seed(seed)
+        return torch.Generator(device=self.device_).manual_seed(self._seed)
 
     def get_feature_names_out(self, input_features=None):
         """Get the names of the columns of :meth:`transform`, one per trainable parameter entry.
@@ -425,6 +433,29 @@ class BaseInfluence(TransformerMixin, BaseEstimator):
         return np.asarray(names, dtype=object)
 
     # ------------------------------------------------------------ inference
+    def fit_transform(self, X, y=None, **fit_params):
+        """Fit on ``(X, y)``, then return the inverse-curvature gradients of the same points.
+
+        The same as ``fit(X, y).transform(X, y)``: the gradients are those of
+        the training loss at ``y`` (scikit-learn's default would drop ``y``
+        and take the prediction measurement instead).
+
+        Parameters
+        ----------
+        X : array-like or torch.Tensor of shape (n_samples, ...)
+            Training inputs.
+        y : array-like or torch.Tensor of shape (n_samples, ...)
+            Training targets. Required.
+        **fit_params : dict
+            Not used; accepted for scikit-learn's API.
+
+        Returns
+        -------
+        result : ndarray or torch.Tensor of shape (n_samples, n_params)
+            ``(C + regularization I)^-1 grad l(x, y)``, as :meth:`transform` returns it.
+        """
+        return self.fit(X, y, **fit_params).transform(X, y)
+
     @reporting_solves
     def transform(self, X, y=None):
         """Influence factors ``(C + regularization I)^-1 grad l(x, y)``.
@@ -689,8 +720,11 @@ class BaseInfluence(TransformerMixin, BaseEstimator):
         factors of one side held, gradients of the other streamed; extra trailing axes allowed."""
         pair_products = pair_products or (lambda factors, gradients: factors @ gradients.T)
         fmodel = self._functional_model()
-        # <A^-1 a, b> = <a, A^-1 b> for symmetric A: invert on the smaller side.
-        held_data, streamed_data, transposed = (test, train, False) if len(test) <= len(train) else (train, test, True)
+        # <A^-1 a, b> = <a, A^-1 b> for symmetric A: invert on the smaller side. An inverse that is not a
+        # symmetric operator (stochastic LiSSA) is always applied to the test side, so that an entry does not
+        # depend on how many points share the call.
+        test_side = len(test) <= len(train) or not self._symmetric_inverse()
+        held_data, streamed_data, transposed = (test, train, False) if test_side else (train, test, True)
         for held in self._held_chunks(len(held_data)):
             factors = self._factors_of(held_data, held)
             for position, gradients in iter_gradients(fmodel, streamed_data, self.batch_size,

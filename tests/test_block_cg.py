@@ -9,7 +9,7 @@ from sklearn.base import clone
 
 from skinfl import CgInfluence, DirectInfluence
 from skinfl._linalg.block_cg import block_conjugate_gradient
-from skinfl._linalg.cg import BREAKDOWN, CONVERGED, MAX_ITER, NEGATIVE_CURVATURE
+from skinfl._linalg.cg import BREAKDOWN, CONVERGED, MAX_ITER, NEGATIVE_CURVATURE, STALLED
 from skinfl.exceptions import CgConvergenceWarning
 
 N = 120
@@ -171,6 +171,38 @@ def test_max_iter_reports_true_residuals():
     true = (rhs - solution @ matrix).norm(dim=1) / rhs.norm(dim=1)
     torch.testing.assert_close(report.relative_residuals, true, rtol=1e-10, atol=0)
     assert (true > 1e-12).all()
+
+
+def test_a_system_at_the_accuracy_of_its_dtype_is_stalled_not_out_of_iterations():
+    # float32 cannot reach a relative residual of 1e-9 on a matrix of condition 1e4: block CG stops improving
+    # well before max_iter, and says so (not MAX_ITER, whose advice, more iterations, cannot help).
+    matrix = spd_matrix(SPECTRA["spread"]).float()
+    rhs = random_rhs(6).float()
+    solution, report = block_conjugate_gradient(Recording(matrix), rhs, rtol=1e-9, atol=0.0, max_iter=1000)
+    assert (report.status == STALLED).all(), report.status
+    assert report.n_iter < 1000
+    # The true residuals (computed again, they vary by their own float32 rounding), as far as float32 goes.
+    true = ((rhs.double() - solution.double() @ matrix.double()).norm(dim=1) / rhs.double().norm(dim=1)).float()
+    assert (report.relative_residuals < 3 * true).all() and (true < 3 * report.relative_residuals).all()
+    condition = float(SPECTRA["spread"].max() / SPECTRA["spread"].min())
+    assert (true > 1e-9).all() and (true < torch.finfo(torch.float32).eps * condition).all()
+
+
+def test_cg_warning_tells_a_stall_from_running_out_of_iterations():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+    X, y = torch.randn(60, 6), torch.randint(0, 3, (60,))
+    settings = dict(regularization=1e-3, second_order="gauss_newton", rtol=1e-9, random_state=0)
+    est = CgInfluence(model, **settings).fit(X, y)
+    with pytest.warns(CgConvergenceWarning) as caught:
+        est.transform(X[:20], y[:20])
+    message = str(caught[0].message)
+    assert "stalled with iterations left" in message and "float64" in message and "rtol >=" in message
+    assert "ran out of iterations" not in message and "raise max_iter" not in message
+    # Out of iterations is still said as such, with its own advice.
+    short = CgInfluence(model, max_iter=2, **settings).fit(X, y)
+    with pytest.warns(CgConvergenceWarning, match="ran out of iterations.*raise max_iter"):
+        short.transform(X[:20], y[:20])
 
 
 def test_non_finite_values_break_down_with_nan_solutions():

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from skinfl import CgInfluence, DirectInfluence, EkfacInfluence
+from skinfl.exceptions import NotPositiveDefiniteWarning
 
 DOUBLE = torch.float64
 
@@ -230,6 +231,27 @@ def test_a_layer_the_forward_pass_skips_has_no_curvature():
     assert torch.all(factors[:, span] == 0)  # its gradients are zero, and so is their solve
 
 
+def test_zero_regularization_on_a_singular_curvature_warns_and_gives_the_pseudo_inverse():
+    # Three points for a 4 -> 3 linear layer: the activation covariance has rank 3 of 5, so EK-FAC has
+    # eigenvalues that are zero up to rounding, which regularization=0 cannot invert.
+    torch.manual_seed(0)
+    layer = nn.Linear(4, 3).to(DOUBLE)
+    X, y = classification_data(n=3)
+    with pytest.warns(NotPositiveDefiniteWarning, match="zero to rounding.*pseudo-inverse"):
+        est = EkfacInfluence(layer, regularization=0.0, n_target_draws=None).fit(X, y)
+    plan = est._plans[0]
+    basis = kronecker_basis_vectors(est, 0, plan)
+    eigenvalues = est._factors["0.eigenvalues"].reshape(-1)
+    kept = eigenvalues > 1e-10 * eigenvalues.max()
+    assert 0 < int(kept.sum()) < len(kept)
+    pseudo_inverse = basis[:, kept] @ torch.diag(1 / eigenvalues[kept]) @ basis[:, kept].T
+    G = torch.stack([torch.cat([g.reshape(-1) for g in torch.autograd.grad(
+        F.cross_entropy(layer(X[i:i + 1]), y[i:i + 1]), [layer.weight, layer.bias])]) for i in range(3)])
+    influences = est.influences(X, y, X, y)
+    torch.testing.assert_close(influences, G @ pseudo_inverse @ G.T, rtol=1e-8, atol=1e-10)
+    torch.testing.assert_close(influences, influences.T, rtol=1e-10, atol=1e-12)  # no rounding noise
+
+
 def test_clear_errors():
     model = mlp()
     X, y = classification_data()
@@ -307,10 +329,11 @@ def test_auto_target_draws_is_exact_for_few_outputs(n_outputs):
     "cross_entropy",
     nn.CrossEntropyLoss(label_smoothing=0.2),
     nn.CrossEntropyLoss(weight=torch.tensor([0.5, 2.0, 1.0, 3.0], dtype=DOUBLE), ignore_index=1),
-], ids=["plain", "label_smoothing", "class_weights_ignore_index"])
+    nn.CrossEntropyLoss(weight=torch.tensor([0.5, 2.0, 1.0, 3.0], dtype=DOUBLE), label_smoothing=0.3),
+], ids=["plain", "label_smoothing", "class_weights_ignore_index", "class_weights_label_smoothing"])
 def test_cross_entropy_output_hessian_roots_in_closed_form(loss):
     # The closed form against the generic roots (per-sample Hessians of the loss, eigendecomposed).
-    from skinfl._kronecker import _output_hessian_roots
+    from skinfl._cotangents import output_hessian_roots as _output_hessian_roots
     from skinfl._model import LossSpec
 
     generator = torch.Generator().manual_seed(0)

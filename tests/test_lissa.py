@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import reference_hessian
+from conftest import reference_gradients, reference_hessian
 from torch import nn
 
 from skinfl import DirectInfluence, LissaInfluence
@@ -122,6 +122,31 @@ def test_fixed_seed_is_bitwise_reproducible_and_independent_of_chunking(classifi
     chunked = LissaInfluence(model, random_state=3, batch_size=3, **params).fit(X, y)
     chunked = chunked.transform(X[:10], y[:10])
     torch.testing.assert_close(chunked, first, rtol=1e-12, atol=1e-14)
+
+
+def test_stochastic_influences_do_not_depend_on_the_other_points_of_the_call(classification_problem):
+    # With mini-batches the inverse is not a symmetric operator, so it is applied to the test side whatever
+    # the sizes: an entry is the same whether 5 or 11 test points (against 8 training points) share the call.
+    model, X, y = classification_problem
+    est = LissaInfluence(model, regularization=0.1, minibatch_size=8, rtol=0.0, max_iter=30, random_state=0)
+    est.fit(X, y)
+    few = est.influences(X[:5], y[:5], X[20:28], y[20:28])
+    many = est.influences(X[:11], y[:11], X[20:28], y[20:28])
+    torch.testing.assert_close(many[:5], few, rtol=1e-12, atol=1e-14)
+    # The test side solved: the test points' solves against the training points' gradients.
+    train_gradients = reference_gradients(model, X[20:28], y[20:28], F.cross_entropy)
+    torch.testing.assert_close(few, est.transform(X[:5], y[:5]) @ train_gradients.T, rtol=1e-10, atol=1e-12)
+
+
+def test_stochastic_solves_are_the_same_after_save_and_load_without_random_state(classification_problem, tmp_path):
+    # The mini-batch seed drawn at fit is saved: a loaded estimator draws the same mini-batches.
+    import skinfl
+
+    model, X, y = classification_problem
+    est = LissaInfluence(model, regularization=0.1, minibatch_size=8, rtol=0.0, max_iter=20).fit(X, y)
+    expected = est.transform(X[:4], y[:4])
+    loaded = skinfl.load(skinfl.save(est, tmp_path / "lissa.skinfl"), model)
+    assert torch.equal(loaded.transform(X[:4], y[:4]), expected)
 
 
 def test_minibatch_size_of_all_samples_is_the_deterministic_recursion(classification_problem):

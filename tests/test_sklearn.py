@@ -89,6 +89,19 @@ def test_registry_lists_every_estimator():
         assert set(cls._factor_parameters) <= set(cls(None).get_params()), cls
 
 
+@pytest.mark.parametrize("name", list(registered_estimators()))
+def test_fit_transform_is_fit_then_transform_with_the_targets(classification_problem, name):
+    # scikit-learn's TransformerMixin.fit_transform would drop y and transform the prediction measurement.
+    from conftest import exact_positive_definite
+
+    model, X, y = classification_problem
+    y = (y + 1) % 3  # labels the model does not predict: the loss and the measurement then differ
+    est = exact_positive_definite(name, model)
+    expected = clone(est).fit(X, y).transform(X, y)
+    torch.testing.assert_close(est.fit_transform(X, y), expected, rtol=1e-10, atol=1e-12)
+    assert not torch.allclose(expected, clone(est).fit(X, y).transform(X))
+
+
 def test_score_equals_its_formula_on_least_squares():
     """score = -mean_v ||C_val u_v - g_v||^2 / ||g_v||^2, u_v = (C_fit + lambda I)^-1 g_v, in closed form.
 

@@ -27,7 +27,7 @@ from __future__ import annotations
 import torch
 
 from .._progress import NO_PROGRESS
-from .cg import BREAKDOWN, CONVERGED, MAX_ITER, NEGATIVE_CURVATURE, CgReport, UnitSystems, report_iteration
+from .cg import BREAKDOWN, CONVERGED, MAX_ITER, NEGATIVE_CURVATURE, STALLED, CgReport, UnitSystems, report_iteration
 
 # Directions whose squared singular value, relative to the largest, is below
 # this many times (rows x float64 eps + dtype eps**2) are dependent: what
@@ -47,8 +47,9 @@ def block_conjugate_gradient(apply_matrix, rhs, *, rtol, atol, max_iter, precond
     ``r_i`` the true residual ``b_i - A x_i``: recurrences drift, so the
     residuals of converged systems are recomputed at the end, and systems
     that missed the tolerance restart from there. A system that cannot get
-    there after a restart (the accuracy the dtype allows) stays ``MAX_ITER``
-    with its true residual. ``A`` that is not positive definite on the search
+    there after a restart (the accuracy the dtype allows) is ``STALLED``
+    with its true residual, unless the solve ran out of iterations
+    (``MAX_ITER``). ``A`` that is not positive definite on the search
     block (``P^T A P`` has an eigenvalue ``<= 0``) stops every running system
     with ``NEGATIVE_CURVATURE``; non-finite values with ``BREAKDOWN`` (NaN
     solutions).
@@ -93,7 +94,7 @@ def block_conjugate_gradient(apply_matrix, rhs, *, rtol, atol, max_iter, precond
         n_iter = _iterate(apply_matrix, solution, residual, residual_norms, status, threshold, running, n_iter,
                           max_iter, preconditioner, progress)
         running = _check_true_residuals(apply_matrix, unit, solution, residual, residual_norms, status, threshold,
-                                        checked, missed)
+                                        checked, missed, out_of_iterations=n_iter >= max_iter)
     return (systems.scaled_back(solution, status == BREAKDOWN),
             CgReport(n_iter, status, residual_norms))
 
@@ -197,14 +198,17 @@ def _independent_rows(rows):
     return basis
 
 
-def _check_true_residuals(apply_matrix, unit, solution, residual, residual_norms, status, threshold, checked, missed):
+def _check_true_residuals(apply_matrix, unit, solution, residual, residual_norms, status, threshold, checked, missed,
+                          out_of_iterations):
     """Replace the recurrence residuals of finished systems by true ones; return the systems to restart.
 
     Systems that stopped as converged or out of iterations are checked (one
     product). One that meets its threshold is converged. A converged one
     whose true residual misses it runs again from there, unless it missed at
     a previous check too and has not improved by ``_RESTART_PROGRESS`` since:
-    that is the accuracy the dtype allows, and it stays ``MAX_ITER``.
+    that is the accuracy the dtype allows. A system that misses and does not
+    run again is ``MAX_ITER`` when the solve is ``out_of_iterations``, else
+    ``STALLED``: it stopped improving with iterations left.
     """
     restart = torch.zeros_like(checked)
     finished = (status == CONVERGED) | (status == MAX_ITER)
@@ -222,7 +226,8 @@ def _check_true_residuals(apply_matrix, unit, solution, residual, residual_norms
     again = missed_now & (status[rows] == CONVERGED) & (norms < _RESTART_PROGRESS * missed[rows])
     status[rows[broken]] = BREAKDOWN
     status[rows[met]] = CONVERGED
-    status[rows[missed_now]] = MAX_ITER
+    status[rows[missed_now]] = MAX_ITER if out_of_iterations else STALLED
+    status[rows[again]] = MAX_ITER  # running again
     missed[rows[missed_now]] = norms[missed_now]
     restart[rows[again]] = True
     checked[rows[again]] = False

@@ -9,7 +9,7 @@ import torch
 from .._progress import NO_PROGRESS
 
 # Why a system stopped (CgReport.status).
-CONVERGED, MAX_ITER, NEGATIVE_CURVATURE, BREAKDOWN = 0, 1, 2, 3
+CONVERGED, MAX_ITER, NEGATIVE_CURVATURE, BREAKDOWN, STALLED = 0, 1, 2, 3, 4
 
 
 @dataclass
@@ -23,7 +23,9 @@ class CgReport:
     status : torch.Tensor of int, shape (k,)
         Per system: ``CONVERGED``, ``MAX_ITER`` (ran out of iterations),
         ``NEGATIVE_CURVATURE`` (met a direction ``p`` with ``p^T A p <= 0``:
-        ``A`` is not positive definite) or ``BREAKDOWN`` (non-finite values).
+        ``A`` is not positive definite), ``BREAKDOWN`` (non-finite values) or
+        ``STALLED`` (stopped improving before ``max_iter``, at the accuracy
+        the dtype allows: more iterations cannot help).
     relative_residuals : torch.Tensor of shape (k,)
         ``||r_i|| / ||b_i||`` at the end (0 for a zero right-hand side).
     """

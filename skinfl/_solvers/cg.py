@@ -9,9 +9,10 @@ import torch
 
 from .._curvature import _MAX_VECTOR_BLOCK
 from .._gradients import batch_slices
-from .._kronecker import EkfacInverse, compute_ekfac_factors, plan_layers, resolve_target_draws
+from .._cotangents import resolve_target_draws
+from .._kronecker import EkfacInverse, compute_ekfac_factors, plan_layers
 from .._linalg.block_cg import block_conjugate_gradient
-from .._linalg.cg import BREAKDOWN, CONVERGED, MAX_ITER, NEGATIVE_CURVATURE, batched_conjugate_gradient
+from .._linalg.cg import BREAKDOWN, CONVERGED, MAX_ITER, NEGATIVE_CURVATURE, STALLED, batched_conjugate_gradient
 from .._linalg.nystroem import nystroem_sketch
 from .._memory import release_freed_memory
 from .._progress import NO_PROGRESS
@@ -22,7 +23,7 @@ from ..exceptions import CgConvergenceWarning
 
 @dataclass
 class JacobiPreconditioner:
-    """Divides by ``diag(C_GN) + lambda``, a sampled estimate of the Gauss-Newton diagonal."""
+    """Divides by ``diag(C_GN) + lambda``, the Gauss-Newton diagonal (exact for a few outputs, else estimated)."""
 
     diagonal: torch.Tensor
 
@@ -30,11 +31,11 @@ class JacobiPreconditioner:
     def compute_factors(curvature, rank, generator, output_shape):
         if curvature.fmodel.loss.kind == "custom":
             raise ValueError(
-                "preconditioner='jacobi' estimates the Gauss-Newton diagonal from targets sampled from the "
-                "model's predictive distribution, which needs loss='cross_entropy', 'bce_with_logits' or "
-                "'mse' (or their torch.nn modules); with a custom loss use preconditioner='nystroem' or None."
+                "preconditioner='jacobi' takes the Gauss-Newton diagonal from the loss's curvature in the "
+                "outputs, which needs loss='cross_entropy', 'bce_with_logits', 'mse' or NLLLoss (or their "
+                "torch.nn modules); with a custom loss use preconditioner='nystroem' or None."
             )
-        return {"diagonal": curvature.sampled_gauss_newton_diagonal(generator)}
+        return {"diagonal": curvature.gauss_newton_diagonal(output_shape, generator)}
 
     @classmethod
     def build(cls, factors, regularization, fmodel):
@@ -97,13 +98,13 @@ class EkfacPreconditioner:
 
     @staticmethod
     def compute_factors(curvature, rank, generator, output_shape):
-        n_target_draws = resolve_target_draws("auto", output_shape)
+        n_target_draws = resolve_target_draws("auto", output_shape, curvature.fmodel.loss)
         return compute_ekfac_factors(curvature.fmodel, curvature.data, curvature.batch_size, "true", n_target_draws,
                                      True, generator, NO_PROGRESS)
 
     @classmethod
     def build(cls, factors, regularization, fmodel):
-        return cls(EkfacInverse(plan_layers(fmodel), factors, regularization))
+        return cls(EkfacInverse(plan_layers(fmodel), factors, regularization, singular="clamp"))
 
     def apply(self, rows):
         return self.inverse.apply(rows)
@@ -128,7 +129,7 @@ def _sketched_curvature(curvature):
     return curvature.with_second_order("gauss_newton")
 
 
-def _convergence_message(reports, max_iter, preconditioner, second_order):
+def _convergence_message(reports, max_iter, preconditioner, second_order, rtol, dtype):
     """One message for the solves of a call, whose advice fits why systems stopped; None if all converged."""
     status = torch.cat([report.status.cpu() for report in reports])
     residuals = torch.cat([report.relative_residuals.cpu() for report in reports])
@@ -148,6 +149,16 @@ def _convergence_message(reports, max_iter, preconditioner, second_order):
         if preconditioner is None:
             advice.append("use preconditioner='nystroem'")
         parts.append(f"{n_max_iter} ran out of iterations; to converge: " + ", ".join(advice) + ".")
+    stalled = status == STALLED
+    if bool(stalled.any()):
+        reached = float(residuals[stalled].max())
+        advice = "use a float64 model and data (model.double())" if dtype != torch.float64 else ""
+        advice += (" or " if advice else "use ") + f"rtol >= {reached:.2g} (now {rtol:g})"
+        parts.append(
+            f"{int(stalled.sum())} stalled with iterations left: their residuals stopped falling at about "
+            f"{reached:.2g}, the accuracy {str(dtype).replace('torch.', '')} allows for this curvature, so more "
+            f"iterations cannot help; {advice}."
+        )
     n_negative = int((status == NEGATIVE_CURVATURE).sum())
     if n_negative:
         parts.append(
@@ -222,10 +233,11 @@ class CgInfluence(BaseInfluence):
         Hessian with negative eigenvalues (usual with weight decay)
         overstates the top of its spectrum and slows CG down. ``"jacobi"``: divides by the diagonal of
         the Gauss-Newton matrix plus ``lambda``, which helps when parameters
-        have very different curvature scales; the diagonal is estimated from
-        per-sample gradients at targets sampled from the model's predictive
-        distribution (at least 1024 draws), so it needs a built-in loss or
-        its torch module. ``"ekfac"``: the EK-FAC approximation of the
+        have very different curvature scales; the diagonal comes from
+        per-sample gradients of the loss's output curvature, exactly when a
+        sample's output has at most 16 values, else from targets drawn from
+        the model's predictive distribution (at least 1024 draws), so it
+        needs a built-in loss or its torch module. ``"ekfac"``: the EK-FAC approximation of the
         Gauss-Newton matrix plus ``lambda`` (see :class:`EkfacInfluence`;
         two passes of gradients over the data, with the exact expectation
         over the predictive distribution when a sample's output has at most
@@ -450,5 +462,6 @@ class CgInfluence(BaseInfluence):
         return solution
 
     def _solve_warning(self, reports):
-        message = _convergence_message(reports, self.max_iter, self.preconditioner, self.second_order)
+        message = _convergence_message(reports, self.max_iter, self.preconditioner, self.second_order, self.rtol,
+                                       self._dtype())
         return None if message is None else (message, CgConvergenceWarning)

@@ -6,10 +6,13 @@ from numbers import Integral
 
 import torch
 
-from .._kronecker import FISHER_TYPES, EkfacInverse, compute_ekfac_factors, plan_layers, resolve_target_draws
+from .._cotangents import resolve_target_draws
+from .._kronecker import FISHER_TYPES, EkfacInverse, compute_ekfac_factors, plan_layers
 from .._results import DEFAULT_MAX_RESULT_BYTES, allocate
 from .._validation import Interval, StrOptions, returns_torch
+from .._warnings import warn
 from ..base import BaseInfluence, ExactnessCheck, reporting_solves
+from ..exceptions import NotPositiveDefiniteWarning
 
 
 class EkfacInfluence(BaseInfluence):
@@ -80,7 +83,13 @@ class EkfacInfluence(BaseInfluence):
         from a square root of each point's output Hessian: one backward pass
         per output value (fine for a few classes, not for a vocabulary), and
         no sampling noise. ``"auto"``: None when a sample's output has at
-        most 16 values, else 1. One draw is what other EK-FAC
+        most 16 values (and always for ``NLLLoss``, whose exact expectation
+        is one cotangent), else 1. A drawn target's gradient is rescaled by
+        the curvature weight of the point's own target (class weights,
+        ``pos_weight``, label smoothing, an ignored target), so that draws
+        average to the exact expectation for every built-in loss; drawing
+        is refused for ``NLLLoss`` and custom losses, whose curvature is
+        not such an average. One draw is what other EK-FAC
         implementations do; on the digits models of the benchmarks the exact
         expectation agrees better with the exact Gauss-Newton influences, at
         a few times the (small) cost of the statistics passes.
@@ -231,8 +240,8 @@ class EkfacInfluence(BaseInfluence):
         passes = 2 if self.correct_eigenvalues else 1
         with self._progress("EK-FAC statistics (samples)", total=passes * len(data), unit="sample") as bar:
             # The empirical Fisher draws nothing.
-            n_target_draws = None if self.fisher == "empirical" else resolve_target_draws(self.n_target_draws,
-                                                                                          self.output_shape_)
+            n_target_draws = None if self.fisher == "empirical" else resolve_target_draws(
+                self.n_target_draws, self.output_shape_, fmodel.loss)
             tensors = compute_ekfac_factors(fmodel, data, self.batch_size, self.fisher, n_target_draws,
                                             self.correct_eigenvalues, self._generator(), bar)
         return tensors, {"n_target_draws": n_target_draws}
@@ -250,6 +259,15 @@ class EkfacInfluence(BaseInfluence):
         self.layer_approximations_ = {plan.name: plan.describe() for plan in plans}
         self._plans = plans
         self._inverse = EkfacInverse(plans, self._factors, self.regularization_)
+        if self._inverse.n_singular:
+            warn(
+                f"{self._inverse.n_singular} of the {self._inverse.n_values} eigenvalues of the EK-FAC "
+                f"curvature plus regularization={self.regularization_:.3g} are zero to rounding (directions "
+                "without curvature: dead units, unused layers, or more parameters than the data constrain); "
+                "their directions are left out (a pseudo-inverse), and influences along them are zero. "
+                "Use regularization > 0 to invert every direction.",
+                NotPositiveDefiniteWarning,
+            )
 
     def _apply_inverse(self, gradients):
         return self._inverse.apply(gradients)

@@ -6,7 +6,6 @@ import math
 from dataclasses import dataclass
 from numbers import Integral, Real
 
-import numpy as np
 import torch
 
 from .._linalg.cg import UnitSystems
@@ -297,7 +296,11 @@ class LissaInfluence(BaseInfluence):
         uniformly with replacement, independently at every iteration. None,
         or a value of at least the number of fitted samples, uses all of
         them: deterministic. It is not ``batch_size``, which bounds memory
-        and does not change results.
+        and does not change results. With mini-batches the inverse is not a
+        symmetric operator (a product of different mini-batch curvatures),
+        so :meth:`influences` always solves for the test points, never for
+        the training points: each entry then depends only on its own test
+        and training point, not on the others in the call.
     check_every : int, default=10
         Iterations between convergence and divergence checks. The change
         checked is the mean over this window, which averages mini-batch
@@ -467,6 +470,11 @@ class LissaInfluence(BaseInfluence):
     def _stochastic(self):
         return self.minibatch_size is not None and self.minibatch_size < self.n_samples_fit_
 
+    def _symmetric_inverse(self):
+        # A fixed sequence of mini-batches is a product of different matrices, not a symmetric operator:
+        # <A^-1 a, b> != <a, A^-1 b>, so influences always solve for the test points.
+        return not self._stochastic()
+
     @property
     def n_iter_(self):
         """Iterations of the solves of the last call, the largest over its right-hand sides.
@@ -477,10 +485,7 @@ class LissaInfluence(BaseInfluence):
         return self._last_solve_value("n_iter")
 
     def _build_inverse(self):
-        if self._factor_seed is not None:
-            self._minibatch_seed = self._factor_seed
-        else:  # one sequence of mini-batches for every solve of this fit
-            self._minibatch_seed = int(np.random.randint(2**31 - 1))
+        self._minibatch_seed = self._seed  # one sequence of mini-batches for every solve of this fit
         if self.scale != "auto":
             self.scale_ = float(self.scale)
             self.largest_eigenvalue_ = None
