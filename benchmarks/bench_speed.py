@@ -13,7 +13,6 @@ Results: ``results/speed.{md,json}`` (``_quick``, ``_<problems>``, ``_skinfl`` f
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -23,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _estimators as E  # noqa: E402
 import _harness as H  # noqa: E402
 import _problems as P  # noqa: E402
+import bench_solvers as S  # noqa: E402
 
 REGULARIZATION = 0.01
 CG = {"regularization": REGULARIZATION, "rtol": 1e-4, "max_iter": 1000}
@@ -80,11 +80,8 @@ def main(argv=None):
     for problem in problems:
         direct = problem in ("mlp", "cnn")
         path = size.work_dir / f"{problem}_skinfl_{'direct' if direct else 'cg_ref'}.npy"
-        meta = path.with_suffix(".json")
-        if not direct and not (meta.exists() and json.loads(meta.read_text()).get("sha1")
-                               == models[problem]["state_dict_sha1"]):
-            record = measure(problem, "skinfl", "cg_ref", "float64")
-            meta.write_text(json.dumps({"sha1": models[problem]["state_dict_sha1"], "total_s": record.get("total_s")}))
+        if not direct:  # computed once per model
+            S.cached(path, models[problem]["state_dict_sha1"], lambda: measure(problem, "skinfl", "cg_ref", "float64"))
         references[problem] = path
         for lib in ("skinfl",) + ("pydvl",) * (not args.skip_pydvl):
             methods = {"skinfl": ("direct", "cg", "cg_plain"), "pydvl": ("direct", "cg", "cg_block")}[lib]
