@@ -1,131 +1,93 @@
 """EK-FAC's agreement with the exact Gauss-Newton influences over several seeds: skinfl against kronfluence.
 
-Usage::
+With the true Fisher and one target drawn per training point (what
+kronfluence and pyDVL do), an EK-FAC influence matrix is random: one run of
+each library, as in bench_solvers.py, compares two draws. This script fits
+skinfl's and kronfluence's EK-FAC (bench_solvers.py's ``ekfac`` settings)
+with ``--seeds`` seeds on the hard problems and reports the mean and
+standard deviation of the Pearson correlation with bench_solvers.py's
+float64 Gauss-Newton reference (computed here if missing), next to skinfl's
+exact expectation (``n_target_draws=None``), which draws nothing.
 
-    /work/venv/bin/python benchmarks/ekfac_seeds.py [--seeds 8] [--problems mlp,cnn,wide_mlp]
-
-With the true Fisher and one target drawn per training point, an EK-FAC
-influence matrix depends on the draws: one run of each library (as in
-``bench_solvers.py``) compares two samples of noisy estimators. This script
-fits both libraries' EK-FAC with ``--seeds`` different seeds on the hard
-problems of ``bench_solvers.py`` (which trains the models and computes the
-Gauss-Newton references: run it first with ``--only ekfac``) and reports the
-mean and standard deviation of the Pearson correlation with the reference,
-next to skinfl's exact expectation (``n_target_draws=None``, deterministic).
-kronfluence runs in pyDVL's venv (``bash benchmarks/setup_pydvl_env.sh``):
-this script calls itself there with ``--lib kronfluence``.
-
-Results: a table on stdout and ``benchmarks/results/ekfac_seeds.{md,json}``.
+Results: ``results/ekfac_seeds.{md,json}`` (``_quick``: 200 points, mlp and tiny_wide, 2 seeds).
 """
 
 from __future__ import annotations
 
-import argparse
-import datetime as _dt
-import json
-import subprocess
 import sys
-import tempfile
-import warnings
 from pathlib import Path
 
 import numpy as np
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _estimators as E  # noqa: E402
+import _harness as H  # noqa: E402
 import _problems as P  # noqa: E402
-from _common import command_line, markdown_table  # noqa: E402
-
-REGULARIZATION = 1e-3  # the training penalty, as in bench_solvers.py
-PYDVL_PYTHON = HERE / ".venv-pydvl" / "bin" / "python"
-
-
-def _data():
-    import torch
-
-    size = P.HARD
-    arrays = [np.load(size.work_dir / f"data_{name}.npy") for name in ("X_train", "y_train", "X_test", "y_test")]
-    return (torch.tensor(arrays[0], dtype=torch.float32), torch.tensor(arrays[1]),
-            torch.tensor(arrays[2], dtype=torch.float32), torch.tensor(arrays[3]))
-
-
-def pearson_by_seed(lib, problem, seeds, n_target_draws=1):
-    """Pearson correlation with the Gauss-Newton reference of each seed's influence matrix."""
-    import torch
-
-    torch.set_num_threads(2)
-    X, y, X_test, y_test = _data()
-    model = P.load_hard_model(problem, P.HARD)
-    reference = np.load(P.HARD.work_dir / f"{problem}_reference_gauss_newton.npy").ravel()
-    values = []
-    for seed in range(seeds):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            if lib == "skinfl":
-                import skinfl
-
-                estimator = skinfl.EkfacInfluence(model, loss="cross_entropy", regularization=REGULARIZATION,
-                                                  batch_size=P.HARD.batch_size, n_target_draws=n_target_draws,
-                                                  random_state=seed)
-                matrix = estimator.fit(X, y).influences(X_test, y_test)
-            else:
-                import _kronfluence as K
-
-                torch.manual_seed(seed)  # kronfluence draws its targets from torch's global generator
-                with tempfile.TemporaryDirectory(dir=P.HARD.work_dir) as work_dir:  # its factor and score files
-                    estimator = K.KronfluenceEkfac(model, regularization=REGULARIZATION,
-                                                   batch_size=P.HARD.batch_size, work_dir=work_dir, name=f"seed{seed}")
-                    matrix = estimator.fit(X, y).influences(X_test, y_test)
-        values.append(float(np.corrcoef(matrix.numpy().ravel(), reference)[0, 1]))
-    return values
+import bench_solvers as S  # noqa: E402
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seeds", type=int, default=8)
-    parser.add_argument("--problems", default="mlp,cnn,wide_mlp")
-    parser.add_argument("--lib", choices=("skinfl", "kronfluence"), help=argparse.SUPPRESS)  # one library, as JSON
-    args = parser.parse_args(argv)
-    problems = args.problems.split(",")
-    missing = [p for p in problems if not (P.HARD.work_dir / f"{p}_reference_gauss_newton.npy").exists()]
-    if missing:
-        sys.exit(f"no Gauss-Newton reference for {missing}: run `python benchmarks/bench_solvers.py --only "
-                 f"{','.join(missing)},ekfac` first")
-    if args.lib:
-        print(json.dumps({p: pearson_by_seed(args.lib, p, args.seeds) for p in problems}))
-        return 0
+    p = H.parser(__doc__, "200 training / 10 test points, mlp and tiny_wide, 2 seeds")
+    p.add_argument("--seeds", type=int, help="seeds per library (default 8; --quick 2)")
+    p.add_argument("--problems", help="default mlp,cnn,wide_mlp (--quick: mlp,tiny_wide)")
+    args = p.parse_args(argv)
+    H.check_pydvl(p, args)
+    size = P.SETS["hard_quick" if args.quick else "hard"]
+    seeds = args.seeds or (2 if args.quick else 8)
+    problems = args.problems.split(",") if args.problems else list(size.default_problems)
+    name = args.output or "ekfac_seeds" + "_quick" * args.quick + "_skinfl" * args.skip_pydvl
+    run = H.Run(args, argv)
+    models = S.prepare(size, problems, args)
+    references = {q: S.reference(size, q, "gauss_newton", models[q], args) for q in problems}
+    work = size.work_dir / "seeds"
+    work.mkdir(exist_ok=True)
 
-    results = {"skinfl": {p: pearson_by_seed("skinfl", p, args.seeds) for p in problems},
-               "skinfl_exact": {p: pearson_by_seed("skinfl", p, 1, n_target_draws=None) for p in problems}}
-    completed = subprocess.run([str(PYDVL_PYTHON), __file__, "--lib", "kronfluence", "--seeds", str(args.seeds),
-                                "--problems", args.problems], capture_output=True, text=True, check=False)
-    if completed.returncode != 0:
-        sys.exit(f"kronfluence failed:\n{completed.stderr[-3000:]}")
-    results["kronfluence"] = json.loads(completed.stdout.strip().splitlines()[-1])
+    def tasks(lib):
+        out = []
+        for q in problems:
+            s = E.solver_settings("ekfac", n_params=models[q]["n_params"], top_eigenvalue=0.0,
+                                  regularization=S.REGULARIZATION, batch_size=size.batch_size)
+            for seed in range(seeds):
+                out.append(E.task(f"{q} ekfac {seed}", P.model_spec(size.name, q), "ekfac", {**s, "random_state": seed},
+                                  [E.output("test", work / f"{lib}_{q}_ekfac_{seed}.npy")], seed=seed))
+            if lib == "skinfl":
+                out.append(E.task(f"{q} ekfac_exact 0", P.model_spec(size.name, q), "ekfac_exact",
+                                  {**s, "n_target_draws": None},
+                                  [E.output("test", work / f"{lib}_{q}_ekfac_exact.npy")]))
+        return out
 
-    header = ["problem", "skinfl, 1 draw: mean (sd)", "kronfluence, 1 draw: mean (sd)",
-              "skinfl exact expectation", "skinfl per seed", "kronfluence per seed"]
-    body = []
-    for p in problems:
-        a, b = np.array(results["skinfl"][p]), np.array(results["kronfluence"][p])
-        body.append([p, f"{a.mean():.3f} ({a.std():.3f})", f"{b.mean():.3f} ({b.std():.3f})",
-                     f"{results['skinfl_exact'][p][0]:.3f}", " ".join(f"{v:.3f}" for v in a),
-                     " ".join(f"{v:.3f}" for v in b)])
-    table = markdown_table(header, body, n_left=1)
-    print(table)
-    started = _dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
-    md = ["# EK-FAC over seeds: Pearson correlation with the exact Gauss-Newton influences", "",
-          f"- Command: `{command_line(argv, P.REPO_ROOT)}`", f"- Date: {started}; skinfl commit {P.git_state()}",
-          f"- {args.seeds} seeds per library; true Fisher, one drawn target per training point, eigenvalues "
-          f"corrected, regularization {REGULARIZATION:g}, float32, batches of {P.HARD.batch_size}; the reference "
-          "is bench_solvers.py's float64 Gauss-Newton one (100 x 1397 influences). The exact expectation "
-          "(n_target_draws=None, skinfl's default for 10 classes) draws nothing: one value.", "", table, ""]
-    out = P.RESULTS_DIR / "ekfac_seeds"
-    out.with_suffix(".md").write_text("\n".join(md))
-    out.with_suffix(".json").write_text(json.dumps({"seeds": args.seeds, "date": started, "results": results},
-                                                   indent=2) + "\n")
-    print(f"wrote {out.with_suffix('.md').relative_to(P.REPO_ROOT)} and .json")
-    return 0
+    pearson, records = {}, []
+    for lib in ("skinfl",) + ("kronfluence",) * (not args.skip_pydvl):
+        record = E.run(lib, P.data_path(size.name), tasks(lib), args)
+        H.say(record, f"{lib} ({len(tasks(lib))} fits, one worker)")
+        records.append(record)
+        for t in record.get("tasks", []):
+            if t["status"] == "ok":
+                q, method, _ = t["name"].split()
+                matrix = np.load(H.REPO_ROOT / t["outputs"][0]["file"])
+                reference = np.load(references[q]["path"])
+                value = float(np.corrcoef(matrix.ravel(), reference.ravel())[0, 1])
+                pearson.setdefault((lib, q, method), []).append(value)
+
+    def spread(key):
+        v = np.array(pearson.get(key, []))
+        return f"{v.mean():.3f} ({v.std():.3f})" if len(v) else "-"
+
+    header = ["problem", "skinfl, 1 draw: mean (sd)", "kronfluence, 1 draw: mean (sd)", "skinfl exact expectation",
+              "skinfl per seed", "kronfluence per seed"]
+    body = [[q, spread(("skinfl", q, "ekfac")), spread(("kronfluence", q, "ekfac")),
+             H.fmt((pearson.get(("skinfl", q, "ekfac_exact")) or [None])[0], ".3f")]
+            + [" ".join(f"{v:.3f}" for v in pearson.get((lib, q, "ekfac"), [])) or "-"
+               for lib in ("skinfl", "kronfluence")]
+            for q in problems]
+    text = (f"{seeds} seeds per library; true Fisher, one drawn target per training point, eigenvalues corrected, "
+            f"regularization {S.REGULARIZATION:g}, float32, batches of {size.batch_size}; the reference is "
+            f"bench_solvers.py's float64 Gauss-Newton one ({size.n_test} x {size.n_train} influences). The exact "
+            "expectation (n_target_draws=None, skinfl's default for 10 classes) draws nothing: one value.")
+    run.write(name, "EK-FAC over seeds: Pearson correlation with the exact Gauss-Newton influences",
+              [(None, text, H.table(header, body, n_left=1))], records=records,
+              extra={"pearson": {" ".join(k): v for k, v in pearson.items()}, "seeds": seeds})
+    return 0 if all(r["status"] in H.OK for r in records) else 1
 
 
 if __name__ == "__main__":
