@@ -27,7 +27,6 @@ import functools
 import os
 import warnings
 from collections.abc import MutableMapping
-from dataclasses import dataclass, field
 from numbers import Integral, Real
 
 import numpy as np
@@ -101,44 +100,6 @@ def registered_estimators():
     return dict(_REGISTRY)
 
 
-@dataclass(frozen=True)
-class ExactnessCheck:
-    """How the test suite checks an estimator against exact references.
-
-    Every registered estimator declares one as ``_exactness``; the
-    exactness, invariance, persistence and GPU tests run over the registry
-    with it, so a new estimator is covered by declaring its class.
-
-    Attributes
-    ----------
-    params : dict
-        Parameters under which the estimator inverts ``C + lambda I``
-        exactly up to rounding (a tight tolerance, a full rank).
-    rtol, atol : float
-        Tolerance of the comparison with the exact answer in float64.
-    second_order : tuple of str
-        The curvatures it supports.
-    full_rank : str or None
-        Name of a parameter that the tests set to the model's number of
-        trainable parameters (a ``rank``): the estimator is exact at full
-        rank only.
-    inverts_curvature : bool
-        False for an estimator that, by design, inverts something other than
-        ``C + lambda I`` in every limit (DataInf's harmonic mean of rank-one
-        terms): it is left out of the tests against the exact inverse of the
-        curvature, and checked against its own closed form instead. The
-        other registry-driven tests (persistence, caching, streaming,
-        scikit-learn checks) still cover it.
-    """
-
-    params: dict = field(default_factory=dict)
-    rtol: float = 1e-9
-    atol: float = 1e-12
-    second_order: tuple = SECOND_ORDER_MODES
-    full_rank: str | None = None
-    inverts_curvature: bool = True
-
-
 class BaseInfluence(TransformerMixin, BaseEstimator):
     """Base class of the influence estimators; not used directly.
 
@@ -159,7 +120,6 @@ class BaseInfluence(TransformerMixin, BaseEstimator):
     # Parameters the fitted factors depend on, besides the model, the data,
     # the loss and second_order: part of the factor cache key.
     _factor_parameters = ()
-    _exactness = ExactnessCheck()
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)

@@ -5,8 +5,8 @@ import os
 import numpy as np
 import pytest
 import torch
+from registry import check_of, flat_params, reference_gradients, reference_hessian, unflatten  # noqa: F401
 from torch import nn
-from torch.func import functional_call, hessian
 
 
 def _share_the_cores_between_workers():
@@ -32,32 +32,45 @@ def one_torch_thread():
     torch.set_num_threads(threads)
 
 
-def exact_cases(second_orders=("hessian", "gauss_newton")):
-    """(estimator class, second_order) for every registered estimator and curvature it supports."""
+def exact_cases(second_orders=("hessian", "gauss_newton"), inverts_curvature=True):
+    """(estimator class, second_order) for every registered estimator and curvature it supports; by default
+    only those whose reference is the exact inverse of the curvature (``None``: all)."""
     from skinfl import registered_estimators
 
     return [
         pytest.param(cls, order, id=f"{name}-{order}")
         for name, cls in registered_estimators().items()
         for order in second_orders
-        if order in cls._exactness.second_order and cls._exactness.inverts_curvature
+        if order in check_of(cls).second_order
+        and (inverts_curvature is None or check_of(cls).inverts_curvature == inverts_curvature)
     ]
 
 
 def exact_classes(second_order="hessian"):
-    """Every registered estimator class that supports ``second_order``."""
+    """Every registered estimator class that supports ``second_order`` and inverts the exact curvature."""
     from skinfl import registered_estimators
 
     return [pytest.param(cls, id=name) for name, cls in registered_estimators().items()
-            if second_order in cls._exactness.second_order and cls._exactness.inverts_curvature]
+            if second_order in check_of(cls).second_order and check_of(cls).inverts_curvature]
+
+
+def _with_full_rank(cls, model, params):
+    check = check_of(cls)
+    params = dict(params)
+    if check.full_rank is not None:
+        params[check.full_rank] = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return params
 
 
 def exact_params(cls, model):
     """The parameters under which ``cls`` is exact on ``model`` (a full rank set to its size)."""
-    params = dict(cls._exactness.params)
-    if cls._exactness.full_rank is not None:
-        params[cls._exactness.full_rank] = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return params
+    return _with_full_rank(cls, model, check_of(cls).params)
+
+
+def quick_params(cls, model):
+    """The registry's cheaper, deterministic parameters of ``cls`` (for tests comparing it with itself)."""
+    check = check_of(cls)
+    return _with_full_rank(cls, model, check.params if check.quick_params is None else check.quick_params)
 
 
 def exact_estimator(cls, model, **params):
@@ -65,18 +78,18 @@ def exact_estimator(cls, model, **params):
     return cls(model, **{**exact_params(cls, model), **params})
 
 
-def exact_positive_definite(name, model, **params):
-    """Registered estimator ``name``, exact, on the Gauss-Newton curvature where it supports it, seeded.
-
-    Gauss-Newton plus regularization 0.1 is positive definite for any model
-    and any subset of data, so every solver is exact and iterative ones
-    converge in a few iterations.
+def registry_estimator(name, model, exact=False, **params):
+    """Registered estimator ``name`` on the Gauss-Newton curvature where it supports it, seeded, with
+    regularization 0.1: positive definite for any model and any subset of data, so every solver is well
+    posed and iterative ones converge in a few iterations. With its quick parameters (for tests that
+    compare an estimator with itself), or its exact ones with ``exact=True``.
     """
     from skinfl import registered_estimators
 
     cls = registered_estimators()[name]
-    modes = cls._exactness.second_order
-    settings = dict(regularization=0.1, random_state=0, **exact_params(cls, model),
+    modes = check_of(cls).second_order
+    settings = dict(regularization=0.1, random_state=0,
+                    **(exact_params(cls, model) if exact else quick_params(cls, model)),
                     second_order="gauss_newton" if "gauss_newton" in modes else modes[0])
     settings.update(params)
     return cls(model, **settings)
@@ -102,37 +115,6 @@ def train(model, X, y, loss_fn, steps=300, lr=0.05, weight_decay=0.0):
 
     optimizer.step(closure)
     return model
-
-
-def flat_params(model):
-    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
-
-
-def unflatten(model, flat):
-    out, start = {}, 0
-    for name, p in model.named_parameters():
-        out[name] = flat[start:start + p.numel()].reshape(p.shape)
-        start += p.numel()
-    return out
-
-
-def reference_hessian(model, X, y, loss_fn):
-    """Explicit Hessian of the mean loss, independent of skinfl's code paths."""
-    def mean_loss(flat):
-        return loss_fn(functional_call(model, unflatten(model, flat), (X,)), y)
-
-    return hessian(mean_loss)(flat_params(model))
-
-
-def reference_gradients(model, X, y, loss_fn):
-    """Per-sample gradients by a plain Python loop over samples with autograd."""
-    rows = []
-    for i in range(len(X)):
-        model.zero_grad()
-        loss_fn(model(X[i:i + 1]), y[i:i + 1]).backward()
-        rows.append(torch.cat([p.grad.reshape(-1) for p in model.parameters()]).clone())
-    model.zero_grad()
-    return torch.stack(rows)
 
 
 @pytest.fixture(scope="session")

@@ -19,7 +19,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import exact_positive_definite, train
+from conftest import registry_estimator, train
+from registry import check_of
 from sklearn.model_selection import GridSearchCV
 from torch import nn
 
@@ -66,7 +67,7 @@ OTHER_VALUES = {
 TRUNCATED_FROM_CACHE = {"rank"}
 
 
-make = exact_positive_definite
+make = registry_estimator
 
 
 def results(est, X, y):
@@ -279,7 +280,7 @@ def test_keys_change_with_what_the_factors_depend_on(problem, name, tmp_path, co
 
     # The curvature and the loss, down to its class weights.
     cls = skinfl.registered_estimators()[name]
-    if "hessian" in cls._exactness.second_order:
+    if "hessian" in check_of(cls).second_order:
         assert fit(model, X, y, second_order="hessian")
     weights = torch.tensor([0.5, 2.0, 1.0], dtype=torch.float64)
     assert fit(model, X, y, loss=nn.CrossEntropyLoss(weight=weights))

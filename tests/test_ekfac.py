@@ -161,6 +161,22 @@ def test_conv_corrected_eigenvalues_and_diagonal_blocks_are_exact():
                                        atol=1e-12)
 
 
+def test_kfac_is_the_kronecker_product_of_explicit_factors_on_strided_dilated_convolutions():
+    # Without the eigenvalue correction each block is G (x) A; the registry's reference builds A from patches
+    # sliced explicitly (stride 2, padding, dilation 2), not with unfold.
+    from registry import ekfac_inverse
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3, stride=2, padding=1, dilation=2), nn.Tanh(), nn.Flatten(),
+                          nn.Linear(3 * 2 * 2, 3)).to(DOUBLE)
+    X, y = classification_data(n=10, shape=(2, 6, 6))
+    est = EkfacInfluence(model, regularization=0.1, n_target_draws=None, correct_eigenvalues=False).fit(X, y)
+    inverse = ekfac_inverse(model, X, y, F.cross_entropy, "gauss_newton", 0.1, corrected=False)
+    G = torch.stack([torch.cat([g.reshape(-1) for g in torch.autograd.grad(
+        F.cross_entropy(model(X[i:i + 1]), y[i:i + 1]), list(model.parameters()))]) for i in range(4)])
+    torch.testing.assert_close(est.transform(X[:4], y[:4]), G @ inverse, rtol=1e-9, atol=1e-12)
+
+
 def test_results_do_not_depend_on_batch_size():
     model = conv_model()
     X, y = classification_data(n=25, shape=(2, 4, 4))

@@ -1,8 +1,11 @@
 """Every registered estimator against closed forms and independently computed references.
 
-Each estimator class declares how it is made exact (``_exactness``: its
-parameters, tolerance and supported curvatures); the tests below run over
-the registry, so a new estimator is checked by declaring its class.
+Each estimator has an entry in ``registry.py`` that says how it is made
+exact (its parameters, tolerance and supported curvatures) and which
+inverse it then computes: the exact inverse of the curvature, or, for
+EK-FAC and DataInf, the inverse they approximate it with, built there from
+explicit per-sample quantities. The tests below run over the registry, so a
+new estimator is checked by declaring its class and its entry.
 """
 
 import numpy as np
@@ -10,6 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import exact_cases, exact_classes, exact_estimator, reference_gradients, reference_hessian, train
+from registry import check_of, reference_curvature
 from torch import nn
 from torch.func import functional_call, jacrev
 
@@ -17,11 +21,69 @@ from skinfl import DirectInfluence
 
 
 def assert_exact(cls, actual, expected):
-    check = cls._exactness
+    check = check_of(cls)
     if isinstance(actual, np.ndarray):
         np.testing.assert_allclose(actual, expected, rtol=check.rtol, atol=check.atol)
     else:
         torch.testing.assert_close(actual, expected, rtol=check.rtol, atol=check.atol)
+
+
+# ------------------------------------------------- every estimator, its own inverse
+def _strided_conv_problem():
+    """A CNN whose convolutions use stride 2, zero padding and dilation, on 7x7 images (float64)."""
+    torch.manual_seed(0)
+    generator = torch.Generator().manual_seed(4)
+    X = torch.randn(24, 2, 7, 7, generator=generator, dtype=torch.float64)
+    y = torch.randint(0, 3, (24,), generator=generator)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3, stride=2, padding=1), nn.Tanh(),
+                          nn.Conv2d(3, 2, 2, stride=2, padding=2, dilation=2), nn.Tanh(), nn.Flatten(),
+                          nn.Linear(2 * 3 * 3, 3)).double()
+    return model, X, y, F.cross_entropy, "cross_entropy", {"gauss_newton": 0.5, "hessian": 2.0}
+
+
+def _mlp_problem():
+    torch.manual_seed(0)
+    generator = torch.Generator().manual_seed(5)
+    X = torch.randn(30, 4, generator=generator, dtype=torch.float64)
+    y = torch.randint(0, 3, (30,), generator=generator)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3), nn.LayerNorm(3)).double()
+    # Its Hessian has eigenvalues down to -19: regularization 25 makes it positive definite.
+    return model, X, y, F.cross_entropy, "cross_entropy", {"gauss_newton": 0.5, "hessian": 25.0}
+
+
+def _regression_problem():
+    torch.manual_seed(0)
+    generator = torch.Generator().manual_seed(6)
+    X = torch.randn(25, 3, generator=generator, dtype=torch.float64)
+    y = torch.randn(25, 2, generator=generator, dtype=torch.float64)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    return model, X, y, F.mse_loss, "mse", {"gauss_newton": 0.5, "hessian": 2.0}
+
+
+PROBLEMS = {"strided_conv": _strided_conv_problem, "mlp_layer_norm": _mlp_problem, "regression": _regression_problem}
+
+
+@pytest.mark.parametrize("problem", PROBLEMS)
+@pytest.mark.parametrize("cls, second_order", exact_cases(inverts_curvature=None))
+def test_every_estimator_computes_its_reference_inverse(cls, second_order, problem):
+    """transform, influences and self_influence equal ``G R G^T`` with ``R`` the registry's inverse for the
+    estimator: ``(C + lambda I)^-1`` of the exact curvature, EK-FAC's Kronecker blocks, DataInf's harmonic
+    mean. Untrained models with Gauss-Newton curvature or a large regularization keep every system positive
+    definite; the convolutions have stride, padding and dilation other than 1 and 0."""
+    model, X, y, loss_fn, loss, regularizations = PROBLEMS[problem]()
+    check = check_of(cls)
+    regularization = regularizations[second_order]
+    if check.inverse is None:
+        curvature = reference_curvature(model, X, y, loss_fn, second_order)
+        inverse = torch.linalg.inv(curvature + regularization * torch.eye(len(curvature), dtype=torch.float64))
+    else:
+        inverse = check.inverse(model, X, y, loss_fn, second_order, regularization)
+    G = reference_gradients(model, X, y, loss_fn)
+    est = exact_estimator(cls, model, loss=loss, regularization=regularization, second_order=second_order,
+                          batch_size=7, random_state=0).fit(X, y)
+    assert_exact(cls, est.transform(X[:5], y[:5]), G[:5] @ inverse)
+    assert_exact(cls, est.influences(X[:4], y[:4]), G[:4] @ inverse @ G.T)
+    assert_exact(cls, est.self_influence(X[:6], y[:6]), torch.einsum("ij,jk,ik->i", G[:6], inverse, G[:6]))
 
 
 # ---------------------------------------------------------------- linear regression

@@ -16,6 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import mlp, train
+from registry import reference_gauss_newton, reference_gradients
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.model_selection import GridSearchCV
 
@@ -254,15 +255,25 @@ def test_indefinite_curvature_warns_and_names_the_fix(unconverged_problem):
         ArnoldiInfluence(model, **{**params, "rank": 20}).fit(X, y)
 
 
-def test_regularization_zero_drops_directions_without_curvature(classification_problem):
+@pytest.mark.parametrize("cls", [ArnoldiInfluence, NystroemInfluence])
+def test_regularization_zero_drops_directions_without_curvature(classification_problem, cls):
     _, X, y = classification_problem
-    # The Gauss-Newton matrix of 3 points of a 3-class linear model has rank 6 of its 15 parameters.
+    # The Gauss-Newton matrix of 3 points of a 3-class linear model has rank 6 of its 15 parameters: at full
+    # rank and regularization 0 the estimators apply its pseudo-inverse, also to gradients of other points,
+    # which have components along the 9 directions without curvature.
     torch.manual_seed(0)
     small = torch.nn.Linear(4, 3).double()
-    with pytest.warns(NotPositiveDefiniteWarning, match="pseudo-inverse"):
-        est = ArnoldiInfluence(small, regularization=0.0, rank=15, second_order="gauss_newton")
+    est = cls(small, regularization=0.0, rank=15, second_order="gauss_newton", random_state=0)
+    if cls is ArnoldiInfluence:  # it keeps 15 eigenpairs, 9 of them zero to rounding
+        with pytest.warns(NotPositiveDefiniteWarning, match="pseudo-inverse"):
+            est.fit(X[:3], y[:3])
+    else:  # the sketch keeps the 6 pairs it resolves (rank_)
         est.fit(X[:3], y[:3])
-    assert torch.isfinite(est.transform(X[:2], y[:2])).all()
+        assert est.rank_ == 6
+    curvature = reference_gauss_newton(small, X[:3], y[:3], F.cross_entropy)
+    pseudo_inverse = torch.linalg.pinv(curvature, rtol=1e-10, hermitian=True)
+    G = reference_gradients(small, X[10:14], y[10:14], F.cross_entropy)
+    torch.testing.assert_close(est.transform(X[10:14], y[10:14]), G @ pseudo_inverse, rtol=1e-7, atol=1e-9)
 
 
 # ------------------------------------------------------------------ Nystroem at partial rank

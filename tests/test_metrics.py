@@ -21,6 +21,7 @@ from skinfl.metrics import (
     leave_one_out_agreement,
     leave_one_out_truth,
     linear_datamodeling_score,
+
     mislabel_detection,
     query_losses,
     random_subsets,
@@ -201,8 +202,18 @@ def test_reference_agreement_scorer_fits_reference_once(classification_problem):
 
 def test_mislabel_scorer_uses_the_fitted_training_set(classification_problem):
     model, X, y = classification_problem
-    estimator = DirectInfluence(model, regularization=0.1).fit(X, y)
-    values = estimator.self_influence(X.numpy(), y.numpy())
+    # Labels the model does not predict: their self-influence with the (wrong) labels is large, while the
+    # prediction measurement (no labels) would see confident, correct predictions.
+    flipped = np.arange(0, 60, 10)
+    noisy = y.clone()
+    noisy[flipped] = (noisy[flipped] + 1) % 3
+    estimator = DirectInfluence(model, regularization=0.1).fit(X, noisy)
+    values = estimator.self_influence(X.numpy(), noisy.numpy())
+    expected = mislabel_detection(values, flipped)
+    assert MislabelScorer(flipped)(estimator) == pytest.approx(expected["roc_auc"], rel=1e-12)
+    assert expected["roc_auc"] > 0.9
+    without_labels = mislabel_detection(estimator.self_influence(X.numpy()), flipped)
+    assert without_labels["roc_auc"] < expected["roc_auc"] - 0.2
     top = np.argsort(-values)[:6]
     assert MislabelScorer(top)(estimator) == pytest.approx(1.0)
     assert MislabelScorer(top, metric="fraction_found", top_fraction=0.1)(estimator) == pytest.approx(1.0)

@@ -1,7 +1,7 @@
 """skinfl.save / skinfl.load: safe files (tensors plus JSON, nothing unpickled), and pickling.
 
 Every registered estimator is covered through the registry: a new estimator
-is tested here by declaring its class (with its ``_exactness`` parameters).
+is tested here by declaring its class (with its registry entry's parameters).
 Saved and loaded estimators must give bit-identical results.
 """
 
@@ -23,7 +23,7 @@ from sklearn.exceptions import NotFittedError
 from torch import nn
 
 import skinfl
-from conftest import exact_params
+from conftest import quick_params
 
 from skinfl import load, registered_estimators, save
 from skinfl._devices import available_device
@@ -66,7 +66,7 @@ def mlp(hidden=5, seed=0):
 
 def make(cls, model, **overrides):
     """An estimator of ``cls`` under its exact parameters, seeded when it takes a seed."""
-    params = {"regularization": 0.1, **exact_params(cls, model)}
+    params = {"regularization": 0.1, **quick_params(cls, model)}
     if "random_state" in cls(model).get_params():
         params["random_state"] = 0
     params.update(overrides)

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import exact_positive_definite
+from conftest import registry_estimator
 
 import skinfl
 
@@ -26,7 +26,7 @@ def test_every_registered_estimator_has_expectations():
 
 def _run(name, classification_problem, progress, **params):
     model, X, y = classification_problem
-    est = exact_positive_definite(name, model, progress=progress, **params).fit(X, y)
+    est = registry_estimator(name, model, progress=progress, **params).fit(X, y)
     est.influences(X[:3], y[:3])
     return est
 

@@ -18,7 +18,7 @@ import pytest
 import sklearn
 import torch
 import torch.nn.functional as F
-from conftest import exact_positive_definite, reference_gradients, reference_hessian, train
+from conftest import registry_estimator, reference_gradients, reference_hessian, train
 from sklearn.utils import check_random_state
 from torch import nn
 
@@ -33,7 +33,7 @@ NAMES = [name for name, _ in ESTIMATORS]
 N_TRAIN = 200
 
 
-make = exact_positive_definite
+make = registry_estimator
 
 
 def assert_close(actual, expected, rtol=1e-12):

@@ -1,9 +1,9 @@
 """One module per approximation of the inverse curvature.
 
 Each module defines one estimator class, which registers itself when it is
-defined (``BaseInfluence.__init_subclass__``): the tests then check it as its
-``_exactness`` says. A new solver is a module, its class, and one import
-line here; ``skinfl`` exports what ``__all__`` lists.
+defined (``BaseInfluence.__init_subclass__``); the tests check it as its
+entry in ``tests/registry.py`` says. A new solver is a module, its class, one
+import line here (``skinfl`` exports what ``__all__`` lists) and that entry.
 """
 
 from .arnoldi import ArnoldiInfluence

@@ -14,7 +14,6 @@ from .._linalg.eigensolvers import (
 )
 from .._validation import Interval, StrOptions
 from .._warnings import warn
-from ..base import ExactnessCheck
 from .low_rank import _LowRankInfluence
 
 
@@ -236,7 +235,6 @@ class ArnoldiInfluence(_LowRankInfluence):
         "max_iter": [Interval(Integral, 1, None, closed="left")],
     }
     _factor_parameters = ("eigen_solver", "krylov_dimension", "tol", "max_iter", "random_state")
-    _exactness = ExactnessCheck(params={"tol": 1e-10}, rtol=1e-9, atol=1e-12, full_rank="rank")
 
     def __init__(
         self,

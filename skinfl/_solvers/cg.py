@@ -17,7 +17,7 @@ from .._linalg.nystroem import nystroem_sketch
 from .._memory import release_freed_memory
 from .._progress import NO_PROGRESS
 from .._validation import Interval, StrOptions
-from ..base import BaseInfluence, ExactnessCheck
+from ..base import BaseInfluence
 from ..exceptions import CgConvergenceWarning
 
 
@@ -354,7 +354,6 @@ class CgInfluence(BaseInfluence):
         "method": [StrOptions(set(_METHODS) | {"auto"})],
     }
     _factor_parameters = ("preconditioner", "preconditioner_rank", "random_state")
-    _exactness = ExactnessCheck(params={"rtol": 1e-12, "max_iter": 5000}, rtol=1e-8, atol=1e-10)
 
     def __init__(
         self,

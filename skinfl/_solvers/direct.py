@@ -8,7 +8,7 @@ import torch
 
 from .._validation import Interval, StrOptions
 from .._warnings import warn
-from ..base import BaseInfluence, ExactnessCheck
+from ..base import BaseInfluence
 from ..exceptions import NotPositiveDefiniteWarning
 
 _BYTES_PER_FLOAT64 = 8
@@ -145,7 +145,6 @@ class DirectInfluence(BaseInfluence):
         "solver": [StrOptions({"auto", "cholesky", "eigh"})],
         "max_params": [Interval(Integral, 1, None, closed="left")],
     }
-    _exactness = ExactnessCheck(params={}, rtol=1e-9, atol=1e-12)
 
     def __init__(
         self,

@@ -11,7 +11,7 @@ from .._kronecker import FISHER_TYPES, EkfacInverse, compute_ekfac_factors, plan
 from .._results import DEFAULT_MAX_RESULT_BYTES, allocate
 from .._validation import Interval, StrOptions, returns_torch
 from .._warnings import warn
-from ..base import BaseInfluence, ExactnessCheck, reporting_solves
+from ..base import BaseInfluence, reporting_solves
 from ..exceptions import NotPositiveDefiniteWarning
 
 
@@ -189,10 +189,6 @@ class EkfacInfluence(BaseInfluence):
         "correct_eigenvalues": ["boolean"],
     }
     _factor_parameters = ("fisher", "n_target_draws", "correct_eigenvalues", "random_state")
-    # Exact in no limit but its own (a block-diagonal Kronecker form): checked against explicit
-    # matrices in tests/test_ekfac.py; the registry's other tests cover it.
-    _exactness = ExactnessCheck(params={"n_target_draws": None}, second_order=("gauss_newton",),
-                                inverts_curvature=False)
 
     def __init__(
         self,

@@ -9,7 +9,7 @@ import torch
 from .._gradients import iter_gradients
 from .._layers import module_blocks, whole_model_block
 from .._validation import Interval, StrOptions
-from ..base import BaseInfluence, ExactnessCheck
+from ..base import BaseInfluence
 
 _BLOCK_STRUCTURES = ("layer", "parameter", "full")
 
@@ -257,7 +257,6 @@ class InverseHarmonicMeanInfluence(BaseInfluence):
         "relative_regularization": ["boolean"],
     }
     _factor_parameters = ("relative_regularization",)
-    _exactness = ExactnessCheck(params={}, second_order=("gauss_newton",), inverts_curvature=False)
 
     def __init__(
         self,
