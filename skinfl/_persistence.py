@@ -23,7 +23,7 @@ from sklearn.utils.validation import check_is_fitted
 from torch import nn
 
 from . import __version__
-from ._cache import directory_of
+from ._cache import Factors, directory_of
 from ._data import DataSource, TargetSpec
 from ._devices import available_device
 from ._model import LossSpec, evaluation_copy, has_lazy_parameters
@@ -33,7 +33,7 @@ from ._skorch_nets import is_skorch_net
 from ._tensorfile import TensorFile, write
 from ._validation import validate_estimator_params
 from ._warnings import warn
-from .base import BaseInfluence, Factors, model_dtype, registered_estimators
+from .base import BaseInfluence, model_dtype, registered_estimators
 
 FORMAT_VERSION = 1
 _FITTED = ("n_params_", "n_samples_fit_", "n_features_in_", "input_shape_", "output_shape_", "trainable_parameters_",

@@ -12,6 +12,11 @@ A solver implements three hooks:
   ``regularization`` to the inverse (a factorisation, a preconditioner).
 - ``_apply_inverse(gradients)``: rows ``(C + regularization I)^-1 g``.
 
+Iterative solvers also report their solves (``_report_solves``) and may
+override ``_solve_warning``. The machinery behind the hooks lives beside
+this module: the factor cache in :mod:`skinfl._cache` (:class:`FactorCache`)
+and the once-per-call reporting of solves in :mod:`skinfl._reporting`.
+
 Everything users call (``fit``, ``transform``, ``influences``,
 ``top_influences``, ``self_influence``, ``score``, pickling) lives here,
 once, and works through the data in chunks: its extra memory is that of a
@@ -21,12 +26,9 @@ number of samples.
 
 from __future__ import annotations
 
-import contextvars
 import copy
-import functools
 import os
 import warnings
-from collections.abc import MutableMapping
 from dataclasses import dataclass, field
 from numbers import Integral, Real
 
@@ -38,12 +40,10 @@ from sklearn.utils import check_random_state
 from sklearn.utils.validation import _check_feature_names, _check_feature_names_in, check_is_fitted
 from torch import nn
 
-from . import __version__
-from ._cache import directory_of, read_entry, store_tensors
+from ._cache import FactorCache
 from ._curvature import SECOND_ORDER_MODES, CurvatureOperator, ReportingCurvature
 from ._data import DataSource, TargetSpec
 from ._devices import available_device, first_device, moved
-from ._fingerprint import fingerprint
 from ._gradients import batch_slices, gradients_of, iter_gradients, perturbation_batch
 from ._model_source import loss_on_device, model_source
 from ._model import (
@@ -53,6 +53,7 @@ from ._model import (
     mode_dependent_modules_in_training,
 )
 from ._progress import progress
+from ._reporting import SolveReporting, reporting_solves
 from ._results import DEFAULT_MAX_RESULT_BYTES, RunningTopK, allocate, write
 from ._validation import HasMethods, Interval, StrOptions, returns_torch, to_output, validate_estimator_params
 from ._warnings import warn
@@ -65,35 +66,6 @@ _REGISTRY = {}
 _MAX_PERTURBATION_PAIRS = 2**14
 # Held-out points whose residual the score checks (see BaseInfluence.score).
 SCORE_PROBES = 100
-
-
-# Reports of the solves made during one public call, gathered so that the
-# call warns once about all of them (see reporting_solves).
-_SOLVE_REPORTS = contextvars.ContextVar("skinfl_solve_reports", default=None)
-
-
-def reporting_solves(method):
-    """Run a public method gathering the reports of its solves, then summarise them and warn once.
-
-    Solvers hand their reports to :meth:`BaseInfluence._report_solves`; the
-    summary (``n_iter_``, ...) and the warning cover the whole call.
-    """
-
-    @functools.wraps(method)
-    def wrapper(self, *args, **kwargs):
-        if _SOLVE_REPORTS.get() is not None:  # a public method called by another: the outer one reports
-            return method(self, *args, **kwargs)
-        reports = []
-        token = _SOLVE_REPORTS.set(reports)
-        try:
-            result = method(self, *args, **kwargs)
-        finally:
-            _SOLVE_REPORTS.reset(token)
-        if reports:
-            self._finish_solves(reports)
-        return result
-
-    return wrapper
 
 
 def registered_estimators():
@@ -139,7 +111,7 @@ class ExactnessCheck:
     inverts_curvature: bool = True
 
 
-class BaseInfluence(TransformerMixin, BaseEstimator):
+class BaseInfluence(FactorCache, SolveReporting, TransformerMixin, BaseEstimator):
     """Base class of the influence estimators; not used directly.
 
     Subclasses document the shared parameters; see :class:`CgInfluence`.
@@ -195,49 +167,6 @@ class BaseInfluence(TransformerMixin, BaseEstimator):
 
     def _check_regularization(self, regularization):
         """Reject a resolved ``regularization`` the solver cannot use (raise ``ValueError``)."""
-
-    def _solve_warning(self, reports):
-        """``(message, category)`` about the solves of one call, or None (iterative solvers)."""
-        return None
-
-    # ---------------------------------------------------- iterative solves
-    def _report_solves(self, reports):
-        """Hand the reports of solves (objects with ``n_iter``) to the public call running them.
-
-        That call summarises them and warns once at its end (see
-        :func:`reporting_solves`); outside a public call, that happens now.
-        """
-        pending = _SOLVE_REPORTS.get()
-        if pending is None:
-            self._finish_solves(reports)
-        else:
-            pending.extend(reports)
-
-    def _finish_solves(self, reports):
-        self._summarize_solves(reports)
-        message = self._solve_warning(reports)
-        if message is not None:
-            warn(*message)
-
-    def _summarize_solves(self, reports):
-        """Keep what the solves of the last call did, read by ``n_iter_`` and the like.
-
-        In a dict that ``fit`` creates and solves update in place: a diagnostic,
-        not fitted state, so that ``transform`` leaves ``__dict__`` as ``fit``
-        made it (scikit-learn checks that it does).
-        """
-        self.__dict__.setdefault("_last_solve", {})["n_iter"] = max(report.n_iter for report in reports)
-
-    def _last_solve_value(self, name):
-        """A value kept by :meth:`_summarize_solves`; AttributeError before any call solved."""
-        check_is_fitted(self)
-        summary = self.__dict__.get("_last_solve", {})
-        if name not in summary:
-            raise AttributeError(
-                f"{type(self).__name__}.{name}_ is set by the calls that solve systems (transform, influences, "
-                "self_influence, top_influences, score); none has run since fit."
-            )
-        return summary[name]
 
     # -------------------------------------------------------------- fitting
     def fit(self, X, y=None):
@@ -324,24 +253,6 @@ class BaseInfluence(TransformerMixin, BaseEstimator):
             self._store_new_factors()
         return self
 
-    def _fit_factors(self):
-        """The factors: read from ``memory`` when it holds them for this fit, else computed.
-
-        A new entry is written by :meth:`_store_new_factors` once the inverse
-        is built, with what building it added (see :meth:`_add_factors`).
-        """
-        directory = directory_of(self.memory)
-        self._factor_seed = _seed_of(self.random_state)
-        self._factor_cache_key = None if directory is None else self._factor_key()
-        entry = None if directory is None else read_entry(directory, self._factor_cache_key)
-        if entry is None:
-            tensors, metadata = self._computed_factors()
-        else:
-            tensors, metadata = entry
-        self._factors = Factors(tensors, self.device_)
-        self._factor_metadata = metadata
-        self._factors_unstored = directory is not None and entry is None
-
     def _computed_factors(self):
         """``_compute_factors`` on the fitted data, its curvature products counted on a progress bar."""
         with self._progress(f"{type(self).__name__} factors (curvature products)", unit="vector") as bar:
@@ -350,30 +261,6 @@ class BaseInfluence(TransformerMixin, BaseEstimator):
     def _reporting_curvature(self, bar, data=None):
         """The curvature of ``data`` (default: the fitted data), stepping ``bar`` with each product."""
         return ReportingCurvature(self._curvature(data), bar)
-
-    def _add_factors(self, tensors):
-        """Add factors derived later, still independent of ``regularization`` (an
-        eigendecomposition the first candidate needed, say): the next candidates of a
-        search find them in the cache."""
-        self._factors.update(tensors)
-        self._factors_unstored = self._factor_cache_key is not None  # a key only with memory
-
-    def _store_new_factors(self):
-        if self._factors_unstored:
-            store_tensors(directory_of(self.memory), self._factor_cache_key, dict(self._factors.items()),
-                          self._factor_metadata)
-        self._factors_unstored = False
-
-    def _factor_key(self):
-        """Hash of everything the factors depend on (see :mod:`skinfl._fingerprint`)."""
-        settings = {name: getattr(self, name) for name in self._factor_parameters if name != "random_state"}
-        if "random_state" in self._factor_parameters:
-            settings["random_state"] = self._factor_seed
-        return fingerprint(
-            "skinfl-factors", __version__, type(self).__name__, settings, self.second_order,
-            self.model_, self.trainable_parameters_, self.loss_.kind, self.loss_.function,
-            self.loss_.normalizer, self.loss_.takes_probabilities, self._fit_data.X, self._fit_data.y,
-        )
 
     def _progress(self, desc, total=None, unit="it"):
         """A progress bar for a long step of this estimator: a tqdm bar with ``progress=True``, else silent.
@@ -839,64 +726,11 @@ class BaseInfluence(TransformerMixin, BaseEstimator):
         super().__setstate__(restored)
 
 
-class Factors(MutableMapping):
-    """Fitted factors by name, on the estimator's device, contiguous; read from a cache file when first used.
-
-    Values given as functions (readers of a cache entry) are called on first
-    access, so a candidate reads only the factors it uses: the curvature for
-    a Cholesky factorisation, not the eigenvectors, and the other way round.
-    Pickles as a plain dict.
-    """
-
-    def __init__(self, values, device):
-        self._device = device
-        self._readers = {name: value for name, value in values.items() if callable(value)}
-        self._tensors = {}
-        for name, value in values.items():
-            if not callable(value):
-                self[name] = value
-
-    def __getitem__(self, name):
-        if name not in self._tensors:
-            self._tensors[name] = self._readers.pop(name)().to(self._device).contiguous()
-        return self._tensors[name]
-
-    def __setitem__(self, name, tensor):
-        self._readers.pop(name, None)
-        # Contiguous, as they read back from a file: the same memory layout gives bitwise the same results.
-        self._tensors[name] = tensor.to(self._device).contiguous()
-
-    def __delitem__(self, name):
-        self._readers.pop(name, None)
-        self._tensors.pop(name, None)
-
-    def __contains__(self, name):  # without reading it
-        return name in self._tensors or name in self._readers
-
-    def __iter__(self):
-        return iter([*self._tensors, *self._readers])
-
-    def __len__(self):
-        return len(self._tensors) + len(self._readers)
-
-    def __reduce__(self):
-        return dict, (dict(self.items()),)
-
-
 def _portable(key, value, device, copy_modules):
     """``value`` moved to ``device``; the ``device`` parameter itself is kept as given."""
     if key == "device":
         return value
     return moved(value, device, copy_modules)
-
-
-def _seed_of(random_state):
-    """An integer seed from ``random_state`` (None stays None: each computation draws its own)."""
-    if random_state is None:
-        return None
-    if isinstance(random_state, Integral):
-        return int(random_state)
-    return int(check_random_state(random_state).randint(2**31 - 1))
 
 
 def model_dtype(model):
