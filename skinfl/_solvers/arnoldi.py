@@ -12,12 +12,19 @@ from .._linalg.eigensolvers import (
     resolve_eigen_solver,
     top_eigenpairs,
 )
+from .._docs import shared_docs
 from .._validation import Interval, StrOptions
 from .._warnings import warn
 from ..base import ExactnessCheck
 from .low_rank import _LowRankInfluence
 
 
+@shared_docs(
+    progress="the eigen-solve's curvature products",
+    memory="the eigenpairs",
+    random_state="the starting vectors of the Krylov method",
+    unpenalized_parameters="regularized",
+)
 class ArnoldiInfluence(_LowRankInfluence):
     """Influence with the top eigenpairs of the curvature and the Woodbury inverse.
 
@@ -41,20 +48,9 @@ class ArnoldiInfluence(_LowRankInfluence):
 
     Parameters
     ----------
-    model : torch.nn.Module, skorch net or scikit-learn model
-        The trained model. It is copied in ``fit`` and evaluated in eval mode;
-        influence is taken with respect to its parameters that require gradients.
-        A fitted skorch net stands for its ``module_``; a fitted
-        ``LogisticRegression``, ``LinearRegression``, ``Ridge``,
-        ``SGDClassifier(loss="log_loss")``, ``MLPClassifier`` or
-        ``MLPRegressor`` is converted to an equivalent torch module (see
-        ``model_`` and :ref:`user-guide-models`).
-    loss : {"auto", "cross_entropy", "mse", "bce_with_logits"}, torch.nn loss module or callable, default="auto"
-        The training loss. ``"auto"`` is the loss a skorch net or scikit-learn
-        model was trained with, and ``"cross_entropy"`` for a torch module. A
-        callable takes ``(output, target)`` and returns the scalar mean loss of
-        a batch, and must be picklable to save the estimator.
-    regularization : float or "auto", default=1e-3
+    {model}
+    {loss}
+    {regularization}
         ``lambda >= 0`` added as ``lambda * I`` to the curvature. It is also
         the curvature the discarded directions are given, so it should be
         about the size of the eigenvalues beyond ``rank`` or larger (see
@@ -63,9 +59,7 @@ class ArnoldiInfluence(_LowRankInfluence):
         inverse is then ``U diag(1 / s) U^T``, blind to gradients outside the
         top eigenspace unless ``rank = n_params`` (where it is the exact
         inverse of a positive definite curvature).
-        ``"auto"`` takes the model's own penalty (a scikit-learn model's, a
-        skorch optimizer's weight decay), resolved in ``regularization_``.
-    second_order : {"hessian", "gauss_newton"}, default="hessian"
+    {second_order}
         Which curvature to decompose. The Hessian of a model away from a
         minimum is indefinite: the largest (algebraic) eigenvalues are kept,
         so negative ones appear only when ``rank`` reaches them, and a
@@ -107,64 +101,23 @@ class ArnoldiInfluence(_LowRankInfluence):
         Restart cycles at most. Pairs that have not converged by then are
         used as they are, with a
         :class:`~sklearn.exceptions.ConvergenceWarning`.
-    batch_size : int, default=512
-        Samples per batched pass over the data; also the number of
-        gradients solved at a time, which bounds the memory of every method.
-    device : str or torch.device, default=None
-        Where the work runs; None uses the model's device.
-    progress : bool, default=False
-        Show tqdm progress bars: the eigen-solve's curvature products, and
-        the passes over the data for gradients.
-    memory : str, joblib.Memory or None, default=None
-        Directory (or ``joblib.Memory``) in which to cache the eigenpairs.
-        They depend on the model, the data, ``loss``, ``second_order``,
-        ``eigen_solver``, ``krylov_dimension``, ``tol``, ``max_iter`` and
-        ``random_state``, and not on ``regularization`` or ``rank``: a
-        candidate with a smaller rank than the cached pairs takes their top
-        ``rank`` (a rank-``rank`` approximation as good as a fresh one, to
-        ``tol``), one with a larger rank computes them again and replaces the
-        entry. List ``rank`` values in descending order in a grid, so that
-        the first candidate computes the largest and a search computes the
-        eigenpairs once per training set. Entries are tensors and JSON,
-        never unpickled.
-    random_state : int, RandomState instance or None, default=None
-        Seeds the starting vectors of the Krylov method and the probes of
-        :meth:`score`. Converged eigenpairs agree to ``tol`` whatever the
-        seed; fix it for bitwise reproducibility.
+    {batch_size}
+    {device}
+    {progress}
+    {memory}
+        ``rank`` is not among them: a candidate with a smaller rank than the
+        cached pairs takes their top ``rank`` (a rank-``rank`` approximation
+        as good as a fresh one, to ``tol``), one with a larger rank computes
+        them again and replaces the entry. List ``rank`` values in descending
+        order in a grid, so that the first candidate computes the largest
+        and a search computes the eigenpairs once per training set.
+    {random_state}
+        Converged eigenpairs agree to ``tol`` whatever the seed; fix it for
+        bitwise reproducibility.
 
     Attributes
     ----------
-    n_params_ : int
-        Number of trainable parameters.
-    n_samples_fit_ : int
-        Number of fitted training samples.
-    n_features_in_ : int
-        Number of input values per sample.
-    input_shape_ : tuple of int
-        Per-sample input shape.
-    output_shape_ : tuple of int
-        Per-sample output shape of the model.
-    device_ : torch.device
-        Device the estimator computes on.
-    model_ : torch.nn.Module
-        The evaluation copy of the model (of the converted module for a
-        scikit-learn model, of ``module_`` for a skorch net).
-    regularization_ : float
-        The regularization used: ``regularization``, or the model's own
-        penalty when it is ``"auto"``.
-    unpenalized_parameters_ : list of str
-        With ``regularization="auto"``, the parameters the model's own penalty
-        leaves out (a scikit-learn model's intercepts, a skorch parameter
-        group without weight decay). This estimator regularizes them too
-        (its inverse needs one ``regularization`` for all parameters);
-        :class:`DirectInfluence` and :class:`CgInfluence` leave them out.
-    classes_ : numpy.ndarray
-        Labels of a scikit-learn classifier: targets are given as these
-        labels. Only with a scikit-learn classifier as ``model``.
-    loss_ : object
-        The resolved loss.
-    trainable_parameters_ : list of str
-        Names of the parameters influence is taken with respect to.
+    {fitted_attributes}
     eigenvalues_ : torch.Tensor of shape ``(rank_,)``
         The eigenvalues kept, largest first, in float64, without
         regularization.

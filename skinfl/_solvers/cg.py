@@ -8,6 +8,7 @@ from numbers import Integral, Real
 import torch
 
 from .._curvature import _MAX_VECTOR_BLOCK
+from .._docs import shared_docs
 from .._gradients import batch_slices
 from .._kronecker import EkfacInverse, compute_ekfac_factors, plan_layers, resolve_target_draws
 from .._linalg.block_cg import block_conjugate_gradient
@@ -164,6 +165,14 @@ def _convergence_message(reports, max_iter, preconditioner, second_order):
     return " ".join(parts)
 
 
+@shared_docs(
+    progress="the preconditioner's curvature products, every conjugate-gradient solve (iterations, with the "
+             "worst relative residual and the systems still running)",
+    memory="the preconditioner's sketch, diagonal or Kronecker factors",
+    random_state="the Nystroem test matrix and the targets drawn for the Jacobi diagonal and the EK-FAC "
+                 "factors",
+    unpenalized_parameters="left out",
+)
 class CgInfluence(BaseInfluence):
     """Influence with conjugate gradient, matrix-free.
 
@@ -183,26 +192,12 @@ class CgInfluence(BaseInfluence):
 
     Parameters
     ----------
-    model : torch.nn.Module, skorch net or scikit-learn model
-        The trained model. It is copied in ``fit`` and evaluated in eval mode;
-        influence is taken with respect to its parameters that require gradients.
-        A fitted skorch net stands for its ``module_``; a fitted
-        ``LogisticRegression``, ``LinearRegression``, ``Ridge``,
-        ``SGDClassifier(loss="log_loss")``, ``MLPClassifier`` or
-        ``MLPRegressor`` is converted to an equivalent torch module (see
-        ``model_`` and :ref:`user-guide-models`).
-    loss : {"auto", "cross_entropy", "mse", "bce_with_logits"}, torch.nn loss module or callable, default="auto"
-        The training loss. ``"auto"`` is the loss a skorch net or scikit-learn
-        model was trained with, and ``"cross_entropy"`` for a torch module. A
-        callable takes ``(output, target)`` and returns the scalar mean loss of
-        a batch, and must be picklable to save the estimator.
-    regularization : float or "auto", default=1e-3
+    {model}
+    {loss}
+    {regularization}
         ``lambda >= 0`` added as ``lambda * I`` to the curvature. Conjugate
         gradient needs ``C + lambda I`` positive definite.
-        ``"auto"`` takes the model's own penalty (a scikit-learn model's, a
-        skorch optimizer's weight decay), resolved in ``regularization_``.
-    second_order : {"hessian", "gauss_newton"}, default="hessian"
-        Which curvature to invert.
+    {second_order}
     rtol : float, default=1e-4
         Relative tolerance: system ``i`` stops when
         ``||r_i|| <= max(rtol * ||g_i||, atol)``.
@@ -245,61 +240,17 @@ class CgInfluence(BaseInfluence):
         then does not depend on which others are solved with it (bitwise,
         whatever the chunking), at the cost of more iterations.
         ``"auto"``: ``"block"``, the faster on every problem measured.
-    batch_size : int, default=512
-        Samples per batched pass over the data; also the number of
-        gradients solved together, which bounds the memory of every method.
-    device : str or torch.device, default=None
-        Where the work runs; None uses the model's device.
-    progress : bool, default=False
-        Show tqdm progress bars: the preconditioner's curvature products,
-        every conjugate-gradient solve (iterations, with the worst relative
-        residual and the systems still running) and the passes over the
-        data for gradients.
-    memory : str, joblib.Memory or None, default=None
-        Directory (or ``joblib.Memory``) in which to cache the
-        preconditioner's sketch or diagonal. They depend on the model, the
-        data, ``loss``, ``second_order``, ``preconditioner``,
-        ``preconditioner_rank`` and ``random_state``, not on
-        ``regularization``, ``rtol`` or ``max_iter``: with a cache, a
-        ``GridSearchCV`` over those computes them once per training set.
-        Entries are tensors and JSON, never unpickled.
-    random_state : int, RandomState instance or None, default=None
-        Seeds the Nystroem test matrix, the targets sampled for the Jacobi
-        diagonal and the probes of :meth:`score`. Results agree to ``rtol``
-        whatever the seed; fix it for bitwise reproducibility.
+    {batch_size}
+    {device}
+    {progress}
+    {memory}
+    {random_state}
+        Results agree to ``rtol`` whatever the seed; fix it for bitwise
+        reproducibility.
 
     Attributes
     ----------
-    n_params_ : int
-        Number of trainable parameters.
-    n_samples_fit_ : int
-        Number of fitted training samples.
-    n_features_in_ : int
-        Number of input values per sample.
-    input_shape_ : tuple of int
-        Per-sample input shape.
-    output_shape_ : tuple of int
-        Per-sample output shape of the model.
-    device_ : torch.device
-        Device the estimator computes on.
-    model_ : torch.nn.Module
-        The evaluation copy of the model (of the converted module for a
-        scikit-learn model, of ``module_`` for a skorch net).
-    regularization_ : float
-        The regularization used: ``regularization``, or the model's own
-        penalty when it is ``"auto"``.
-    unpenalized_parameters_ : list of str
-        With ``regularization="auto"``, the parameters the model's own penalty
-        leaves out (a scikit-learn model's intercepts, a skorch parameter
-        group without weight decay): they get no regularization, as in the
-        model's training objective. Empty otherwise.
-    classes_ : numpy.ndarray
-        Labels of a scikit-learn classifier: targets are given as these
-        labels. Only with a scikit-learn classifier as ``model``.
-    loss_ : object
-        The resolved loss.
-    trainable_parameters_ : list of str
-        Names of the parameters influence is taken with respect to.
+    {fitted_attributes}
     preconditioner_ : object or None
         The fitted preconditioner: ``JacobiPreconditioner`` (its
         ``diagonal``) or ``NystroemPreconditioner`` (its ``eigenvalues`` and

@@ -6,6 +6,7 @@ from numbers import Real
 
 import torch
 
+from .._docs import shared_docs
 from .._gradients import iter_gradients
 from .._layers import module_blocks, whole_model_block
 from .._validation import Interval, StrOptions
@@ -61,6 +62,12 @@ def harmonic_mean_solve(fmodel, data, batch_size, spans, regularizations, vector
     return solution
 
 
+@shared_docs(
+    progress="the pass over the data for the gradient norms of ``relative_regularization``",
+    memory="the mean squared gradient norms that ``relative_regularization=True`` computes in ``fit`` (one "
+           "value per parameter tensor)",
+    unpenalized_parameters="regularized",
+)
 class InverseHarmonicMeanInfluence(BaseInfluence):
     r"""Influence with DataInf's inverse harmonic mean of rank-one terms, per block of parameters.
 
@@ -111,20 +118,9 @@ class InverseHarmonicMeanInfluence(BaseInfluence):
 
     Parameters
     ----------
-    model : torch.nn.Module, skorch net or scikit-learn model
-        The trained model. It is copied in ``fit`` and evaluated in eval mode;
-        influence is taken with respect to its parameters that require gradients.
-        A fitted skorch net stands for its ``module_``; a fitted
-        ``LogisticRegression``, ``LinearRegression``, ``Ridge``,
-        ``SGDClassifier(loss="log_loss")``, ``MLPClassifier`` or
-        ``MLPRegressor`` is converted to an equivalent torch module (see
-        ``model_`` and :ref:`user-guide-models`).
-    loss : {"auto", "cross_entropy", "mse", "bce_with_logits"}, torch.nn loss module or callable, default="auto"
-        The training loss. ``"auto"`` is the loss a skorch net or scikit-learn
-        model was trained with, and ``"cross_entropy"`` for a torch module. A
-        callable takes ``(output, target)`` and returns the scalar mean loss of
-        a batch, and must be picklable to save the estimator.
-    regularization : float or "auto", default=0.1
+    {model}
+    {loss}
+    {regularization}
         ``lambda > 0`` added to each rank-one term ``g g^T`` (the formula
         divides by it, so 0 is an error). Influences scale as ``1 /
         lambda``. The approximation is accurate when ``lambda`` is large
@@ -135,9 +131,7 @@ class InverseHarmonicMeanInfluence(BaseInfluence):
         further changes their scale more than their ranking. The default is
         larger than the other estimators' for that reason. To choose it,
         search it with :meth:`score` or a scorer of ``skinfl.metrics``.
-        ``"auto"`` takes the model's own penalty (a scikit-learn model's, a
-        skorch optimizer's weight decay), resolved in ``regularization_``.
-    second_order : {"gauss_newton"}, default="gauss_newton"
+    {second_order}
         The curvature approximated: the Gauss-Newton matrix, through the
         empirical Fisher of the training gradients. The Hessian is never
         used, so ``"hessian"`` is an error; for it use
@@ -163,59 +157,17 @@ class InverseHarmonicMeanInfluence(BaseInfluence):
         mean diagonal over all parameters. If False, every block uses
         ``regularization`` itself, the meaning it has in the other
         estimators.
-    batch_size : int, default=512
-        Samples per batched pass over the data; also the number of
-        gradients solved together, which bounds the memory of every method.
-    device : str or torch.device, default=None
-        Where the work runs; None uses the model's device.
-    progress : bool, default=False
-        Show tqdm progress bars: the passes over the data for gradients
-        and their norms.
-    memory : str, joblib.Memory or None, default=None
-        Directory (or ``joblib.Memory``) in which to cache the
-        mean squared gradient norms that ``relative_regularization=True``
-        computes in ``fit`` (one value per parameter tensor). They depend on
-        the model, the data and ``loss``, not on ``regularization`` or
-        ``block_structure``. Without ``relative_regularization`` nothing
-        costly is computed in ``fit`` and the cache holds nothing. Entries
-        are tensors and JSON, never unpickled.
-    random_state : int, RandomState instance or None, default=None
-        Draws the probes of :meth:`score`; the influences themselves are
-        deterministic.
+    {batch_size}
+    {device}
+    {progress}
+    {memory}
+        Without ``relative_regularization`` nothing costly is computed in
+        ``fit`` and the cache holds nothing.
+    {random_state}
 
     Attributes
     ----------
-    n_params_ : int
-        Number of trainable parameters.
-    n_samples_fit_ : int
-        Number of fitted training samples.
-    n_features_in_ : int
-        Number of input values per sample.
-    input_shape_ : tuple of int
-        Per-sample input shape.
-    output_shape_ : tuple of int
-        Per-sample output shape of the model.
-    device_ : torch.device
-        Device the estimator computes on.
-    model_ : torch.nn.Module
-        The evaluation copy of the model (of the converted module for a
-        scikit-learn model, of ``module_`` for a skorch net).
-    regularization_ : float
-        The regularization used: ``regularization``, or the model's own
-        penalty when it is ``"auto"``.
-    unpenalized_parameters_ : list of str
-        With ``regularization="auto"``, the parameters the model's own penalty
-        leaves out (a scikit-learn model's intercepts, a skorch parameter
-        group without weight decay). This estimator regularizes them too
-        (its inverse needs one ``regularization`` for all parameters);
-        :class:`DirectInfluence` and :class:`CgInfluence` leave them out.
-    classes_ : numpy.ndarray
-        Labels of a scikit-learn classifier: targets are given as these
-        labels. Only with a scikit-learn classifier as ``model``.
-    loss_ : object
-        The resolved loss.
-    trainable_parameters_ : list of str
-        Names of the parameters influence is taken with respect to.
+    {fitted_attributes}
     blocks_ : list of tuple
         One ``(module_name, parameter_names, size)`` per block, in the order
         of the flat parameter vector: the module's name in the model

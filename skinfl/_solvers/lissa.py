@@ -9,6 +9,7 @@ from numbers import Integral, Real
 import numpy as np
 import torch
 
+from .._docs import shared_docs
 from .._linalg.cg import UnitSystems
 from .._linalg.minibatch import MinibatchCurvature
 from .._linalg.power_iteration import extreme_eigenvalues
@@ -164,6 +165,13 @@ def lissa_recursion(minibatches, rhs, *, regularization, scale, dampen, max_iter
     return systems.scaled_back(solution, status == DIVERGED), LissaReport(n_iter, status, relative_changes, growing)
 
 
+@shared_docs(
+    progress="the power iteration's curvature products, every LiSSA solve (iterations, with the largest "
+             "remaining change per iteration and the systems still running)",
+    memory='the power iteration\'s estimates of the curvature\'s extreme eigenvalues (``scale="auto"``)',
+    random_state="the mini-batches",
+    unpenalized_parameters="regularized",
+)
 class LissaInfluence(BaseInfluence):
     r"""Influence with LiSSA, the stochastic Neumann series, matrix-free.
 
@@ -252,25 +260,10 @@ class LissaInfluence(BaseInfluence):
 
     Parameters
     ----------
-    model : torch.nn.Module, skorch net or scikit-learn model
-        The trained model. It is copied in ``fit`` and evaluated in eval mode;
-        influence is taken with respect to its parameters that require gradients.
-        A fitted skorch net stands for its ``module_``; a fitted
-        ``LogisticRegression``, ``LinearRegression``, ``Ridge``,
-        ``SGDClassifier(loss="log_loss")``, ``MLPClassifier`` or
-        ``MLPRegressor`` is converted to an equivalent torch module (see
-        ``model_`` and :ref:`user-guide-models`).
-    loss : {"auto", "cross_entropy", "mse", "bce_with_logits"}, torch.nn loss module or callable, default="auto"
-        The training loss. ``"auto"`` is the loss a skorch net or scikit-learn
-        model was trained with, and ``"cross_entropy"`` for a torch module. A
-        callable takes ``(output, target)`` and returns the scalar mean loss of
-        a batch, and must be picklable to save the estimator.
-    regularization : float or "auto", default=1e-3
-        ``lambda >= 0`` added as ``lambda * I`` to the curvature.
-        ``"auto"`` takes the model's own penalty (a scikit-learn model's, a
-        skorch optimizer's weight decay), resolved in ``regularization_``.
-    second_order : {"hessian", "gauss_newton"}, default="hessian"
-        Which curvature to invert.
+    {model}
+    {loss}
+    {regularization}
+    {second_order}
     scale : "auto" or float, default="auto"
         The scale ``s`` of the recursion, above ``a_max / (2 - dampen)``
         (and above ``a_max`` with mini-batches). ``"auto"`` chooses it in
@@ -302,64 +295,20 @@ class LissaInfluence(BaseInfluence):
         Iterations between convergence and divergence checks. The change
         checked is the mean over this window, which averages mini-batch
         noise down; a check costs a few vector norms.
-    batch_size : int, default=512
-        Samples per batched pass over the data (a mini-batch larger than
-        this is processed in several passes); also the number of gradients
-        solved together, which bounds the memory of every method.
-    device : str or torch.device, default=None
-        Where the work runs; None uses the model's device.
-    progress : bool, default=False
-        Show tqdm progress bars: the power iteration's curvature products,
-        every LiSSA solve (iterations, with the largest remaining change per
-        iteration and the systems still running) and the passes over the
-        data for gradients.
-    memory : str, joblib.Memory or None, default=None
-        Directory (or ``joblib.Memory``) in which to cache the power
-        iteration's estimates of the curvature's extreme eigenvalues. It
-        depends on the model, the data, ``loss`` and ``second_order`` only;
-        a ``GridSearchCV`` over ``regularization``, ``dampen``, ``max_iter``
-        or the mini-batches computes it once per training set. Entries are
-        tensors and JSON, never unpickled.
-    random_state : int, RandomState instance or None, default=None
-        Seeds the mini-batches and the probes of :meth:`score`. Every solve
-        of a fitted estimator draws the same sequence of mini-batches, so
-        results do not depend on how rows are chunked; fix it for bitwise
-        reproducible fits. The power iteration starts from a fixed block, so
-        ``scale_`` depends on the model and the data only.
+    {batch_size}
+        A mini-batch larger than this is processed in several passes.
+    {device}
+    {progress}
+    {memory}
+    {random_state}
+        Every solve of a fitted estimator draws the same sequence of
+        mini-batches, so results do not depend on how rows are chunked; fix
+        it for bitwise reproducible fits. The power iteration starts from a
+        fixed block, so ``scale_`` depends on the model and the data only.
 
     Attributes
     ----------
-    n_params_ : int
-        Number of trainable parameters.
-    n_samples_fit_ : int
-        Number of fitted training samples.
-    n_features_in_ : int
-        Number of input values per sample.
-    input_shape_ : tuple of int
-        Per-sample input shape.
-    output_shape_ : tuple of int
-        Per-sample output shape of the model.
-    device_ : torch.device
-        Device the estimator computes on.
-    model_ : torch.nn.Module
-        The evaluation copy of the model (of the converted module for a
-        scikit-learn model, of ``module_`` for a skorch net).
-    regularization_ : float
-        The regularization used: ``regularization``, or the model's own
-        penalty when it is ``"auto"``.
-    unpenalized_parameters_ : list of str
-        With ``regularization="auto"``, the parameters the model's own penalty
-        leaves out (a scikit-learn model's intercepts, a skorch parameter
-        group without weight decay). This estimator regularizes them too
-        (its inverse needs one ``regularization`` for all parameters);
-        :class:`DirectInfluence` and :class:`CgInfluence` leave them out.
-    classes_ : numpy.ndarray
-        Labels of a scikit-learn classifier: targets are given as these
-        labels. Only with a scikit-learn classifier as ``model``.
-    loss_ : object
-        The resolved loss.
-    trainable_parameters_ : list of str
-        Names of the parameters influence is taken with respect to.
+    {fitted_attributes}
     scale_ : float
         The scale used: ``scale``, or the one ``"auto"`` chose.
     largest_eigenvalue_ : float or None
