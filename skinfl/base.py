@@ -61,7 +61,7 @@ from .exceptions import TrainingModeWarning
 
 _REGISTRY = {}
 
-# (test factors) x (training samples) pairs per perturbation batch: each pair
+# (test inverse-curvature gradients) x (training samples) pairs per perturbation batch: each pair
 # holds a gradient of the input, so this bounds that memory.
 _MAX_PERTURBATION_PAIRS = 2**14
 # Held-out points whose residual the score checks (see BaseInfluence.score).
@@ -283,8 +283,8 @@ class BaseInfluence(FactorCache, SolveReporting, TransformerMixin, BaseEstimator
         Each name is the parameter's name followed by the entry's index,
         ``"0.weight[2,1]"`` or ``"0.bias[2]"``, in the order of the flat
         parameter vector. With them, ``set_output(transform="pandas")``
-        gives data frames whose columns say which parameter each factor
-        belongs to.
+        gives data frames whose columns say which parameter entry each
+        column belongs to.
 
         Parameters
         ----------
@@ -314,7 +314,7 @@ class BaseInfluence(FactorCache, SolveReporting, TransformerMixin, BaseEstimator
     # ------------------------------------------------------------ inference
     @reporting_solves
     def transform(self, X, y=None):
-        """Influence factors ``(C + regularization I)^-1 grad l(x, y)``.
+        """Inverse-curvature gradients ``(C + regularization I)^-1 grad l(x, y)``.
 
         Computed ``batch_size`` rows at a time; the result itself has
         ``n_samples x n_params_`` values.
@@ -330,14 +330,14 @@ class BaseInfluence(FactorCache, SolveReporting, TransformerMixin, BaseEstimator
 
         Returns
         -------
-        factors : ndarray or torch.Tensor of shape (n_samples, n_params)
+        inverse_gradients : ndarray or torch.Tensor of shape (n_samples, n_params)
             A torch tensor on ``device_`` if ``X`` is one, else a numpy array.
         """
         data = self._check_data(X, y)
         result = allocate((len(data), self.n_params_), self._dtype(), returns_torch(X), self.device_,
                           max_bytes=None)
-        for position, _, factors in self._solved_batches(data, desc="transform"):
-            write(result, position, factors)
+        for position, _, solved in self._solved_batches(data, desc="transform"):
+            write(result, position, solved)
         return result
 
     @reporting_solves
@@ -405,7 +405,8 @@ class BaseInfluence(FactorCache, SolveReporting, TransformerMixin, BaseEstimator
         """The ``k`` most helpful or harmful training points of each test point.
 
         Streams over the training data without building the influence matrix:
-        memory is that of the test points' factors and one batch of training
+        memory is that of the test points' inverse-curvature gradients and one
+        batch of training
         gradients, whatever the number of training points.
 
         Parameters
@@ -446,11 +447,11 @@ class BaseInfluence(FactorCache, SolveReporting, TransformerMixin, BaseEstimator
         values = allocate(shape, self._dtype(), like_torch, self.device_, max_bytes=None)
         fmodel = self._functional_model()
         for held in self._held_chunks(len(test)):
-            factors = self._factors_of(test, held)
+            inverse_gradients = self._inverse_gradients_of(test, held)
             tops = [RunningTopK(k, largest) for largest in orders]
             for position, gradients in iter_gradients(fmodel, train, self.batch_size, progress=self.progress,
                                                       desc="top influences"):
-                block = factors @ gradients.T
+                block = inverse_gradients @ gradients.T
                 for top in tops:
                     top.update(block, position.start)
             write(indices, held, torch.cat([top.indices for top in tops], dim=1))
@@ -479,8 +480,8 @@ class BaseInfluence(FactorCache, SolveReporting, TransformerMixin, BaseEstimator
         """
         data = self._check_data(X, y)
         values = torch.empty(len(data), dtype=self._dtype(), device=self.device_)
-        for position, gradients, factors in self._solved_batches(data, desc="self-influence"):
-            values[position] = (factors * gradients).sum(dim=1)
+        for position, gradients, solved in self._solved_batches(data, desc="self-influence"):
+            values[position] = (solved * gradients).sum(dim=1)
         return to_output(values, returns_torch(X))
 
     @reporting_solves
@@ -543,46 +544,49 @@ class BaseInfluence(FactorCache, SolveReporting, TransformerMixin, BaseEstimator
         if not len(gradients):
             warn("Every held-out sample has a zero gradient; the score is undefined (nan).")
             return float("nan")
-        factors = self._apply_inverse(gradients)
-        residuals = self._curvature(data).matmat(factors) - gradients
+        solved = self._apply_inverse(gradients)
+        residuals = self._curvature(data).matmat(solved) - gradients
         return float(-((residuals * residuals).sum(dim=1) / (gradients * gradients).sum(dim=1)).mean())
 
     # --------------------------------------------------------------- streaming
     def _held_chunks(self, n_rows):
-        """Slices of rows whose factors are held at once: as many as fit in ``working_memory``."""
+        """Slices of rows whose inverse-curvature gradients are held at once: as many as fit in
+        ``working_memory``."""
         itemsize = torch.tensor([], dtype=self._dtype()).element_size()
         budget = get_config()["working_memory"] * 2**20 // (self.n_params_ * itemsize)
         return batch_slices(n_rows, max(self.batch_size, int(budget)))
 
     def _solved_batches(self, data, rows=None, desc=None):
-        """Yield ``(position, gradients, factors)`` over ``rows`` of ``data``, ``batch_size`` at a time.
+        """Yield ``(position, gradients, solved)`` over ``rows`` of ``data``, ``batch_size`` at a time.
 
-        ``factors`` are ``(C + lambda I)^-1 g`` of the batch's gradients; one
-        batch of each is alive at a time.
+        ``solved`` are the inverse-curvature gradients ``(C + lambda I)^-1 g``
+        of the batch's gradients; one batch of each is alive at a time.
         """
         for position, gradients in iter_gradients(self._functional_model(), data, self.batch_size, rows,
                                                   progress=self.progress and desc is not None, desc=desc):
             yield position, gradients, self._apply_inverse(gradients)
 
-    def _factors_of(self, data, rows):
-        """Factors of ``rows`` of ``data``, held together (see :meth:`_held_chunks`)."""
-        factors = torch.empty(rows.stop - rows.start, self.n_params_, dtype=self._dtype(), device=self.device_)
+    def _inverse_gradients_of(self, data, rows):
+        """Inverse-curvature gradients of ``rows`` of ``data``, held together (see :meth:`_held_chunks`)."""
+        inverse_gradients = torch.empty(rows.stop - rows.start, self.n_params_, dtype=self._dtype(),
+                                        device=self.device_)
         for position, _, solved in self._solved_batches(data, rows):
-            factors[position] = solved
-        return factors
+            inverse_gradients[position] = solved
+        return inverse_gradients
 
     def _write_up_influences(self, test, train, result, pair_products=None):
-        """Fill ``result`` with ``pair_products(factors, gradients)`` (default ``factors @ gradients.T``):
-        factors of one side held, gradients of the other streamed; extra trailing axes allowed."""
-        pair_products = pair_products or (lambda factors, gradients: factors @ gradients.T)
+        """Fill ``result`` with ``pair_products(inverse_gradients, gradients)`` (default their ``@ .T``):
+        inverse-curvature gradients of one side held, gradients of the other streamed; extra trailing
+        axes allowed."""
+        pair_products = pair_products or (lambda inverse_gradients, gradients: inverse_gradients @ gradients.T)
         fmodel = self._functional_model()
         # <A^-1 a, b> = <a, A^-1 b> for symmetric A: invert on the smaller side.
         held_data, streamed_data, transposed = (test, train, False) if len(test) <= len(train) else (train, test, True)
         for held in self._held_chunks(len(held_data)):
-            factors = self._factors_of(held_data, held)
+            inverse_gradients = self._inverse_gradients_of(held_data, held)
             for position, gradients in iter_gradients(fmodel, streamed_data, self.batch_size,
                                                       progress=self.progress, desc="influences"):
-                block = pair_products(factors, gradients)
+                block = pair_products(inverse_gradients, gradients)
                 if transposed:
                     write(result, (position, held), block.transpose(0, 1))
                 else:
@@ -591,8 +595,8 @@ class BaseInfluence(FactorCache, SolveReporting, TransformerMixin, BaseEstimator
     def _write_perturbation_influences(self, test, train, result):
         fmodel = self._functional_model()
         for held in self._held_chunks(len(test)):
-            factors = self._factors_of(test, held)
-            batch_size = max(1, min(self.batch_size, _MAX_PERTURBATION_PAIRS // len(factors)))
+            inverse_gradients = self._inverse_gradients_of(test, held)
+            batch_size = max(1, min(self.batch_size, _MAX_PERTURBATION_PAIRS // len(inverse_gradients)))
             for batch in batch_slices(len(train), batch_size):
                 x, y = train.batch(batch)
                 if not x.is_floating_point():
@@ -600,7 +604,7 @@ class BaseInfluence(FactorCache, SolveReporting, TransformerMixin, BaseEstimator
                         "mode='perturbation' differentiates with respect to the inputs, which must be floating point."
                     )
                 with torch.no_grad():
-                    write(result, (held, batch), perturbation_batch(fmodel, factors, x, y))
+                    write(result, (held, batch), perturbation_batch(fmodel, inverse_gradients, x, y))
 
     # ------------------------------------------------------------- plumbing
     def __sklearn_clone__(self):

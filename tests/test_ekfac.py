@@ -225,9 +225,9 @@ def test_a_layer_the_forward_pass_skips_has_no_curvature():
     X, y = classification_data()
     est = EkfacInfluence(model, regularization=0.5, n_target_draws=None).fit(X, y)
     assert est.layers_ == ["used", "unused"]
-    factors = est.transform(X[:3], y[:3])
+    solved = est.transform(X[:3], y[:3])
     span = est._plans[1].block.span
-    assert torch.all(factors[:, span] == 0)  # its gradients are zero, and so is their solve
+    assert torch.all(solved[:, span] == 0)  # its gradients are zero, and so is their solve
 
 
 def test_clear_errors():

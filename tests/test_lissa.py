@@ -118,7 +118,7 @@ def test_fixed_seed_is_bitwise_reproducible_and_independent_of_chunking(classifi
     other = LissaInfluence(model, random_state=4, **params).fit(X, y).transform(X[:10], y[:10])
     assert torch.equal(first, again)
     assert not torch.allclose(first, other)
-    # Every solve draws the same mini-batches: chunks of 3 rows give the same factors.
+    # Every solve draws the same mini-batches: chunks of 3 rows give the same results.
     chunked = LissaInfluence(model, random_state=3, batch_size=3, **params).fit(X, y)
     chunked = chunked.transform(X[:10], y[:10])
     torch.testing.assert_close(chunked, first, rtol=1e-12, atol=1e-14)

@@ -159,7 +159,7 @@ def _convergence_message(reports, max_iter, preconditioner, second_order):
     n_broken = int((status == BREAKDOWN).sum())
     if n_broken:
         parts.append(
-            f"{n_broken} broke down on non-finite values (their factors are NaN): check the model and data "
+            f"{n_broken} broke down on non-finite values (their inverse-curvature gradients are NaN): check the model and data "
             "for overflow, or raise regularization."
         )
     return " ".join(parts)
@@ -236,7 +236,7 @@ class CgInfluence(BaseInfluence):
         converged systems are recomputed at the end (one more product), so
         that converged means converged. A block of one gradient runs plain
         conjugate gradient. ``"independent"``: one conjugate gradient per
-        gradient, sharing only the curvature products; a gradient's factor
+        gradient, sharing only the curvature products; a gradient's solution
         then does not depend on which others are solved with it (bitwise,
         whatever the chunking), at the cost of more iterations.
         ``"auto"``: ``"block"``, the faster on every problem measured.

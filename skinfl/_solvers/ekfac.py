@@ -255,8 +255,8 @@ class EkfacInfluence(BaseInfluence):
         shape = (len(test), len(train), len(spans))
         result = allocate(shape, self._dtype(), returns_torch(X_test), self.device_, out, max_result_bytes)
 
-        def by_block(factors, gradients):
-            return torch.stack([factors[:, span] @ gradients[:, span].T for span in spans], dim=2)
+        def by_block(inverse_gradients, gradients):
+            return torch.stack([inverse_gradients[:, span] @ gradients[:, span].T for span in spans], dim=2)
 
         self._write_up_influences(test, train, result, by_block)
         return result
