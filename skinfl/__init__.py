@@ -1,6 +1,6 @@
 """skinfl: influence functions for trained PyTorch models, as scikit-learn estimators."""
 
-__version__ = "0.1.0"  # before the imports: modules key caches on it
+__version__ = "0.2.0.dev0"  # before the imports: modules key caches on it
 
 from ._solvers import *  # noqa: E402,F401,F403  (every estimator, listed once in _solvers/__init__.py)
 from ._solvers import __all__ as _ESTIMATORS  # noqa: E402

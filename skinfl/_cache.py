@@ -189,8 +189,8 @@ class FactorCache:
     For :class:`~skinfl.base.BaseInfluence`, which calls :meth:`_fit_factors`
     and :meth:`_store_new_factors` in ``fit`` and provides
     ``_computed_factors()``, ``memory``, ``random_state``,
-    ``_factor_parameters`` and the fitted state that :meth:`_factor_key`
-    hashes. It keeps, as private fitted state: ``_factors`` (a
+    ``_factor_parameters`` (read through ``_parameter``) and the fitted
+    state that :meth:`_factor_key` hashes. It keeps, as private fitted state: ``_factors`` (a
     :class:`Factors`), ``_factor_metadata`` (JSON-able), ``_factor_seed``
     (the integer seed of the fit's randomness, or None) and the cache entry's
     key.
@@ -229,7 +229,7 @@ class FactorCache:
 
     def _factor_key(self):
         """Hash of everything the factors depend on (see :mod:`skinfl._fingerprint`)."""
-        settings = {name: getattr(self, name) for name in self._factor_parameters if name != "random_state"}
+        settings = {name: self._parameter(name) for name in self._factor_parameters if name != "random_state"}
         if "random_state" in self._factor_parameters:
             settings["random_state"] = self._factor_seed
         return fingerprint(

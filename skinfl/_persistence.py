@@ -25,6 +25,7 @@ from torch import nn
 from . import __version__
 from ._cache import Factors, directory_of
 from ._data import DataSource, TargetSpec
+from ._deprecation import renamed_params
 from ._devices import available_device
 from ._model import LossSpec, evaluation_copy, has_lazy_parameters
 from ._model_source import loss_on_device, model_source
@@ -240,7 +241,9 @@ def _restore(file, meta, model, loss):
     source = model_source(model, loss_param)
     module = _model_with_saved_weights(file, meta, source.module, trainable)
     user_model = module if isinstance(model, nn.Module) else model
-    estimator = cls(**{**meta["params"], "model": user_model, "loss": loss_param})
+    # Parameters renamed since the file was written are read under their new names.
+    params = renamed_params(cls, meta["params"])
+    estimator = cls(**{**params, "model": user_model, "loss": loss_param})
     validate_estimator_params(estimator)
 
     input_dtype = getattr(torch, meta["data"]["input_dtype"].replace("torch.", ""))

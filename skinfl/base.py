@@ -43,6 +43,7 @@ from torch import nn
 from ._cache import FactorCache
 from ._curvature import SECOND_ORDER_MODES, CurvatureOperator, ReportingCurvature
 from ._data import DataSource, TargetSpec
+from ._deprecation import renamed_attribute, resolve_renamed_parameters
 from ._devices import available_device, first_device, moved
 from ._gradients import batch_slices, gradients_of, iter_gradients, perturbation_batch
 from ._model_source import loss_on_device, model_source
@@ -131,10 +132,16 @@ class BaseInfluence(FactorCache, SolveReporting, TransformerMixin, BaseEstimator
     # Parameters the fitted factors depend on, besides the model, the data,
     # the loss and second_order: part of the factor cache key.
     _factor_parameters = ()
+    # Deprecated names, {old: new}: parameters (the old one stays in __init__, default "deprecated",
+    # resolved in fit) and fitted attributes (a property under the old name that warns).
+    _renamed_parameters = {}
+    _renamed_attributes = {}
     _exactness = ExactnessCheck()
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
+        for old, new in cls.__dict__.get("_renamed_attributes", {}).items():
+            setattr(cls, old, renamed_attribute(old, new))
         if not cls.__name__.startswith("_"):
             _REGISTRY[cls.__name__] = cls
 
@@ -168,6 +175,10 @@ class BaseInfluence(FactorCache, SolveReporting, TransformerMixin, BaseEstimator
     def _check_regularization(self, regularization):
         """Reject a resolved ``regularization`` the solver cannot use (raise ``ValueError``)."""
 
+    def _parameter(self, name):
+        """The value of parameter ``name`` in use: that of the deprecated name it replaces, when that was set."""
+        return self.__dict__.get("_renamed_values", {}).get(name, getattr(self, name))
+
     # -------------------------------------------------------------- fitting
     def fit(self, X, y=None):
         """Build the inverse-curvature approximation on training data.
@@ -191,6 +202,7 @@ class BaseInfluence(FactorCache, SolveReporting, TransformerMixin, BaseEstimator
             The fitted estimator.
         """
         validate_estimator_params(self)
+        self._renamed_values = resolve_renamed_parameters(self)
         if y is None:
             raise ValueError(
                 f"{type(self).__name__} requires y to be passed, but the target y is None: "

@@ -262,7 +262,7 @@ def test_ekfac_preconditioned_cg_reaches_the_exact_inverse_in_fewer_iterations()
     runs = {}
     for preconditioner in (None, "ekfac"):
         est = CgInfluence(model, regularization=1e-3, second_order="gauss_newton", preconditioner=preconditioner,
-                          rtol=1e-8, random_state=0, method="independent").fit(X, y)
+                          rtol=1e-8, random_state=0, solver="independent").fit(X, y)
         torch.testing.assert_close(est.transform(X[:8], y[:8]), exact.transform(X[:8], y[:8]), rtol=1e-4, atol=1e-7)
         runs[preconditioner] = est.n_iter_
     assert runs["ekfac"] < runs[None] / 2, runs

@@ -208,7 +208,7 @@ def test_arnoldi_at_partial_rank_is_the_woodbury_inverse_of_the_top_eigenpairs(c
     rank = 12
     est = ArnoldiInfluence(model, rank=rank, regularization=regularization, second_order=second_order,
                            tol=1e-12, random_state=0).fit(X, y)
-    fitted = (est.eigen_solver_, est.rank_, est.krylov_dimension_, est.converged_)
+    fitted = (est.solver_, est.rank_, est.krylov_dimension_, est.converged_)
     assert fitted == ("lanczos", rank, 32, True)
     assert est.n_iter_ >= 1
     values, vectors = top_of(est._curvature().dense(torch.float64), rank)
@@ -223,9 +223,9 @@ def test_arnoldi_at_partial_rank_is_the_woodbury_inverse_of_the_top_eigenpairs(c
 
 def test_arpack_gives_the_influences_of_lanczos(classification_problem):
     model, X, y = classification_problem
-    results = [ArnoldiInfluence(model, rank=10, eigen_solver=solver, tol=1e-12, regularization=0.01,
+    results = [ArnoldiInfluence(model, rank=10, solver=solver, tol=1e-12, regularization=0.01,
                                 random_state=0).fit(X, y) for solver in ("lanczos", "arpack")]
-    assert [est.eigen_solver_ for est in results] == ["lanczos", "arpack"]
+    assert [est.solver_ for est in results] == ["lanczos", "arpack"]
     assert results[1].n_iter_ is None
     torch.testing.assert_close(results[0].influences(X[:4], y[:4]), results[1].influences(X[:4], y[:4]),
                                rtol=1e-8, atol=1e-10)
@@ -390,8 +390,8 @@ def test_unconverged_eigenpairs_warn(classification_problem):
 
 def test_cupy_on_a_cpu_is_an_error_that_names_the_fix(classification_problem):
     model, X, y = classification_problem
-    with pytest.raises(ValueError, match="eigen_solver='cupy' runs on a CUDA device.*eigen_solver='lanczos'"):
-        ArnoldiInfluence(model, rank=5, eigen_solver="cupy").fit(X, y)
+    with pytest.raises(ValueError, match="solver='cupy' runs on a CUDA device.*solver='lanczos'"):
+        ArnoldiInfluence(model, rank=5, solver="cupy").fit(X, y)
 
 
 def test_missing_cupy_is_an_import_error_that_names_the_extra(monkeypatch):
@@ -406,9 +406,9 @@ def test_cupy_gives_the_eigenpairs_of_lanczos(classification_problem):
     pytest.importorskip("cupy")
     model, X, y = classification_problem
     model = copy.deepcopy(model).cuda()
-    results = [ArnoldiInfluence(model, rank=8, eigen_solver=solver, tol=1e-10, regularization=0.01,
+    results = [ArnoldiInfluence(model, rank=8, solver=solver, tol=1e-10, regularization=0.01,
                                 random_state=0).fit(X.cuda(), y.cuda()) for solver in ("lanczos", "cupy")]
-    assert results[1].eigen_solver_ == "cupy" and results[1].converged_
+    assert results[1].solver_ == "cupy" and results[1].converged_
     torch.testing.assert_close(results[1].eigenvalues_, results[0].eigenvalues_, rtol=1e-8, atol=1e-10)
     torch.testing.assert_close(results[1].influences(X[:3].cuda(), y[:3].cuda()),
                                results[0].influences(X[:3].cuda(), y[:3].cuda()), rtol=1e-6, atol=1e-8)

@@ -83,11 +83,11 @@ def krylov_dimension_for(rank, krylov_dimension, n_params):
 
 
 def check_cupy_can_run(device):
-    """Raise the error that says what is missing for ``eigen_solver="cupy"``, if anything is."""
+    """Raise the error that says what is missing for ``solver="cupy"``, if anything is."""
     if torch.device(device).type != "cuda":
         raise ValueError(
-            f"eigen_solver='cupy' runs on a CUDA device, and this estimator computes on {device}. Use "
-            "eigen_solver='lanczos' (the default, on any device), 'arpack' (CPU), or device='cuda'."
+            f"solver='cupy' runs on a CUDA device, and this estimator computes on {device}. Use "
+            "solver='lanczos' (the default, on any device), 'arpack' (CPU), or device='cuda'."
         )
     _import_cupy()
 
@@ -98,8 +98,8 @@ def _import_cupy():
         from cupyx.scipy.sparse.linalg import LinearOperator, eigsh
     except ImportError as error:
         raise ImportError(
-            f"eigen_solver='cupy' needs CuPy, which could not be imported ({error}). Install it with "
-            f"`{_INSTALL_CUPY}` (CuPy for CUDA 12), or use eigen_solver='lanczos', which runs on the GPU "
+            f"solver='cupy' needs CuPy, which could not be imported ({error}). Install it with "
+            f"`{_INSTALL_CUPY}` (CuPy for CUDA 12), or use solver='lanczos', which runs on the GPU "
             "in torch."
         ) from error
     return cupy, LinearOperator, eigsh
@@ -159,7 +159,7 @@ def _arpack(curvature, rank, krylov_dimension, tol, max_iter, generator):
     except ArpackError as error:
         raise RuntimeError(
             f"ARPACK failed on the rank={rank} problem with krylov_dimension={krylov_dimension} ({error}). "
-            "Raise krylov_dimension (more room above rank), or use eigen_solver='lanczos'."
+            "Raise krylov_dimension (more room above rank), or use solver='lanczos'."
         ) from error
     order = np.argsort(values)[::-1]
     values = torch.as_tensor(values[order].copy(), dtype=torch.float64, device=device)

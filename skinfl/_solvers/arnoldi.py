@@ -13,7 +13,8 @@ from .._linalg.eigensolvers import (
     top_eigenpairs,
 )
 from .._docs import shared_docs
-from .._validation import Interval, StrOptions
+from .._deprecation import DEPRECATED
+from .._validation import Hidden, Interval, StrOptions
 from .._warnings import warn
 from ..base import ExactnessCheck
 from .low_rank import _LowRankInfluence
@@ -73,7 +74,7 @@ class ArnoldiInfluence(_LowRankInfluence):
         ``eigenvalues_[-1]`` is still much larger than ``regularization``,
         a larger rank changes the influences; if it is well below it, a
         smaller rank would do.
-    eigen_solver : {"auto", "lanczos", "arpack", "cupy"}, default="auto"
+    solver : {"auto", "lanczos", "arpack", "cupy"}, default="auto"
         ``"lanczos"``: block Lanczos in torch on ``device_`` in the model's
         dtype, with full reorthogonalisation and thick restarts; each pass
         over the data multiplies a block of vectors. ``"arpack"``:
@@ -114,6 +115,12 @@ class ArnoldiInfluence(_LowRankInfluence):
     {random_state}
         Converged eigenpairs agree to ``tol`` whatever the seed; fix it for
         bitwise reproducibility.
+    eigen_solver : {"auto", "lanczos", "arpack", "cupy"}, default="deprecated"
+        Former name of ``solver``.
+
+        .. deprecated:: 0.2
+           ``eigen_solver`` was renamed ``solver`` in 0.2 and will be removed
+           in 0.4.
 
     Attributes
     ----------
@@ -124,7 +131,7 @@ class ArnoldiInfluence(_LowRankInfluence):
     rank_ : int
         Number of eigenpairs used: ``rank``, or fewer when ARPACK returned
         fewer converged pairs.
-    eigen_solver_ : {"lanczos", "arpack", "cupy", "dense"}
+    solver_ : {"lanczos", "arpack", "cupy", "dense"}
         The method that computed the eigenpairs; ``"dense"`` when the Krylov
         space was the whole space.
     krylov_dimension_ : int
@@ -183,12 +190,15 @@ class ArnoldiInfluence(_LowRankInfluence):
 
     _parameter_constraints = {
         **_LowRankInfluence._parameter_constraints,
-        "eigen_solver": [StrOptions(set(EIGEN_SOLVERS))],
+        "solver": [StrOptions(set(EIGEN_SOLVERS))],
+        "eigen_solver": [StrOptions(set(EIGEN_SOLVERS)), Hidden(StrOptions({DEPRECATED}))],
         "krylov_dimension": [Interval(Integral, 2, None, closed="left"), None],
         "tol": [Interval(Real, 0, None, closed="neither")],
         "max_iter": [Interval(Integral, 1, None, closed="left")],
     }
-    _factor_parameters = ("eigen_solver", "krylov_dimension", "tol", "max_iter", "random_state")
+    _factor_parameters = ("solver", "krylov_dimension", "tol", "max_iter", "random_state")
+    _renamed_parameters = {"eigen_solver": "solver"}
+    _renamed_attributes = {"eigen_solver_": "solver_"}
     _exactness = ExactnessCheck(params={"tol": 1e-10}, rtol=1e-9, atol=1e-12, full_rank="rank")
 
     def __init__(
@@ -199,7 +209,7 @@ class ArnoldiInfluence(_LowRankInfluence):
         regularization=1e-3,
         second_order="hessian",
         rank=10,
-        eigen_solver="auto",
+        solver="auto",
         krylov_dimension=None,
         tol=1e-5,
         max_iter=100,
@@ -208,13 +218,14 @@ class ArnoldiInfluence(_LowRankInfluence):
         progress=False,
         memory=None,
         random_state=None,
+        eigen_solver=DEPRECATED,
     ):
         self.model = model
         self.loss = loss
         self.regularization = regularization
         self.second_order = second_order
         self.rank = rank
-        self.eigen_solver = eigen_solver
+        self.solver = solver
         self.krylov_dimension = krylov_dimension
         self.tol = tol
         self.max_iter = max_iter
@@ -223,19 +234,20 @@ class ArnoldiInfluence(_LowRankInfluence):
         self.progress = progress
         self.memory = memory
         self.random_state = random_state
+        self.eigen_solver = eigen_solver
 
     def _low_rank_factors(self, curvature, rank):
-        solver = resolve_eigen_solver(self.eigen_solver)
+        solver = resolve_eigen_solver(self._parameter("solver"))
         dimension = krylov_dimension_for(rank, self.krylov_dimension, curvature.n_params)
         pairs = top_eigenpairs(curvature, rank, eigen_solver=solver, krylov_dimension=dimension, tol=self.tol,
                                max_iter=self.max_iter, generator=self._generator())
         tensors = {"eigenvalues": pairs.eigenvalues, "eigenvectors": pairs.eigenvectors,
                    "converged": pairs.converged}
-        return tensors, {"eigen_solver": pairs.solver, "krylov_dimension": dimension, "n_iter": pairs.n_iter}
+        return tensors, {"solver": pairs.solver, "krylov_dimension": dimension, "n_iter": pairs.n_iter}
 
     def _describe_factors(self):
         metadata = self._factor_metadata
-        self.eigen_solver_ = metadata["eigen_solver"]
+        self.solver_ = metadata["solver"] if "solver" in metadata else metadata["eigen_solver"]  # skinfl < 0.2
         self.krylov_dimension_ = metadata["krylov_dimension"]
         self.n_iter_ = metadata["n_iter"]
         converged = self._factors["converged"][:self.rank]

@@ -16,7 +16,8 @@ from .._linalg.cg import BREAKDOWN, CONVERGED, MAX_ITER, NEGATIVE_CURVATURE, bat
 from .._linalg.nystroem import nystroem_sketch
 from .._memory import release_freed_memory
 from .._progress import NO_PROGRESS
-from .._validation import Interval, StrOptions
+from .._deprecation import DEPRECATED
+from .._validation import Hidden, Interval, StrOptions
 from ..base import BaseInfluence, ExactnessCheck
 from ..exceptions import CgConvergenceWarning
 
@@ -111,7 +112,7 @@ class EkfacPreconditioner:
 
 
 _PRECONDITIONERS = {"jacobi": JacobiPreconditioner, "nystroem": NystroemPreconditioner, "ekfac": EkfacPreconditioner}
-_METHODS = {"block": block_conjugate_gradient, "independent": batched_conjugate_gradient}
+_SOLVERS = {"block": block_conjugate_gradient, "independent": batched_conjugate_gradient}
 
 
 def _sketched_curvature(curvature):
@@ -229,7 +230,7 @@ class CgInfluence(BaseInfluence):
         towards the exact inverse. None: plain CG.
     preconditioner_rank : int, default=100
         Rank of the ``"nystroem"`` preconditioner (capped at ``n_params``).
-    method : {"auto", "block", "independent"}, default="auto"
+    solver : {"auto", "block", "independent"}, default="auto"
         ``"block"``: block conjugate gradient, the gradients of a call
         solved together in blocks of up to 128 sharing one Krylov subspace;
         each system still stops at its own tolerance, and the residuals of
@@ -247,6 +248,12 @@ class CgInfluence(BaseInfluence):
     {random_state}
         Results agree to ``rtol`` whatever the seed; fix it for bitwise
         reproducibility.
+    method : {"auto", "block", "independent"}, default="deprecated"
+        Former name of ``solver``.
+
+        .. deprecated:: 0.2
+           ``method`` was renamed ``solver`` in 0.2 and will be removed in
+           0.4.
 
     Attributes
     ----------
@@ -255,8 +262,8 @@ class CgInfluence(BaseInfluence):
         The fitted preconditioner: ``JacobiPreconditioner`` (its
         ``diagonal``) or ``NystroemPreconditioner`` (its ``eigenvalues`` and
         ``eigenvectors``), or None.
-    method_ : {"block", "independent"}
-        The method ``method`` resolved to.
+    solver_ : {"block", "independent"}
+        The solver ``solver`` resolved to.
     n_iter_ : int
         Iterations of the last call that solved systems (``transform``,
         ``influences``, ``self_influence``, ``top_influences``, ``score``):
@@ -290,8 +297,11 @@ class CgInfluence(BaseInfluence):
         "max_iter": [Interval(Integral, 1, None, closed="left")],
         "preconditioner": [StrOptions(set(_PRECONDITIONERS)), None],
         "preconditioner_rank": [Interval(Integral, 1, None, closed="left")],
-        "method": [StrOptions(set(_METHODS) | {"auto"})],
+        "solver": [StrOptions(set(_SOLVERS) | {"auto"})],
+        "method": [StrOptions(set(_SOLVERS) | {"auto"}), Hidden(StrOptions({DEPRECATED}))],
     }
+    _renamed_parameters = {"method": "solver"}
+    _renamed_attributes = {"method_": "solver_"}
     _factor_parameters = ("preconditioner", "preconditioner_rank", "random_state")
     _exactness = ExactnessCheck(params={"rtol": 1e-12, "max_iter": 5000}, rtol=1e-8, atol=1e-10)
 
@@ -307,12 +317,13 @@ class CgInfluence(BaseInfluence):
         max_iter=1000,
         preconditioner="nystroem",
         preconditioner_rank=100,
-        method="auto",
+        solver="auto",
         batch_size=512,
         device=None,
         progress=False,
         memory=None,
         random_state=None,
+        method=DEPRECATED,
     ):
         self.model = model
         self.loss = loss
@@ -323,12 +334,13 @@ class CgInfluence(BaseInfluence):
         self.max_iter = max_iter
         self.preconditioner = preconditioner
         self.preconditioner_rank = preconditioner_rank
-        self.method = method
+        self.solver = solver
         self.batch_size = batch_size
         self.device = device
         self.progress = progress
         self.memory = memory
         self.random_state = random_state
+        self.method = method
 
     def _compute_factors(self, curvature):
         if self.preconditioner is None:
@@ -343,7 +355,8 @@ class CgInfluence(BaseInfluence):
         if self.preconditioner is not None:
             self.preconditioner_ = _PRECONDITIONERS[self.preconditioner].build(
                 self._factors, self.regularization_, self._functional_model())
-        self.method_ = "block" if self.method == "auto" else self.method
+        solver = self._parameter("solver")
+        self.solver_ = "block" if solver == "auto" else solver
         self._regularization_diagonal = self._regularization_terms()  # once, not per solve
 
     @property
@@ -383,10 +396,10 @@ class CgInfluence(BaseInfluence):
         reports = []
         for rows in batch_slices(len(gradients), _MAX_VECTOR_BLOCK):
             # One system alone: block CG is CG, without the small eigenproblems.
-            method = "independent" if rows.stop - rows.start == 1 else self.method_
-            desc = f"{method} CG, {rows.stop - rows.start} systems"
+            solver = "independent" if rows.stop - rows.start == 1 else self.solver_
+            desc = f"{solver} CG, {rows.stop - rows.start} systems"
             with self._progress(desc, total=self.max_iter, unit="iteration") as bar:
-                solution[rows], report = _METHODS[method](
+                solution[rows], report = _SOLVERS[solver](
                     apply_matrix,
                     gradients[rows],
                     rtol=self.rtol,
