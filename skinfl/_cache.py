@@ -214,11 +214,13 @@ class FactorCache:
         self._factor_metadata = metadata
         self._factors_unstored = directory is not None and entry is None
 
-    def _add_factors(self, tensors):
+    def _add_factors(self, tensors, metadata=None):
         """Add factors derived later, still independent of ``regularization`` (an
-        eigendecomposition the first candidate needed, say): the next candidates of a
-        search find them in the cache."""
+        eigendecomposition the first candidate needed, say), and their ``metadata``: the
+        next candidates of a search find them in the cache."""
         self._factors.update(tensors)
+        if metadata:
+            self._factor_metadata = {**self._factor_metadata, **metadata}
         self._factors_unstored = self._factor_cache_key is not None  # a key only with memory
 
     def _store_new_factors(self):

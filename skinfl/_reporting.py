@@ -6,7 +6,8 @@ chunks; each chunk's solver hands its reports (objects with ``n_iter``) to
 :func:`reporting_solves`, then summarises them (``n_iter_``, ...) and warns
 once about all of them at its end, instead of once per chunk.
 
-The summary lives in the dict ``_last_solve``, which ``fit`` creates and
+The summary lives in the dict ``_last_solve``, which ``fit`` creates (with
+the fit's own iterations, :meth:`SolveReporting._record_fit_iterations`) and
 solves update in place: a diagnostic, not fitted state, so that
 ``transform`` leaves ``__dict__`` as ``fit`` made it (scikit-learn checks
 that it does).
@@ -57,6 +58,10 @@ class SolveReporting:
         """``(message, category)`` about the solves of one call, or None (iterative solvers)."""
         return None
 
+    def _record_fit_iterations(self, n_iter):
+        """Start the summary at ``fit``: ``n_iter_`` is the fit's own iterations until a call solves."""
+        self._last_solve = {"n_iter": int(n_iter)}
+
     def _report_solves(self, reports):
         """Hand the reports of solves (objects with ``n_iter``) to the public call running them.
 
@@ -83,7 +88,7 @@ class SolveReporting:
         self.__dict__.setdefault("_last_solve", {})["n_iter"] = max(report.n_iter for report in reports)
 
     def _last_solve_value(self, name):
-        """A value kept by :meth:`_summarize_solves`; AttributeError before any call solved."""
+        """A value kept by :meth:`_summarize_solves` (or by ``fit``); AttributeError before either."""
         check_is_fitted(self)
         summary = self.__dict__.get("_last_solve", {})
         if name not in summary:

@@ -234,9 +234,9 @@ def test_auto_solver_and_solve_attributes(classification_problem):
     assert est.get_params()["solver"] == "auto"
     est.fit(X, y)
     assert est.solver_ == "block" and est.solver == "auto"
+    assert est.n_iter_ == 0  # fit solves nothing
     with pytest.raises(AttributeError, match="none has run since fit"):
-        est.n_iter_
-    assert not hasattr(est, "relative_residuals_")
+        est.relative_residuals_
     state = dict(est.__dict__)
     est.transform(X[:7], y[:7])
     assert est.__dict__ == state  # scikit-learn's rule: transform does not change the estimator's dict

@@ -194,6 +194,19 @@ def test_auto_scale_resolves_from_the_extreme_eigenvalues(classification_problem
     assert given.scale_ == 7.0 and given.largest_eigenvalue_ is None
 
 
+def test_fit_sets_n_iter_to_the_power_iteration_steps(least_squares, tmp_path):
+    """n_iter_ after fit: the power iteration's block products with scale="auto", 0 with a given scale;
+    a call that solves replaces it, and a fit from the cache reports the steps of the fit that cached."""
+    model, X, y, _, _ = least_squares
+    auto = LissaInfluence(model, loss="mse", regularization=0.1, minibatch_size=None, memory=tmp_path).fit(X, y)
+    assert auto.n_iter_ in (40, 60)
+    steps = auto.n_iter_
+    auto.transform(X[:2], y[:2])
+    assert auto.n_iter_ != steps
+    assert LissaInfluence(model, loss="mse", regularization=0.3, memory=tmp_path).fit(X, y).n_iter_ == steps
+    assert LissaInfluence(model, loss="mse", regularization=0.1, scale=3.0).fit(X, y).n_iter_ == 0
+
+
 def test_auto_scale_is_fast_on_a_well_conditioned_curvature(least_squares):
     """a_min far above lambda: the scale uses it, and the recursion converges in a few dozen steps."""
     model, X, y, curvature, G = least_squares

@@ -265,9 +265,11 @@ class CgInfluence(BaseInfluence):
     solver_ : {"block", "independent"}
         The solver ``solver`` resolved to.
     n_iter_ : int
-        Iterations of the last call that solved systems (``transform``,
-        ``influences``, ``self_influence``, ``top_influences``, ``score``):
-        the most any of its solves took. Set by those calls, not by ``fit``.
+        Conjugate-gradient iterations, each one (block) curvature product:
+        0 after ``fit``, which solves nothing, then those of the last call
+        that solved systems (``transform``, ``influences``,
+        ``self_influence``, ``top_influences``, ``score``), the most any of
+        its solves took.
     relative_residuals_ : torch.Tensor of shape (n_systems,)
         ``||g_i - (C + lambda I) u_i|| / ||g_i||`` of each system the last
         call solved, in the order solved (float64, on the host; 0 for a zero
@@ -358,13 +360,15 @@ class CgInfluence(BaseInfluence):
         solver = self._parameter("solver")
         self.solver_ = "block" if solver == "auto" else solver
         self._regularization_diagonal = self._regularization_terms()  # once, not per solve
+        self._record_fit_iterations(0)
 
     @property
     def n_iter_(self):
         """Iterations of the solves of the last call (the largest over its blocks of systems).
 
-        Set by each call that solves systems (:meth:`transform`,
-        :meth:`influences`, :meth:`self_influence`, ...), not by ``fit``.
+        0 after ``fit``, which solves nothing; then set by each call that
+        solves systems (:meth:`transform`, :meth:`influences`,
+        :meth:`self_influence`, ...).
         """
         return self._last_solve_value("n_iter")
 

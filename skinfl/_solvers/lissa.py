@@ -316,10 +316,13 @@ class LissaInfluence(BaseInfluence):
         ``C`` (without regularization), from the power iteration of
         ``scale="auto"``; None with a given ``scale``.
     n_iter_ : int
-        Iterations of the latest solve (the largest over its right-hand
-        sides); available after the first call that solves. It is a
-        diagnostic, kept outside the estimator's parameters and fitted
-        state, so that ``transform`` leaves the estimator unchanged.
+        After ``fit``: the steps of the power iteration of
+        ``scale="auto"`` (block products of 4 vectors, 40 or 60), 0 with a
+        given ``scale``. Then the recursion steps of the last call that
+        solved (``transform``, ``influences``, ``self_influence``,
+        ``top_influences``, ``score``), the most over its right-hand sides.
+        It is a diagnostic, kept outside the estimator's parameters and
+        fitted state, so that ``transform`` leaves the estimator unchanged.
 
     See Also
     --------
@@ -392,24 +395,31 @@ class LissaInfluence(BaseInfluence):
     def _compute_factors(self, curvature):
         if self.scale != "auto":
             return {}, {}
-        return self._spectrum_factors(curvature), {}
+        return self._spectrum_factors(curvature)
 
     def _spectrum_factors(self, curvature):
-        """The power iteration's estimates, as factors (regularization-free)."""
+        """The power iteration's estimates, as factors (regularization-free), and its steps, as metadata."""
         fmodel = curvature.fmodel
         # A fixed start: scale_ is then a function of the model and the data, whatever random_state.
         generator = torch.Generator().manual_seed(_POWER_ITERATION_SEED)
-        estimate = extreme_eigenvalues(curvature.matmat, curvature.n_params, generator=generator,
-                                       dtype=fmodel.dtype, device=fmodel.device)
-        return {"spectrum": torch.tensor([estimate.largest, estimate.largest_ritz, estimate.smallest],
-                                         dtype=torch.float64)}
+        steps = []
+
+        def step(vectors):
+            steps.append(len(vectors))
+            return curvature.matmat(vectors)
+
+        estimate = extreme_eigenvalues(step, curvature.n_params, generator=generator, dtype=fmodel.dtype,
+                                       device=fmodel.device)
+        tensors = {"spectrum": torch.tensor([estimate.largest, estimate.largest_ritz, estimate.smallest],
+                                            dtype=torch.float64)}
+        return tensors, {"power_iteration_steps": len(steps)}
 
     def _spectrum(self):
         """``(largest from above, largest Ritz value, smallest from above)`` eigenvalues of ``C``, computed
         now if not yet."""
         if "spectrum" not in self._factors:
             with self._progress("power iteration (curvature products)", unit="vector") as bar:
-                self._add_factors(self._spectrum_factors(self._reporting_curvature(bar)))
+                self._add_factors(*self._spectrum_factors(self._reporting_curvature(bar)))
         largest, largest_ritz, smallest = (float(value) for value in self._factors["spectrum"])
         return largest, largest_ritz, smallest
 
@@ -418,10 +428,11 @@ class LissaInfluence(BaseInfluence):
 
     @property
     def n_iter_(self):
-        """Iterations of the solves of the last call, the largest over its right-hand sides.
+        """Steps of the solves of the last call, the largest over its right-hand sides.
 
-        Set by each call that solves (:meth:`transform`, :meth:`influences`,
-        :meth:`self_influence`, ...), not by ``fit``.
+        After ``fit``, the power iteration's steps (0 with a given
+        ``scale``); then set by each call that solves (:meth:`transform`,
+        :meth:`influences`, :meth:`self_influence`, ...).
         """
         return self._last_solve_value("n_iter")
 
@@ -433,8 +444,11 @@ class LissaInfluence(BaseInfluence):
         if self.scale != "auto":
             self.scale_ = float(self.scale)
             self.largest_eigenvalue_ = None
+            self._record_fit_iterations(0)
             return
         largest, _, smallest_ritz = self._spectrum()
+        # Files saved by skinfl < 0.2 did not record the steps.
+        self._record_fit_iterations(self._factor_metadata.get("power_iteration_steps", 0))
         self.largest_eigenvalue_ = largest
         top = largest + self.regularization_
         if top <= 0:
