@@ -90,6 +90,15 @@ def _second_order(cls, phrases, own):
     )
 
 
+def _max_iter(cls, phrases, own):
+    what, each = phrases["max_iter"]
+    default = _default(cls, "max_iter")
+    return _entry(
+        f"max_iter : {'int or None' if default == 'None' else 'int'}, default={default}",
+        f"Most {what}; each is {each}. ``n_iter_`` says how many were run." + _then(own),
+    )
+
+
 def _batch_size(cls, phrases, own):
     return _entry(
         f"batch_size : int, default={_default(cls, 'batch_size')}",
@@ -176,6 +185,7 @@ _SHARED = {
     "loss": _loss,
     "regularization": _regularization,
     "second_order": _second_order,
+    "max_iter": _max_iter,
     "batch_size": _batch_size,
     "device": _device,
     "progress": _progress,
@@ -204,13 +214,16 @@ def shared_docs(**phrases):
     - ``memory`` (required): what the factors are, after "cache the fitted factors: ".
     - ``random_state``: what it seeds besides the probes of ``score`` (none:
       the estimator is deterministic).
+    - ``max_iter``: ``(what, each)``, what it counts ("iterations per
+      solve") and what each costs ("one (block) curvature product"), in the
+      same words for every estimator that iterates.
     - ``unpenalized_parameters`` (required): ``"left out"`` (the estimator
       leaves them unregularized) or ``"regularized"``.
 
     Lines indented under a placeholder are the class's own text: the whole
     description of ``regularization`` and ``second_order`` (instead of the
-    plain one), and one more sentence for ``batch_size``, ``memory`` and
-    ``random_state``.
+    plain one), and one more sentence for ``max_iter``, ``batch_size``,
+    ``memory`` and ``random_state``.
     """
 
     def fill(cls):

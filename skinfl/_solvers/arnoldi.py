@@ -6,24 +6,31 @@ from numbers import Integral, Real
 
 from sklearn.exceptions import ConvergenceWarning
 
+from .._deprecation import DEPRECATED
+from .._docs import shared_docs
 from .._linalg.eigensolvers import (
     EIGEN_SOLVERS,
     krylov_dimension_for,
     resolve_eigen_solver,
     top_eigenpairs,
 )
-from .._docs import shared_docs
-from .._deprecation import DEPRECATED
 from .._validation import Hidden, Interval, StrOptions
 from .._warnings import warn
 from ..base import ExactnessCheck
 from .low_rank import _LowRankInfluence
 
 
+# The default budget of max_iter=None, in products per basis vector: the 100 restart cycles that max_iter
+# counted before skinfl 0.2 took up to about 36 (Lanczos) to 50-70 (ARPACK) times krylov_dimension.
+_PRODUCTS_PER_KRYLOV_DIMENSION = 50
+
+
 @shared_docs(
     progress="the eigen-solve's curvature products",
     memory="the eigenpairs",
     random_state="the starting vectors of the Krylov method",
+    max_iter=("curvature-vector products of the eigen-solve in ``fit``", "one vector multiplied by the "
+              "curvature (a block of ``b`` vectors counts ``b``)"),
     unpenalized_parameters="regularized",
 )
 class ArnoldiInfluence(_LowRankInfluence):
@@ -98,10 +105,18 @@ class ArnoldiInfluence(_LowRankInfluence):
         or ``tol`` times its own eigenvalue (ARPACK's criterion, used by
         ``"arpack"`` and ``"cupy"``). The products of a float32 model are
         accurate to about ``1e-6`` relatively; lower values need float64.
-    max_iter : int, default=100
-        Restart cycles at most. Pairs that have not converged by then are
-        used as they are, with a
-        :class:`~sklearn.exceptions.ConvergenceWarning`.
+    {max_iter}
+        At least ``krylov_dimension_``, the products of the first Krylov
+        space; None: ``50 * krylov_dimension_``, about the budget of the 100
+        restart cycles that ``max_iter`` counted before skinfl 0.2.
+        ``"lanczos"`` stops before a block of products would pass it;
+        ``"arpack"`` and ``"cupy"`` are given the restarts that fit in it,
+        ``(max_iter - krylov_dimension_ - 1) // (krylov_dimension_ - rank)``
+        (ARPACK's ``maxiter``: each restart multiplies ``krylov_dimension_ -
+        rank`` vectors), and at least one, which passes a budget below
+        ``2 * krylov_dimension_ - rank + 1``; ``"dense"`` takes ``n_params``
+        products. Pairs that have not converged by then are used as they
+        are, with a :class:`~sklearn.exceptions.ConvergenceWarning`.
     {batch_size}
     {device}
     {progress}
@@ -136,10 +151,10 @@ class ArnoldiInfluence(_LowRankInfluence):
         space was the whole space.
     krylov_dimension_ : int
         The Krylov dimension used.
-    n_iter_ : int or None
-        Restart cycles of ``"lanczos"`` (1 when the first Krylov space was
-        enough, and for ``"dense"``); None for ``"arpack"`` and ``"cupy"``,
-        which do not report it.
+    n_iter_ : int
+        Curvature-vector products of the eigen-solve, the quantity
+        ``max_iter`` bounds (``n_params`` for ``"dense"``); set by ``fit``,
+        whose only iterations these are.
     converged_ : bool
         Whether all ``rank`` pairs met ``tol``.
 
@@ -194,7 +209,7 @@ class ArnoldiInfluence(_LowRankInfluence):
         "eigen_solver": [StrOptions(set(EIGEN_SOLVERS)), Hidden(StrOptions({DEPRECATED}))],
         "krylov_dimension": [Interval(Integral, 2, None, closed="left"), None],
         "tol": [Interval(Real, 0, None, closed="neither")],
-        "max_iter": [Interval(Integral, 1, None, closed="left")],
+        "max_iter": [Interval(Integral, 1, None, closed="left"), None],
     }
     _factor_parameters = ("solver", "krylov_dimension", "tol", "max_iter", "random_state")
     _renamed_parameters = {"eigen_solver": "solver"}
@@ -212,7 +227,7 @@ class ArnoldiInfluence(_LowRankInfluence):
         solver="auto",
         krylov_dimension=None,
         tol=1e-5,
-        max_iter=100,
+        max_iter=None,
         batch_size=512,
         device=None,
         progress=False,
@@ -240,10 +255,23 @@ class ArnoldiInfluence(_LowRankInfluence):
         solver = resolve_eigen_solver(self._parameter("solver"))
         dimension = krylov_dimension_for(rank, self.krylov_dimension, curvature.n_params)
         pairs = top_eigenpairs(curvature, rank, eigen_solver=solver, krylov_dimension=dimension, tol=self.tol,
-                               max_iter=self.max_iter, generator=self._generator())
+                               max_products=self._max_products(dimension), generator=self._generator())
         tensors = {"eigenvalues": pairs.eigenvalues, "eigenvectors": pairs.eigenvectors,
                    "converged": pairs.converged}
-        return tensors, {"solver": pairs.solver, "krylov_dimension": dimension, "n_iter": pairs.n_iter}
+        return tensors, {"solver": pairs.solver, "krylov_dimension": dimension, "n_iter": pairs.n_products}
+
+    def _max_products(self, krylov_dimension):
+        """The budget of curvature-vector products: ``max_iter``, or its default for ``krylov_dimension``."""
+        if self.max_iter is None:
+            return _PRODUCTS_PER_KRYLOV_DIMENSION * krylov_dimension
+        if self.max_iter < krylov_dimension:
+            raise ValueError(
+                f"max_iter={self.max_iter} curvature products cannot fill the first Krylov space, of "
+                f"krylov_dimension={krylov_dimension}: use max_iter >= {krylov_dimension}, or max_iter=None "
+                f"({_PRODUCTS_PER_KRYLOV_DIMENSION * krylov_dimension} here). max_iter counts curvature-vector "
+                "products since skinfl 0.2, not restart cycles."
+            )
+        return self.max_iter
 
     def _describe_factors(self):
         metadata = self._factor_metadata
@@ -258,7 +286,7 @@ class ArnoldiInfluence(_LowRankInfluence):
                     else "are used as they are")
             warn(
                 f"{n_unconverged} of the {self.rank} eigenpairs did not converge to tol={self.tol} within "
-                f"max_iter={self.max_iter} restart cycles, and {what}. To converge: raise max_iter, raise "
-                f"krylov_dimension (now {self.krylov_dimension_}), or raise tol.",
+                f"{self.n_iter_} curvature-vector products (max_iter={self.max_iter}), and {what}. To converge: "
+                f"raise max_iter, raise krylov_dimension (now {self.krylov_dimension_}), or raise tol.",
                 ConvergenceWarning,
             )

@@ -8,6 +8,7 @@ from numbers import Integral, Real
 import torch
 
 from .._curvature import _MAX_VECTOR_BLOCK
+from .._deprecation import DEPRECATED
 from .._docs import shared_docs
 from .._gradients import batch_slices
 from .._kronecker import EkfacInverse, compute_ekfac_factors, plan_layers, resolve_target_draws
@@ -16,7 +17,6 @@ from .._linalg.cg import BREAKDOWN, CONVERGED, MAX_ITER, NEGATIVE_CURVATURE, bat
 from .._linalg.nystroem import nystroem_sketch
 from .._memory import release_freed_memory
 from .._progress import NO_PROGRESS
-from .._deprecation import DEPRECATED
 from .._validation import Hidden, Interval, StrOptions
 from ..base import BaseInfluence, ExactnessCheck
 from ..exceptions import CgConvergenceWarning
@@ -170,6 +170,7 @@ def _convergence_message(reports, max_iter, preconditioner, second_order):
     progress="the preconditioner's curvature products, every conjugate-gradient solve (iterations, with the "
              "worst relative residual and the systems still running)",
     memory="the preconditioner's sketch, diagonal or Kronecker factors",
+    max_iter=("iterations per solve", "one (block) curvature product over the fitted data"),
     random_state="the Nystroem test matrix and the targets drawn for the Jacobi diagonal and the EK-FAC "
                  "factors",
     unpenalized_parameters="left out",
@@ -204,8 +205,8 @@ class CgInfluence(BaseInfluence):
         ``||r_i|| <= max(rtol * ||g_i||, atol)``.
     atol : float, default=0.0
         Absolute tolerance on the residual norm.
-    max_iter : int, default=1000
-        Iterations before giving up with a
+    {max_iter}
+        A system that has not converged by then gives a
         :class:`~skinfl.exceptions.CgConvergenceWarning`.
     preconditioner : {None, "jacobi", "nystroem", "ekfac"}, default="nystroem"
         Built once in ``fit``. ``"nystroem"``: a randomised rank

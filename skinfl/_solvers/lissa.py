@@ -170,6 +170,8 @@ def lissa_recursion(minibatches, rhs, *, regularization, scale, dampen, max_iter
              "remaining change per iteration and the systems still running)",
     memory='the power iteration\'s estimates of the curvature\'s extreme eigenvalues (``scale="auto"``)',
     random_state="the mini-batches",
+    max_iter=("recursion steps per solve", "one mini-batch curvature product (over every fitted sample "
+              "with ``minibatch_size=None``)"),
     unpenalized_parameters="regularized",
 )
 class LissaInfluence(BaseInfluence):
@@ -271,8 +273,8 @@ class LissaInfluence(BaseInfluence):
     dampen : float, default=0.0
         The dampening ``d``, in ``[0, 1)``: the result is the inverse of
         ``C + (lambda + d * scale) I``.
-    max_iter : int, default=1000
-        Most iterations per solve; reaching it without converging raises a
+    {max_iter}
+        Reaching it without converging gives a
         :class:`~skinfl.exceptions.LissaConvergenceWarning` (unless
         ``rtol=0``).
     rtol : float, default=1e-4
