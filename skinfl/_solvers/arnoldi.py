@@ -73,7 +73,7 @@ class ArnoldiInfluence(_LowRankInfluence):
         so negative ones appear only when ``rank`` reaches them, and a
         :class:`~skinfl.exceptions.NotPositiveDefiniteWarning` is raised when
         some ``s + lambda`` is not positive.
-    rank : int, default=10
+    rank : int, default=50
         Number of eigenpairs, at most ``n_params``. More pairs make the
         inverse accurate in more directions, at a cost of about two to four
         curvature products per pair. A good rank reaches the eigenvalues
@@ -223,7 +223,7 @@ class ArnoldiInfluence(_LowRankInfluence):
         loss="auto",
         regularization=1e-3,
         second_order="hessian",
-        rank=10,
+        rank=50,
         solver="auto",
         krylov_dimension=None,
         tol=1e-5,
