@@ -34,7 +34,7 @@ from ._skorch_nets import is_skorch_net
 from ._tensorfile import TensorFile, write
 from ._validation import validate_estimator_params
 from ._warnings import warn
-from .base import BaseInfluence, model_dtype, registered_estimators
+from .base import BaseInfluence, estimator_class, model_dtype, registered_name
 
 FORMAT_VERSION = 1
 _FITTED = ("n_params_", "n_samples_fit_", "n_features_in_", "input_shape_", "output_shape_", "trainable_parameters_",
@@ -103,7 +103,7 @@ def save(estimator, path, include_data=True):
     metadata = {
         "format_version": FORMAT_VERSION,
         "skinfl_version": __version__,
-        "estimator": type(estimator).__name__,
+        "estimator": registered_name(type(estimator)),
         "params": _json_params(estimator),
         "loss": loss_description,
         "loss_normalizer": estimator.loss_.normalizer,
@@ -225,7 +225,7 @@ def _restore(file, meta, model, loss):
             f"{file.path} uses skinfl file format {meta.get('format_version')!r}; this skinfl "
             f"({__version__}) reads format {FORMAT_VERSION}."
         )
-    cls = registered_estimators().get(meta["estimator"])
+    cls = estimator_class(meta["estimator"])  # a former name reads as the estimator's name now
     if cls is None:
         raise ValueError(f"{file.path} holds an unknown estimator {meta['estimator']!r}.")
     saved = meta["device"]

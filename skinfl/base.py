@@ -61,6 +61,9 @@ from ._warnings import warn
 from .exceptions import TrainingModeWarning
 
 _REGISTRY = {}
+# Former names of registered estimators, {old name: registered name}: deprecated alias classes, which
+# load() still reads from files.
+_ALIASES = {}
 
 # (test inverse-curvature gradients) x (training samples) pairs per perturbation batch: each pair
 # holds a gradient of the input, so this bounds that memory.
@@ -72,6 +75,16 @@ SCORE_PROBES = 100
 def registered_estimators():
     """The influence estimator classes, by name, in definition order."""
     return dict(_REGISTRY)
+
+
+def estimator_class(name):
+    """The registered estimator class saved as ``name``, a former name included; None if there is none."""
+    return _REGISTRY.get(_ALIASES.get(name, name))
+
+
+def registered_name(cls):
+    """The registered name of ``cls``: its own, or that of the estimator a deprecated alias stands for."""
+    return _ALIASES.get(cls.__name__, cls.__name__)
 
 
 @dataclass(frozen=True)
@@ -138,11 +151,13 @@ class BaseInfluence(FactorCache, SolveReporting, TransformerMixin, BaseEstimator
     _renamed_attributes = {}
     _exactness = ExactnessCheck()
 
-    def __init_subclass__(cls, **kwargs):
+    def __init_subclass__(cls, alias_of=None, **kwargs):
         super().__init_subclass__(**kwargs)
         for old, new in cls.__dict__.get("_renamed_attributes", {}).items():
             setattr(cls, old, renamed_attribute(old, new))
-        if not cls.__name__.startswith("_"):
+        if alias_of is not None:  # a deprecated former name of the estimator alias_of: not registered
+            _ALIASES[cls.__name__] = alias_of
+        elif not cls.__name__.startswith("_"):
             _REGISTRY[cls.__name__] = cls
 
     # ------------------------------------------------------------------ hooks

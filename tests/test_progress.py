@@ -15,7 +15,7 @@ EXPECTED = {
     "ArnoldiInfluence": ["factors (curvature products)"],
     "NystroemInfluence": ["factors (curvature products)"],
     "LissaInfluence": ["factors (curvature products)", "LiSSA, ", "largest change"],
-    "InverseHarmonicMeanInfluence": ["gradient norms"],
+    "DataInfInfluence": ["gradient norms"],
     "EkfacInfluence": ["EK-FAC statistics"],
 }
 
@@ -39,7 +39,7 @@ def test_long_steps_show_bars(name, classification_problem, capsys):
         params.update(rtol=1e-3, max_iter=2000, minibatch_size=None)
     if name == "CgInfluence":
         params.update(rtol=1e-6, preconditioner=None)  # an exact preconditioner converges at once
-    if name == "InverseHarmonicMeanInfluence":
+    if name == "DataInfInfluence":
         params.update(relative_regularization=True)  # fit's pass over the data for gradient norms
     _run(name, classification_problem, True, **params)
     shown = capsys.readouterr().err

@@ -109,7 +109,7 @@ class EkfacInfluence(BaseInfluence):
     See Also
     --------
     CgInfluence : With ``preconditioner="ekfac"``, refines EK-FAC to the exact inverse in a few iterations.
-    InverseHarmonicMeanInfluence : DataInf, another per-layer closed form.
+    DataInfInfluence : DataInf, another per-layer closed form.
 
     Examples
     --------

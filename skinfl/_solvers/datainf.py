@@ -1,7 +1,9 @@
-"""InverseHarmonicMeanInfluence: DataInf's closed-form inverse, block by block."""
+"""DataInfInfluence: DataInf's closed-form inverse, block by block; InverseHarmonicMeanInfluence, its
+former name, as a deprecated alias."""
 
 from __future__ import annotations
 
+import functools
 from numbers import Real
 
 import torch
@@ -10,6 +12,7 @@ from .._docs import shared_docs
 from .._gradients import iter_gradients
 from .._layers import module_blocks, whole_model_block
 from .._validation import Interval, StrOptions
+from .._warnings import warn
 from ..base import BaseInfluence, ExactnessCheck
 
 _BLOCK_STRUCTURES = ("layer", "parameter", "full")
@@ -68,8 +71,8 @@ def harmonic_mean_solve(fmodel, data, batch_size, spans, regularizations, vector
            "value per parameter tensor)",
     unpenalized_parameters="regularized",
 )
-class InverseHarmonicMeanInfluence(BaseInfluence):
-    r"""Influence with DataInf's inverse harmonic mean of rank-one terms, per block of parameters.
+class DataInfInfluence(BaseInfluence):
+    r"""Influence with DataInf: the inverse harmonic mean of rank-one terms, per block of parameters.
 
     DataInf (Kwon, Wu, Wu and Zou, "DataInf: Efficiently estimating data
     influence in LoRA-tuned LLMs and diffusion models", ICLR 2024) replaces
@@ -190,11 +193,11 @@ class InverseHarmonicMeanInfluence(BaseInfluence):
     Examples
     --------
     >>> import torch
-    >>> from skinfl import InverseHarmonicMeanInfluence
+    >>> from skinfl import DataInfInfluence
     >>> _ = torch.manual_seed(0)
     >>> model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
     >>> X, y = torch.randn(20, 3), torch.randint(0, 2, (20,))
-    >>> est = InverseHarmonicMeanInfluence(model, regularization=0.1).fit(X, y)
+    >>> est = DataInfInfluence(model, regularization=0.1).fit(X, y)
     >>> [(name, size) for name, _, size in est.blocks_]
     [('0', 16), ('2', 10)]
     >>> est.influences(X[:2], y[:2]).shape
@@ -242,7 +245,7 @@ class InverseHarmonicMeanInfluence(BaseInfluence):
         # The two settings the general constraints would reject without saying why.
         if isinstance(self.second_order, str) and self.second_order == "hessian":
             raise ValueError(
-                "InverseHarmonicMeanInfluence does not support second_order='hessian': DataInf approximates "
+                "DataInfInfluence does not support second_order='hessian': DataInf approximates "
                 "the Gauss-Newton matrix through the empirical Fisher (the mean of g g^T over training "
                 "gradients) and never uses the Hessian. Use second_order='gauss_newton' (the default), or "
                 "an estimator that inverts the Hessian: DirectInfluence (small models) or CgInfluence."
@@ -254,7 +257,7 @@ class InverseHarmonicMeanInfluence(BaseInfluence):
     def _check_regularization(self, regularization):
         if regularization == 0:
             raise ValueError(
-                "InverseHarmonicMeanInfluence needs regularization > 0: each rank-one term g g^T is singular "
+                "DataInfInfluence needs regularization > 0: each rank-one term g g^T is singular "
                 "and the closed-form inverse divides by the regularization. Use for example "
                 "regularization=0.1 (the default), or regularization=0.1 with relative_regularization=True "
                 "(DataInf's choice)."
@@ -306,3 +309,22 @@ class InverseHarmonicMeanInfluence(BaseInfluence):
         curvature = self._curvature()
         return harmonic_mean_solve(curvature.fmodel, curvature.data, self.batch_size, self._spans,
                                    self._block_regularization, gradients)
+
+
+class InverseHarmonicMeanInfluence(DataInfInfluence, alias_of="DataInfInfluence"):
+    """Deprecated alias of :class:`DataInfInfluence`.
+
+    .. deprecated:: 0.2
+       ``InverseHarmonicMeanInfluence`` was renamed ``DataInfInfluence`` in
+       skinfl 0.2 and will be removed in 0.4. It is not a registered estimator
+       of its own; files saved under this name load as ``DataInfInfluence``.
+    """
+
+    @functools.wraps(DataInfInfluence.__init__)
+    def __init__(self, model, **params):
+        warn(
+            "InverseHarmonicMeanInfluence was renamed DataInfInfluence in skinfl 0.2 and will be removed in "
+            "0.4; use DataInfInfluence.",
+            FutureWarning,
+        )
+        super().__init__(model, **params)
