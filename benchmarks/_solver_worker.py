@@ -94,7 +94,7 @@ SKINFL_CLASSES = {
     "arnoldi": "ArnoldiInfluence",
     "nystroem": "NystroemInfluence",
     "lissa": "LissaInfluence",
-    "datainf": "InverseHarmonicMeanInfluence",
+    "datainf": "DataInfInfluence",
     "ekfac": "EkfacInfluence",
     "ekfac_exact": "EkfacInfluence",
     "ekfac_empirical": "EkfacInfluence",
@@ -108,6 +108,8 @@ PYDVL_CLASSES = {
     "datainf": "InverseHarmonicMeanInfluence",
     "ekfac": "EkfacInfluence",
 }
+# skinfl < 0.2 names of SKINFL_CLASSES' classes and parameters, for runs against earlier skinfl.
+SKINFL_FORMER_NAMES = {"DataInfInfluence": "InverseHarmonicMeanInfluence", "solver": "method"}
 KRONFLUENCE_FAMILIES = ("ekfac", "ekfac_empirical")  # its Analyzer with FactorArguments(strategy="ekfac")
 
 
@@ -215,7 +217,7 @@ def method_settings(method, *, n_params, top_eigenvalue, regularization, batch_s
 def _skinfl_estimator(skinfl, family, model, settings):
     """The skinfl estimator for ``family`` with ``settings``; raises NotAvailable."""
     name = SKINFL_CLASSES[family]
-    cls = getattr(skinfl, name, None)
+    cls = getattr(skinfl, name, None) or getattr(skinfl, SKINFL_FORMER_NAMES.get(name, name), None)
     if cls is None:
         raise NotAvailable(f"skinfl {skinfl.__version__} has no {name}")
     required = {"loss": settings["loss"], "regularization": settings["regularization"],
@@ -227,7 +229,7 @@ def _skinfl_estimator(skinfl, family, model, settings):
         if settings["preconditioner_rank"] is not None:
             required["preconditioner_rank"] = settings["preconditioner_rank"]
         if settings.get("skinfl_cg_method"):
-            optional["method"] = settings["skinfl_cg_method"]
+            optional["solver"] = settings["skinfl_cg_method"]
     elif family == "arnoldi":
         required["rank"] = settings["rank"]
         optional.update(krylov_dimension=settings["krylov_dimension"], tol=settings["tol"])
@@ -244,6 +246,8 @@ def _skinfl_estimator(skinfl, family, model, settings):
         optional["second_order"] = settings["second_order"]
     estimator = cls(model)
     accepted = estimator.get_params(deep=False)
+    if "solver" in optional and "solver" not in accepted:
+        optional[SKINFL_FORMER_NAMES["solver"]] = optional.pop("solver")
     missing = sorted(k for k in required if k not in accepted)
     if missing:
         raise NotAvailable(f"skinfl {name} has no parameter {', '.join(missing)}")
@@ -253,7 +257,7 @@ def _skinfl_estimator(skinfl, family, model, settings):
 
 
 def _fitted_attributes(estimator):
-    """Public fitted scalars (n_iter_, eigen_solver_, method_, ...) for the record."""
+    """Public fitted scalars (n_iter_, solver_, ...) for the record."""
     out = {}
     for key, value in vars(estimator).items():
         if not key.endswith("_") or key.startswith("_") or key in ("n_features_in_",):
@@ -499,8 +503,10 @@ def hardness(args):
         model, loss="cross_entropy", regularization=REGULARIZATION, rtol=CG_RTOL, max_iter=HARDNESS_MAX_ITER,
         preconditioner=None, batch_size=size.batch_size,
     )
-    if "method" in estimator.get_params(deep=False):
-        estimator.set_params(method="independent")
+    for name in ("solver", "method"):  # "method" before skinfl 0.2
+        if name in estimator.get_params(deep=False):
+            estimator.set_params(**{name: "independent"})
+            break
     start = time.perf_counter()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

@@ -232,7 +232,8 @@ def main(argv=None):
     parser.add_argument("--pydvl-arnoldi-projected", action="store_true",
                         help="pyDVL Arnoldi with use_woodbury=False (its default): V (D + lambda)^-1 V^T only")
     parser.add_argument("--skinfl-cg-method", default=None,
-                        help="CgInfluence(method=...) for the cg rows, where the parameter exists (default: its default)")
+                        help="CgInfluence(solver=...) for the cg rows (method=... before skinfl 0.2), where the "
+                             "parameter exists (default: its default)")
     parser.add_argument("--skinfl-python", default=sys.executable, help="interpreter with skinfl's dependencies")
     parser.add_argument("--pydvl-python", default=str(DEFAULT_PYDVL_PYTHON),
                         help="interpreter of pyDVL's venv (bash benchmarks/setup_pydvl_env.sh)")
@@ -468,19 +469,20 @@ def notes_for(size, args, lissa_scales, references):
         f"{W.CG_PRECONDITIONER_RANK} on both sides (pyDVL: NystroemPreconditioner, in a subclass whose _fit "
         "returns self: pyDVL 0.10.0's returns None, and CgInfluence then silently runs without it); cg_plain: "
         "none. "
-        "skinfl's CgInfluence(method=...) is left at its default"
+        "skinfl's CgInfluence(solver=...) is left at its default"
         + (f" ({args.skinfl_cg_method} asked)" if args.skinfl_cg_method else "") + ".",
         f"arnoldi<r>: rank r, krylov_dimension min(n_params, max(2r + 1, 20)) (pyDVL's default, given to both), "
         f"tol={W.ARNOLDI_TOL:g}; pyDVL use_woodbury="
         + ("False (its default: V (D + lambda)^-1 V^T b only)" if args.pydvl_arnoldi_projected else
            "True, i.e. (V D V^T + lambda I)^-1, the regularised low-rank inverse skinfl computes")
-        + "; skinfl's eigen_solver is left at its default (recorded under fitted attributes).",
+        + "; skinfl's solver is left at its default (recorded under fitted attributes).",
         "nystroem<r>: rank r on both sides (pyDVL NystroemSketchInfluence).",
         f"lissa: scale {lissa_scales} (3 x (top Hessian eigenvalue + regularization), rounded up), "
         f"dampen={W.LISSA_DAMPEN}, max_iter as in settings, minibatch {size.batch_size}, rtol={W.LISSA_RTOL:g} "
         "so that neither library stops early (pyDVL's criterion is max_i |step_i / h_i|, skinfl's its own): both "
-        "run max_iter steps. pyDVL's LiSSA takes its minibatch size from the DataLoader.",
-        "datainf: skinfl InverseHarmonicMeanInfluence(second_order='gauss_newton'); pyDVL "
+        "run max_iter steps. pyDVL's LiSSA takes its minibatch size from the DataLoader. skinfl's defaults "
+        "(minibatch_size=128, rtol='auto', which is 0 with mini-batches: max_iter steps) are not used.",
+        "datainf: skinfl DataInfInfluence(second_order='gauss_newton'); pyDVL "
         "InverseHarmonicMeanInfluence(block_structure=BlockMode.LAYER_WISE) (its default is one block over all "
         "parameters; DataInf inverts per layer).",
         "Iterations: skinfl's n_iter_ where the estimator has it (CG: of the influences call; Arnoldi: its "
