@@ -155,7 +155,7 @@ def _fitted_attributes(cls, phrases, own):
         ("n_params_ : int", "Number of trainable parameters."),
         ("n_samples_fit_ : int", "Number of fitted training samples."),
         ("n_features_in_ : int", "Number of input values per sample."),
-        ("feature_names_in_ : ndarray of shape (n_features_in_,)",
+        ("feature_names_in_ : ndarray of str objects of shape ``(n_features_in_,)``",
          "Names of the columns of ``X`` seen during ``fit``. Defined only when ``X`` is a pandas "
          "``DataFrame`` whose column names are all strings."),
         ("input_shape_ : tuple of int", "Per-sample input shape."),
