@@ -232,8 +232,8 @@ def main(argv=None):
     parser.add_argument("--pydvl-arnoldi-projected", action="store_true",
                         help="pyDVL Arnoldi with use_woodbury=False (its default): V (D + lambda)^-1 V^T only")
     parser.add_argument("--skinfl-cg-method", default=None,
-                        help="CgInfluence(solver=...) for the cg rows (method=... before skinfl 0.2), where the "
-                             "parameter exists (default: its default)")
+                        help="CgInfluence(solver=...) for the cg rows (method=... before skinfl 0.2), where "
+                             "the parameter exists (default: its default)")
     parser.add_argument("--skinfl-python", default=sys.executable, help="interpreter with skinfl's dependencies")
     parser.add_argument("--pydvl-python", default=str(DEFAULT_PYDVL_PYTHON),
                         help="interpreter of pyDVL's venv (bash benchmarks/setup_pydvl_env.sh)")

@@ -191,7 +191,7 @@ class BaseInfluence(FactorCache, SolveReporting, TransformerMixin, BaseEstimator
         """Reject a resolved ``regularization`` the solver cannot use (raise ``ValueError``)."""
 
     def _parameter(self, name):
-        """The value of parameter ``name`` in use: that of the deprecated name it replaces, when that was set."""
+        """The value of parameter ``name`` in use: the deprecated name's it replaces, when that was set."""
         return self.__dict__.get("_renamed_values", {}).get(name, getattr(self, name))
 
     # -------------------------------------------------------------- fitting
@@ -605,7 +605,7 @@ class BaseInfluence(FactorCache, SolveReporting, TransformerMixin, BaseEstimator
         """Fill ``result`` with ``pair_products(inverse_gradients, gradients)`` (default their ``@ .T``):
         inverse-curvature gradients of one side held, gradients of the other streamed; extra trailing
         axes allowed."""
-        pair_products = pair_products or (lambda inverse_gradients, gradients: inverse_gradients @ gradients.T)
+        pair_products = pair_products or (lambda solved, gradients: solved @ gradients.T)
         fmodel = self._functional_model()
         # <A^-1 a, b> = <a, A^-1 b> for symmetric A: invert on the smaller side.
         held_data, streamed_data, transposed = (test, train, False) if len(test) <= len(train) else (train, test, True)

@@ -270,7 +270,8 @@ def test_block_and_independent_warn_alike_on_negative_curvature():
     X, y = torch.randn(40, 3, dtype=torch.float64), torch.randint(0, 3, (40,))
     for solver in ("block", "independent"):
         with pytest.warns(CgConvergenceWarning, match="met negative curvature"):
-            CgInfluence(model, regularization=0.0, solver=solver, preconditioner=None).fit(X, y).transform(X, y)
+            est = CgInfluence(model, regularization=0.0, solver=solver, preconditioner=None)
+            est.fit(X, y).transform(X, y)
 
 
 def test_one_right_hand_side_runs_plain_cg(classification_problem, monkeypatch):

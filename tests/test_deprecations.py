@@ -18,7 +18,8 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 # (estimator, old parameter, new parameter, a value, old fitted attribute, new fitted attribute)
 RENAMED = [
-    pytest.param(CgInfluence, "method", "solver", "independent", "method_", "solver_", id="CgInfluence-method"),
+    pytest.param(CgInfluence, "method", "solver", "independent", "method_", "solver_",
+                 id="CgInfluence-method"),
     pytest.param(ArnoldiInfluence, "eigen_solver", "solver", "arpack", "eigen_solver_", "solver_",
                  id="ArnoldiInfluence-eigen_solver"),
 ]
@@ -37,8 +38,8 @@ def test_renamed_parameter_warns_and_is_used(classification_problem, cls, old, n
     est = cls(model, **{old: value}, **SETTINGS[cls])
     assert est.get_params()[old] == value and est.get_params()[new] == "auto"  # stored unchanged
     assert clone(est).get_params()[old] == value
-    with pytest.warns(FutureWarning, match=f"`{old}` was renamed `{new}` in skinfl 0.2 and will be removed in "
-                                           f"0.4; use {new}='{value}'"):
+    message = f"`{old}` was renamed `{new}` in skinfl 0.2 and will be removed in 0.4; use {new}='{value}'"
+    with pytest.warns(FutureWarning, match=message):
         est.fit(X, y)
     assert getattr(est, new_attribute) == value and getattr(est, new) == "auto"
     with pytest.warns(FutureWarning, match=f"`{old_attribute}` was renamed `{new_attribute}`"):
@@ -51,8 +52,8 @@ def test_renamed_parameter_warns_and_is_used(classification_problem, cls, old, n
 
 
 @pytest.mark.parametrize("cls, old, new, value, old_attribute, new_attribute", RENAMED)
-def test_renamed_parameter_conflicting_with_the_new_one_is_an_error(classification_problem, cls, old, new, value,
-                                                                    old_attribute, new_attribute):
+def test_renamed_parameter_conflicting_with_the_new_one_is_an_error(classification_problem, cls, old, new,
+                                                                    value, old_attribute, new_attribute):
     model, X, y = classification_problem
     other = {"independent": "block", "arpack": "lanczos"}[value]
     with pytest.raises(ValueError, match=f"got {old}='{value}' and {new}='{other}'.*pass {new} only"):
@@ -88,11 +89,11 @@ def rewritten(path, target, **changes):
 # ------------------------------------------------------------------ DataInf
 def test_inverse_harmonic_mean_influence_is_a_deprecated_alias_of_datainf(classification_problem):
     model, X, y = classification_problem
-    with pytest.warns(FutureWarning, match="InverseHarmonicMeanInfluence was renamed DataInfInfluence in skinfl "
-                                           "0.2 and will be removed in 0.4"):
+    message = "InverseHarmonicMeanInfluence was renamed DataInfInfluence in skinfl 0.2 and will be removed in"
+    with pytest.warns(FutureWarning, match=message):
         old = skinfl.InverseHarmonicMeanInfluence(model, regularization=0.3)
-    assert isinstance(old, DataInfInfluence) and old.get_params() == DataInfInfluence(model, regularization=0.3
-                                                                                      ).get_params()
+    assert isinstance(old, DataInfInfluence)
+    assert old.get_params() == DataInfInfluence(model, regularization=0.3).get_params()
     assert list(registered_estimators()).count("DataInfInfluence") == 1
     assert "InverseHarmonicMeanInfluence" not in registered_estimators()
     assert "InverseHarmonicMeanInfluence" not in skinfl.__all__

@@ -183,7 +183,8 @@ def test_pipeline_with_preprocessing(digits_problem):
     scaler = StandardScaler().fit(X)
     pipe = make_pipeline(StandardScaler(), DirectInfluence(model, regularization=0.1)).fit(X, y)
     direct = DirectInfluence(model, regularization=0.1).fit(scaler.transform(X), y)
-    # As a transformer, the pipeline gives the measurement's inverse-curvature gradients (no labels in transform).
+    # As a transformer, the pipeline gives the measurement's inverse-curvature gradients (no labels in
+    # transform).
     np.testing.assert_allclose(pipe.transform(X[:5]), direct.transform(scaler.transform(X[:5])), rtol=1e-5)
     np.testing.assert_allclose(pipe.score(X[:50], y[:50]), direct.score(scaler.transform(X[:50]), y[:50]), rtol=1e-5)
     assert pipe.transform(X[:5]).shape == (5, direct.n_params_)

@@ -46,7 +46,7 @@ def assert_close(actual, expected, rtol=1e-12):
 
 
 def working_memory_for(rows, estimator):
-    """A ``working_memory`` (MiB) in which exactly ``rows`` inverse-curvature gradients of ``estimator`` fit."""
+    """A ``working_memory`` (MiB) in which ``rows`` inverse-curvature gradients of ``estimator`` fit."""
     return (rows * estimator.n_params_ * 8 + 1) / 2**20
 
 

@@ -143,7 +143,8 @@ def _next_block(residual, basis, floor, generator, size):
     return rows, coupling
 
 
-def block_lanczos(matmat, n, rank, *, krylov_dimension, block_size, tol, max_products, generator, dtype, device):
+def block_lanczos(matmat, n, rank, *, krylov_dimension, block_size, tol, max_products, generator, dtype,
+                  device):
     """The ``rank`` algebraically largest eigenpairs of a symmetric ``n x n`` operator.
 
     Parameters

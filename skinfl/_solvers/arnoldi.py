@@ -268,14 +268,15 @@ class ArnoldiInfluence(_LowRankInfluence):
             raise ValueError(
                 f"max_iter={self.max_iter} curvature products cannot fill the first Krylov space, of "
                 f"krylov_dimension={krylov_dimension}: use max_iter >= {krylov_dimension}, or max_iter=None "
-                f"({_PRODUCTS_PER_KRYLOV_DIMENSION * krylov_dimension} here). max_iter counts curvature-vector "
-                "products since skinfl 0.2, not restart cycles."
+                f"({_PRODUCTS_PER_KRYLOV_DIMENSION * krylov_dimension} here). max_iter counts "
+                "curvature-vector products since skinfl 0.2, not restart cycles."
             )
         return self.max_iter
 
     def _describe_factors(self):
         metadata = self._factor_metadata
-        self.solver_ = metadata["solver"] if "solver" in metadata else metadata["eigen_solver"]  # skinfl < 0.2
+        # Files saved by skinfl < 0.2 name it "eigen_solver".
+        self.solver_ = metadata["solver"] if "solver" in metadata else metadata["eigen_solver"]
         self.krylov_dimension_ = metadata["krylov_dimension"]
         self.n_iter_ = metadata["n_iter"]
         converged = self._factors["converged"][:self.rank]
@@ -286,7 +287,8 @@ class ArnoldiInfluence(_LowRankInfluence):
                     else "are used as they are")
             warn(
                 f"{n_unconverged} of the {self.rank} eigenpairs did not converge to tol={self.tol} within "
-                f"{self.n_iter_} curvature-vector products (max_iter={self.max_iter}), and {what}. To converge: "
-                f"raise max_iter, raise krylov_dimension (now {self.krylov_dimension_}), or raise tol.",
+                f"{self.n_iter_} curvature-vector products (max_iter={self.max_iter}), and {what}. To "
+                f"converge: raise max_iter, raise krylov_dimension (now {self.krylov_dimension_}), or raise "
+                "tol.",
                 ConvergenceWarning,
             )

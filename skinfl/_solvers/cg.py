@@ -160,8 +160,8 @@ def _convergence_message(reports, max_iter, preconditioner, second_order):
     n_broken = int((status == BREAKDOWN).sum())
     if n_broken:
         parts.append(
-            f"{n_broken} broke down on non-finite values (their inverse-curvature gradients are NaN): check the model and data "
-            "for overflow, or raise regularization."
+            f"{n_broken} broke down on non-finite values (their inverse-curvature gradients are NaN): check "
+            "the model and data for overflow, or raise regularization."
         )
     return " ".join(parts)
 
