@@ -24,13 +24,13 @@ import _harness as H
 FAMILIES = ("direct", "cg", "arnoldi", "nystroem", "lissa", "datainf", "ekfac")
 SKINFL_CLASSES = {"direct": "DirectInfluence", "cg": "CgInfluence", "arnoldi": "ArnoldiInfluence",
                   "nystroem": "NystroemInfluence", "lissa": "LissaInfluence",
-                  "datainf": "InverseHarmonicMeanInfluence", "ekfac": "EkfacInfluence"}
+                  "datainf": "DataInfInfluence", "ekfac": "EkfacInfluence"}
 # The settings each skinfl class takes: setting -> constructor parameter.
 SKINFL_PARAMETERS = {
     "common": {k: k for k in ("regularization", "batch_size", "second_order", "random_state", "memory")},
     "direct": {},
     "cg": {"rtol": "rtol", "atol": "atol", "max_iter": "max_iter", "preconditioner": "preconditioner",
-           "preconditioner_rank": "preconditioner_rank", "cg_method": "method"},
+           "preconditioner_rank": "preconditioner_rank", "cg_method": "solver"},
     "arnoldi": {"rank": "rank", "krylov_dimension": "krylov_dimension", "tol": "tol"},
     "nystroem": {"rank": "rank"},
     "lissa": {k: k for k in ("scale", "dampen", "max_iter", "rtol", "minibatch_size")},
@@ -460,7 +460,7 @@ def run_tasks(spec):
 
 
 def fitted_attributes(estimator):
-    """Public fitted scalars (n_iter_, method_, eigen_solver_, ...) and the largest relative CG residual."""
+    """Public fitted scalars (n_iter_, solver_, ...) and the largest relative CG residual."""
     out = {k: v for k, v in vars(estimator).items() if k.endswith("_") and not k.startswith("_")
            and k not in ("n_features_in_", "n_params_", "n_samples_fit_") and isinstance(v, (bool, int, float, str))}
     for key in ("n_iter_", "relative_residuals_"):  # computed on access (of the last solving call)

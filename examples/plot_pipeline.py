@@ -77,13 +77,13 @@ print(f"the influence step was fitted on {estimator.n_samples_fit_} points, {est
 # %%
 # ``transform`` through the pipeline
 # ----------------------------------
-# ``Pipeline.transform`` passes only ``X``. Without targets, the influence
-# factors ``(C + lambda I)^-1 g`` are those of the model's *prediction
+# ``Pipeline.transform`` passes only ``X``. Without targets, the
+# inverse-curvature gradients ``(C + lambda I)^-1 g`` are those of the model's *prediction
 # measurement*: the gradient of the negative log-probability of the class the
 # model predicts, rather than of the loss at a true label.
 
-factors = pipe.transform(X_test[:3])
-print(f"\npipe.transform(X_test[:3]): {type(factors).__name__} of shape {factors.shape}")
+inverse_gradients = pipe.transform(X_test[:3])
+print(f"\npipe.transform(X_test[:3]): {type(inverse_gradients).__name__} of shape {inverse_gradients.shape}")
 
 # %%
 # Influences need targets
@@ -157,6 +157,6 @@ if pd is not None:
     print("first columns:", list(table.columns[:3]), "... last:", table.columns[-1])
     same_names = bool(np.all(table.columns == framed.get_feature_names_out()))
     print("columns == get_feature_names_out():", same_names)
-    # The parameter entries with the largest factor for the first test point:
+    # The parameter entries with the largest inverse-curvature gradient for the first test point:
     print(table.iloc[0].abs().sort_values(ascending=False).head(5).to_string())
 print(f"finished in {time.perf_counter() - start:.1f} s")

@@ -6,6 +6,10 @@ tuned: the fitted factors of every estimator (they do not depend on
 not depend on the influence estimator). Keys are hashes of everything the
 result depends on.
 
+The estimators' side is :class:`FactorCache`, which :class:`~skinfl.base.BaseInfluence`
+derives from: it reads the factors of a fit from ``memory`` or computes
+them, holds them in a :class:`Factors` mapping, and writes new ones back.
+
 An entry is one file in the layout of :mod:`skinfl._tensorfile`: tensors and
 JSON, written to a temporary name and renamed, so that processes sharing the
 folder never read a partial file. Nothing in a cache folder is ever
@@ -20,11 +24,14 @@ import functools
 import os
 import pickle
 import re
+from collections.abc import MutableMapping
 from pathlib import Path
 
 import joblib
 import torch
 
+from . import __version__
+from ._fingerprint import fingerprint
 from ._tensorfile import TensorFile, TensorFileError, write
 from ._warnings import warn
 
@@ -127,3 +134,107 @@ def stored(directory, key, compute, encode, decode):
     if directory is None:
         return compute()
     return decode(*stored_tensors(directory, key, lambda: encode(compute())))
+
+
+# ------------------------------------------------------------ fitted factors
+class Factors(MutableMapping):
+    """Fitted factors by name, on the estimator's device, contiguous; read from a cache file when first used.
+
+    Values given as functions (readers of a cache entry) are called on first
+    access, so a candidate reads only the factors it uses: the curvature for
+    a Cholesky factorisation, not the eigenvectors, and the other way round.
+    Pickles as a plain dict.
+    """
+
+    def __init__(self, values, device):
+        self._device = device
+        self._readers = {name: value for name, value in values.items() if callable(value)}
+        self._tensors = {}
+        for name, value in values.items():
+            if not callable(value):
+                self[name] = value
+
+    def __getitem__(self, name):
+        if name not in self._tensors:
+            self._tensors[name] = self._readers.pop(name)().to(self._device).contiguous()
+        return self._tensors[name]
+
+    def __setitem__(self, name, tensor):
+        self._readers.pop(name, None)
+        # Contiguous, as they read back from a file: the same memory layout gives bitwise the same results.
+        self._tensors[name] = tensor.to(self._device).contiguous()
+
+    def __delitem__(self, name):
+        self._readers.pop(name, None)
+        self._tensors.pop(name, None)
+
+    def __contains__(self, name):  # without reading it
+        return name in self._tensors or name in self._readers
+
+    def __iter__(self):
+        return iter([*self._tensors, *self._readers])
+
+    def __len__(self):
+        return len(self._tensors) + len(self._readers)
+
+    def __reduce__(self):
+        return dict, (dict(self.items()),)
+
+
+class FactorCache:
+    """The factors of a fit, read from ``memory`` when it holds them, else computed, and stored back.
+
+    For :class:`~skinfl.base.BaseInfluence`, which calls :meth:`_fit_factors`
+    and :meth:`_store_new_factors` in ``fit`` and provides
+    ``_computed_factors()``, ``memory``, ``random_state``,
+    ``_factor_parameters`` (read through ``_parameter``) and the fitted
+    state that :meth:`_factor_key` hashes. It keeps, as private fitted state: ``_factors`` (a
+    :class:`Factors`), ``_factor_metadata`` (JSON-able), ``_factor_seed``
+    (the integer seed of the fit's randomness, or None) and the cache entry's
+    key.
+    """
+
+    def _fit_factors(self):
+        """The factors: read from ``memory`` when it holds them for this fit, else computed.
+
+        A new entry is written by :meth:`_store_new_factors` once the inverse
+        is built, with what building it added (see :meth:`_add_factors`).
+        """
+        directory = directory_of(self.memory)
+        # In the cache key: None when random_state is None (the factors of any draw will do).
+        self._factor_seed = None if self.random_state is None else self._seed
+        self._factor_cache_key = None if directory is None else self._factor_key()
+        entry = None if directory is None else read_entry(directory, self._factor_cache_key)
+        if entry is None:
+            tensors, metadata = self._computed_factors()
+        else:
+            tensors, metadata = entry
+        self._factors = Factors(tensors, self.device_)
+        self._factor_metadata = metadata
+        self._factors_unstored = directory is not None and entry is None
+
+    def _add_factors(self, tensors, metadata=None):
+        """Add factors derived later, still independent of ``regularization`` (an
+        eigendecomposition the first candidate needed, say), and their ``metadata``: the
+        next candidates of a search find them in the cache."""
+        self._factors.update(tensors)
+        if metadata:
+            self._factor_metadata = {**self._factor_metadata, **metadata}
+        self._factors_unstored = self._factor_cache_key is not None  # a key only with memory
+
+    def _store_new_factors(self):
+        if self._factors_unstored:
+            store_tensors(directory_of(self.memory), self._factor_cache_key, dict(self._factors.items()),
+                          self._factor_metadata)
+        self._factors_unstored = False
+
+    def _factor_key(self):
+        """Hash of everything the factors depend on (see :mod:`skinfl._fingerprint`)."""
+        settings = {name: self._parameter(name) for name in self._factor_parameters if name != "random_state"}
+        if "random_state" in self._factor_parameters:
+            settings["random_state"] = self._factor_seed
+        return fingerprint(
+            "skinfl-factors", __version__, type(self).__name__, settings, self.second_order,
+            self.model_, self.trainable_parameters_, self.loss_.kind, self.loss_.function,
+            self.loss_.normalizer, self.loss_.takes_probabilities, self._fit_data.X, self._fit_data.y,
+        )

@@ -103,14 +103,14 @@ def gradients_of(fmodel, data, batch_size, rows):
     return gradients
 
 
-def perturbation_batch(fmodel, factors, x, y):
-    """``<factor_i, grad_x grad_theta l(x_j)>`` for every factor and sample.
+def perturbation_batch(fmodel, inverse_gradients, x, y):
+    """``<u_i, grad_x grad_theta l(x_j)>`` for every inverse-curvature gradient ``u_i`` and sample.
 
-    Returns shape ``(len(factors), len(x), *x.shape[1:])``. The inner product
+    Returns shape ``(len(inverse_gradients), len(x), *x.shape[1:])``. The inner product
     with ``grad_theta`` is a directional derivative in parameter space
     (``jvp``), so only the input gradient of a scalar is taken per pair.
     """
-    tangents = fmodel.layout.unflatten(factors)
+    tangents = fmodel.layout.unflatten(inverse_gradients)
 
     def directional(x_j, target_j, tangent):
         def objective(params):
@@ -121,5 +121,5 @@ def perturbation_batch(fmodel, factors, x, y):
     input_gradient = grad(directional, argnums=0)
     in_dims = (0, None if y is None else 0, None)
     over_samples = vmap(input_gradient, in_dims=in_dims)
-    over_factors = vmap(over_samples, in_dims=(None, None, 0))
-    return over_factors(x, y, tangents)
+    over_tangents = vmap(over_samples, in_dims=(None, None, 0))
+    return over_tangents(x, y, tangents)

@@ -23,8 +23,9 @@ from sklearn.utils.validation import check_is_fitted
 from torch import nn
 
 from . import __version__
-from ._cache import directory_of
+from ._cache import Factors, directory_of
 from ._data import DataSource, TargetSpec
+from ._deprecation import renamed_params
 from ._devices import available_device
 from ._model import LossSpec, evaluation_copy, has_lazy_parameters
 from ._model_source import loss_on_device, model_source
@@ -33,7 +34,7 @@ from ._skorch_nets import is_skorch_net
 from ._tensorfile import TensorFile, write
 from ._validation import validate_estimator_params
 from ._warnings import warn
-from .base import BaseInfluence, Factors, model_dtype, registered_estimators
+from .base import BaseInfluence, estimator_class, model_dtype, registered_name
 
 FORMAT_VERSION = 1
 _FITTED = ("n_params_", "n_samples_fit_", "n_features_in_", "input_shape_", "output_shape_", "trainable_parameters_",
@@ -102,7 +103,7 @@ def save(estimator, path, include_data=True):
     metadata = {
         "format_version": FORMAT_VERSION,
         "skinfl_version": __version__,
-        "estimator": type(estimator).__name__,
+        "estimator": registered_name(type(estimator)),
         "params": _json_params(estimator),
         "loss": loss_description,
         "loss_normalizer": estimator.loss_.normalizer,
@@ -225,7 +226,7 @@ def _restore(file, meta, model, loss):
             f"{file.path} uses skinfl file format {meta.get('format_version')!r}; this skinfl "
             f"({__version__}) reads format {FORMAT_VERSION}."
         )
-    cls = registered_estimators().get(meta["estimator"])
+    cls = estimator_class(meta["estimator"])  # a former name reads as the estimator's name now
     if cls is None:
         raise ValueError(f"{file.path} holds an unknown estimator {meta['estimator']!r}.")
     saved = meta["device"]
@@ -241,7 +242,9 @@ def _restore(file, meta, model, loss):
     source = model_source(model, loss_param)
     module = _model_with_saved_weights(file, meta, source.module, trainable)
     user_model = module if isinstance(model, nn.Module) else model
-    estimator = cls(**{**meta["params"], "model": user_model, "loss": loss_param})
+    # Parameters renamed since the file was written are read under their new names.
+    params = renamed_params(cls, meta["params"])
+    estimator = cls(**{**params, "model": user_model, "loss": loss_param})
     validate_estimator_params(estimator)
 
     input_dtype = getattr(torch, meta["data"]["input_dtype"].replace("torch.", ""))

@@ -9,10 +9,16 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from sklearn.utils._param_validation import HasMethods, Interval, StrOptions  # noqa: F401  (re-exported)
+from sklearn.utils._param_validation import (  # noqa: F401  (re-exported)
+    HasMethods,
+    Hidden,
+    Interval,
+    StrOptions,
+)
 
 __all__ = [
-    "HasMethods", "Interval", "StrOptions", "as_input_tensor", "as_target_tensor", "check_input_shape",
+    "HasMethods", "Hidden", "Interval", "StrOptions", "as_input_tensor", "as_target_tensor",
+    "check_input_shape",
     "input_chunk_to_tensor", "returns_torch", "to_output",
 ]
 

@@ -12,6 +12,11 @@ A solver implements three hooks:
   ``regularization`` to the inverse (a factorisation, a preconditioner).
 - ``_apply_inverse(gradients)``: rows ``(C + regularization I)^-1 g``.
 
+Iterative solvers also report their solves (``_report_solves``) and may
+override ``_solve_warning``. The machinery behind the hooks lives beside
+this module: the factor cache in :mod:`skinfl._cache` (:class:`FactorCache`)
+and the once-per-call reporting of solves in :mod:`skinfl._reporting`.
+
 Everything users call (``fit``, ``transform``, ``influences``,
 ``top_influences``, ``self_influence``, ``score``, pickling) lives here,
 once, and works through the data in chunks: its extra memory is that of a
@@ -21,12 +26,9 @@ number of samples.
 
 from __future__ import annotations
 
-import contextvars
 import copy
-import functools
 import os
 import warnings
-from collections.abc import MutableMapping
 from numbers import Integral, Real
 
 import numpy as np
@@ -37,12 +39,11 @@ from sklearn.utils import check_random_state
 from sklearn.utils.validation import _check_feature_names, _check_feature_names_in, check_is_fitted
 from torch import nn
 
-from . import __version__
-from ._cache import directory_of, read_entry, store_tensors
+from ._cache import FactorCache
 from ._curvature import SECOND_ORDER_MODES, CurvatureOperator, ReportingCurvature
 from ._data import DataSource, TargetSpec
+from ._deprecation import renamed_attribute, resolve_renamed_parameters
 from ._devices import available_device, first_device, moved
-from ._fingerprint import fingerprint
 from ._gradients import batch_slices, gradients_of, iter_gradients, perturbation_batch
 from ._model_source import loss_on_device, model_source
 from ._model import (
@@ -52,47 +53,22 @@ from ._model import (
     mode_dependent_modules_in_training,
 )
 from ._progress import progress
+from ._reporting import SolveReporting, reporting_solves
 from ._results import DEFAULT_MAX_RESULT_BYTES, RunningTopK, allocate, write
 from ._validation import HasMethods, Interval, StrOptions, returns_torch, to_output, validate_estimator_params
 from ._warnings import warn
 from .exceptions import TrainingModeWarning
 
 _REGISTRY = {}
+# Former names of registered estimators, {old name: registered name}: deprecated alias classes, which
+# load() still reads from files.
+_ALIASES = {}
 
-# (test factors) x (training samples) pairs per perturbation batch: each pair
+# (test inverse-curvature gradients) x (training samples) pairs per perturbation batch: each pair
 # holds a gradient of the input, so this bounds that memory.
 _MAX_PERTURBATION_PAIRS = 2**14
 # Held-out points whose residual the score checks (see BaseInfluence.score).
 SCORE_PROBES = 100
-
-
-# Reports of the solves made during one public call, gathered so that the
-# call warns once about all of them (see reporting_solves).
-_SOLVE_REPORTS = contextvars.ContextVar("skinfl_solve_reports", default=None)
-
-
-def reporting_solves(method):
-    """Run a public method gathering the reports of its solves, then summarise them and warn once.
-
-    Solvers hand their reports to :meth:`BaseInfluence._report_solves`; the
-    summary (``n_iter_``, ...) and the warning cover the whole call.
-    """
-
-    @functools.wraps(method)
-    def wrapper(self, *args, **kwargs):
-        if _SOLVE_REPORTS.get() is not None:  # a public method called by another: the outer one reports
-            return method(self, *args, **kwargs)
-        reports = []
-        token = _SOLVE_REPORTS.set(reports)
-        try:
-            result = method(self, *args, **kwargs)
-        finally:
-            _SOLVE_REPORTS.reset(token)
-        if reports:
-            self._finish_solves(reports)
-        return result
-
-    return wrapper
 
 
 def registered_estimators():
@@ -100,7 +76,17 @@ def registered_estimators():
     return dict(_REGISTRY)
 
 
-class BaseInfluence(TransformerMixin, BaseEstimator):
+def estimator_class(name):
+    """The registered estimator class saved as ``name``, a former name included; None if there is none."""
+    return _REGISTRY.get(_ALIASES.get(name, name))
+
+
+def registered_name(cls):
+    """The registered name of ``cls``: its own, or that of the estimator a deprecated alias stands for."""
+    return _ALIASES.get(cls.__name__, cls.__name__)
+
+
+class BaseInfluence(FactorCache, SolveReporting, TransformerMixin, BaseEstimator):
     """Base class of the influence estimators; not used directly.
 
     Subclasses document the shared parameters; see :class:`CgInfluence`.
@@ -120,10 +106,18 @@ class BaseInfluence(TransformerMixin, BaseEstimator):
     # Parameters the fitted factors depend on, besides the model, the data,
     # the loss and second_order: part of the factor cache key.
     _factor_parameters = ()
+    # Deprecated names, {old: new}: parameters (the old one stays in __init__, default "deprecated",
+    # resolved in fit) and fitted attributes (a property under the old name that warns).
+    _renamed_parameters = {}
+    _renamed_attributes = {}
 
-    def __init_subclass__(cls, **kwargs):
+    def __init_subclass__(cls, alias_of=None, **kwargs):
         super().__init_subclass__(**kwargs)
-        if not cls.__name__.startswith("_"):
+        for old, new in cls.__dict__.get("_renamed_attributes", {}).items():
+            setattr(cls, old, renamed_attribute(old, new))
+        if alias_of is not None:  # a deprecated former name of the estimator alias_of: not registered
+            _ALIASES[cls.__name__] = alias_of
+        elif not cls.__name__.startswith("_"):
             _REGISTRY[cls.__name__] = cls
 
     # ------------------------------------------------------------------ hooks
@@ -161,48 +155,9 @@ class BaseInfluence(TransformerMixin, BaseEstimator):
     def _check_regularization(self, regularization):
         """Reject a resolved ``regularization`` the solver cannot use (raise ``ValueError``)."""
 
-    def _solve_warning(self, reports):
-        """``(message, category)`` about the solves of one call, or None (iterative solvers)."""
-        return None
-
-    # ---------------------------------------------------- iterative solves
-    def _report_solves(self, reports):
-        """Hand the reports of solves (objects with ``n_iter``) to the public call running them.
-
-        That call summarises them and warns once at its end (see
-        :func:`reporting_solves`); outside a public call, that happens now.
-        """
-        pending = _SOLVE_REPORTS.get()
-        if pending is None:
-            self._finish_solves(reports)
-        else:
-            pending.extend(reports)
-
-    def _finish_solves(self, reports):
-        self._summarize_solves(reports)
-        message = self._solve_warning(reports)
-        if message is not None:
-            warn(*message)
-
-    def _summarize_solves(self, reports):
-        """Keep what the solves of the last call did, read by ``n_iter_`` and the like.
-
-        In a dict that ``fit`` creates and solves update in place: a diagnostic,
-        not fitted state, so that ``transform`` leaves ``__dict__`` as ``fit``
-        made it (scikit-learn checks that it does).
-        """
-        self.__dict__.setdefault("_last_solve", {})["n_iter"] = max(report.n_iter for report in reports)
-
-    def _last_solve_value(self, name):
-        """A value kept by :meth:`_summarize_solves`; AttributeError before any call solved."""
-        check_is_fitted(self)
-        summary = self.__dict__.get("_last_solve", {})
-        if name not in summary:
-            raise AttributeError(
-                f"{type(self).__name__}.{name}_ is set by the calls that solve systems (transform, influences, "
-                "self_influence, top_influences, score); none has run since fit."
-            )
-        return summary[name]
+    def _parameter(self, name):
+        """The value of parameter ``name`` in use: the deprecated name's it replaces, when that was set."""
+        return self.__dict__.get("_renamed_values", {}).get(name, getattr(self, name))
 
     # -------------------------------------------------------------- fitting
     def fit(self, X, y=None):
@@ -227,6 +182,7 @@ class BaseInfluence(TransformerMixin, BaseEstimator):
             The fitted estimator.
         """
         validate_estimator_params(self)
+        self._renamed_values = resolve_renamed_parameters(self)
         if y is None:
             raise ValueError(
                 f"{type(self).__name__} requires y to be passed, but the target y is None: "
@@ -294,25 +250,6 @@ class BaseInfluence(TransformerMixin, BaseEstimator):
             self._store_new_factors()
         return self
 
-    def _fit_factors(self):
-        """The factors: read from ``memory`` when it holds them for this fit, else computed.
-
-        A new entry is written by :meth:`_store_new_factors` once the inverse
-        is built, with what building it added (see :meth:`_add_factors`).
-        """
-        directory = directory_of(self.memory)
-        # In the cache key: None when random_state is None (the factors of any draw will do).
-        self._factor_seed = None if self.random_state is None else self._seed
-        self._factor_cache_key = None if directory is None else self._factor_key()
-        entry = None if directory is None else read_entry(directory, self._factor_cache_key)
-        if entry is None:
-            tensors, metadata = self._computed_factors()
-        else:
-            tensors, metadata = entry
-        self._factors = Factors(tensors, self.device_)
-        self._factor_metadata = metadata
-        self._factors_unstored = directory is not None and entry is None
-
     def _computed_factors(self):
         """``_compute_factors`` on the fitted data, its curvature products counted on a progress bar."""
         with self._progress(f"{type(self).__name__} factors (curvature products)", unit="vector") as bar:
@@ -321,30 +258,6 @@ class BaseInfluence(TransformerMixin, BaseEstimator):
     def _reporting_curvature(self, bar, data=None):
         """The curvature of ``data`` (default: the fitted data), stepping ``bar`` with each product."""
         return ReportingCurvature(self._curvature(data), bar)
-
-    def _add_factors(self, tensors):
-        """Add factors derived later, still independent of ``regularization`` (an
-        eigendecomposition the first candidate needed, say): the next candidates of a
-        search find them in the cache."""
-        self._factors.update(tensors)
-        self._factors_unstored = self._factor_cache_key is not None  # a key only with memory
-
-    def _store_new_factors(self):
-        if self._factors_unstored:
-            store_tensors(directory_of(self.memory), self._factor_cache_key, dict(self._factors.items()),
-                          self._factor_metadata)
-        self._factors_unstored = False
-
-    def _factor_key(self):
-        """Hash of everything the factors depend on (see :mod:`skinfl._fingerprint`)."""
-        settings = {name: getattr(self, name) for name in self._factor_parameters if name != "random_state"}
-        if "random_state" in self._factor_parameters:
-            settings["random_state"] = self._factor_seed
-        return fingerprint(
-            "skinfl-factors", __version__, type(self).__name__, settings, self.second_order,
-            self.model_, self.trainable_parameters_, self.loss_.kind, self.loss_.function,
-            self.loss_.normalizer, self.loss_.takes_probabilities, self._fit_data.X, self._fit_data.y,
-        )
 
     def _progress(self, desc, total=None, unit="it"):
         """A progress bar for a long step of this estimator: a tqdm bar with ``progress=True``, else silent.
@@ -364,8 +277,8 @@ class BaseInfluence(TransformerMixin, BaseEstimator):
         Each name is the parameter's name followed by the entry's index,
         ``"0.weight[2,1]"`` or ``"0.bias[2]"``, in the order of the flat
         parameter vector. With them, ``set_output(transform="pandas")``
-        gives data frames whose columns say which parameter each factor
-        belongs to.
+        gives data frames whose columns say which parameter entry each
+        column belongs to.
 
         Parameters
         ----------
@@ -418,7 +331,7 @@ class BaseInfluence(TransformerMixin, BaseEstimator):
 
     @reporting_solves
     def transform(self, X, y=None):
-        """Influence factors ``(C + regularization I)^-1 grad l(x, y)``.
+        """Inverse-curvature gradients ``(C + regularization I)^-1 grad l(x, y)``.
 
         Computed ``batch_size`` rows at a time; the result itself has
         ``n_samples x n_params_`` values.
@@ -434,14 +347,14 @@ class BaseInfluence(TransformerMixin, BaseEstimator):
 
         Returns
         -------
-        factors : ndarray or torch.Tensor of shape (n_samples, n_params)
+        inverse_gradients : ndarray or torch.Tensor of shape (n_samples, n_params)
             A torch tensor on ``device_`` if ``X`` is one, else a numpy array.
         """
         data = self._check_data(X, y)
         result = allocate((len(data), self.n_params_), self._dtype(), returns_torch(X), self.device_,
                           max_bytes=None)
-        for position, _, factors in self._solved_batches(data, desc="transform"):
-            write(result, position, factors)
+        for position, _, solved in self._solved_batches(data, desc="transform"):
+            write(result, position, solved)
         return result
 
     @reporting_solves
@@ -509,7 +422,8 @@ class BaseInfluence(TransformerMixin, BaseEstimator):
         """The ``k`` most helpful or harmful training points of each test point.
 
         Streams over the training data without building the influence matrix:
-        memory is that of the test points' factors and one batch of training
+        memory is that of the test points' inverse-curvature gradients and one
+        batch of training
         gradients, whatever the number of training points.
 
         Parameters
@@ -550,11 +464,11 @@ class BaseInfluence(TransformerMixin, BaseEstimator):
         values = allocate(shape, self._dtype(), like_torch, self.device_, max_bytes=None)
         fmodel = self._functional_model()
         for held in self._held_chunks(len(test)):
-            factors = self._factors_of(test, held)
+            inverse_gradients = self._inverse_gradients_of(test, held)
             tops = [RunningTopK(k, largest) for largest in orders]
             for position, gradients in iter_gradients(fmodel, train, self.batch_size, progress=self.progress,
                                                       desc="top influences"):
-                block = factors @ gradients.T
+                block = inverse_gradients @ gradients.T
                 for top in tops:
                     top.update(block, position.start)
             write(indices, held, torch.cat([top.indices for top in tops], dim=1))
@@ -583,8 +497,8 @@ class BaseInfluence(TransformerMixin, BaseEstimator):
         """
         data = self._check_data(X, y)
         values = torch.empty(len(data), dtype=self._dtype(), device=self.device_)
-        for position, gradients, factors in self._solved_batches(data, desc="self-influence"):
-            values[position] = (factors * gradients).sum(dim=1)
+        for position, gradients, solved in self._solved_batches(data, desc="self-influence"):
+            values[position] = (solved * gradients).sum(dim=1)
         return to_output(values, returns_torch(X))
 
     @reporting_solves
@@ -647,38 +561,41 @@ class BaseInfluence(TransformerMixin, BaseEstimator):
         if not len(gradients):
             warn("Every held-out sample has a zero gradient; the score is undefined (nan).")
             return float("nan")
-        factors = self._apply_inverse(gradients)
-        residuals = self._curvature(data).matmat(factors) - gradients
+        solved = self._apply_inverse(gradients)
+        residuals = self._curvature(data).matmat(solved) - gradients
         return float(-((residuals * residuals).sum(dim=1) / (gradients * gradients).sum(dim=1)).mean())
 
     # --------------------------------------------------------------- streaming
     def _held_chunks(self, n_rows):
-        """Slices of rows whose factors are held at once: as many as fit in ``working_memory``."""
+        """Slices of rows whose inverse-curvature gradients are held at once: as many as fit in
+        ``working_memory``."""
         itemsize = torch.tensor([], dtype=self._dtype()).element_size()
         budget = get_config()["working_memory"] * 2**20 // (self.n_params_ * itemsize)
         return batch_slices(n_rows, max(self.batch_size, int(budget)))
 
     def _solved_batches(self, data, rows=None, desc=None):
-        """Yield ``(position, gradients, factors)`` over ``rows`` of ``data``, ``batch_size`` at a time.
+        """Yield ``(position, gradients, solved)`` over ``rows`` of ``data``, ``batch_size`` at a time.
 
-        ``factors`` are ``(C + lambda I)^-1 g`` of the batch's gradients; one
-        batch of each is alive at a time.
+        ``solved`` are the inverse-curvature gradients ``(C + lambda I)^-1 g``
+        of the batch's gradients; one batch of each is alive at a time.
         """
         for position, gradients in iter_gradients(self._functional_model(), data, self.batch_size, rows,
                                                   progress=self.progress and desc is not None, desc=desc):
             yield position, gradients, self._apply_inverse(gradients)
 
-    def _factors_of(self, data, rows):
-        """Factors of ``rows`` of ``data``, held together (see :meth:`_held_chunks`)."""
-        factors = torch.empty(rows.stop - rows.start, self.n_params_, dtype=self._dtype(), device=self.device_)
+    def _inverse_gradients_of(self, data, rows):
+        """Inverse-curvature gradients of ``rows`` of ``data``, held together (see :meth:`_held_chunks`)."""
+        inverse_gradients = torch.empty(rows.stop - rows.start, self.n_params_, dtype=self._dtype(),
+                                        device=self.device_)
         for position, _, solved in self._solved_batches(data, rows):
-            factors[position] = solved
-        return factors
+            inverse_gradients[position] = solved
+        return inverse_gradients
 
     def _write_up_influences(self, test, train, result, pair_products=None):
-        """Fill ``result`` with ``pair_products(factors, gradients)`` (default ``factors @ gradients.T``):
-        factors of one side held, gradients of the other streamed; extra trailing axes allowed."""
-        pair_products = pair_products or (lambda factors, gradients: factors @ gradients.T)
+        """Fill ``result`` with ``pair_products(inverse_gradients, gradients)`` (default their ``@ .T``):
+        inverse-curvature gradients of one side held, gradients of the other streamed; extra trailing
+        axes allowed."""
+        pair_products = pair_products or (lambda solved, gradients: solved @ gradients.T)
         fmodel = self._functional_model()
         # <A^-1 a, b> = <a, A^-1 b> for symmetric A: invert on the smaller side. An inverse that is not a
         # symmetric operator (stochastic LiSSA) is always applied to the test side, so that an entry does not
@@ -686,10 +603,10 @@ class BaseInfluence(TransformerMixin, BaseEstimator):
         test_side = len(test) <= len(train) or not self._symmetric_inverse()
         held_data, streamed_data, transposed = (test, train, False) if test_side else (train, test, True)
         for held in self._held_chunks(len(held_data)):
-            factors = self._factors_of(held_data, held)
+            inverse_gradients = self._inverse_gradients_of(held_data, held)
             for position, gradients in iter_gradients(fmodel, streamed_data, self.batch_size,
                                                       progress=self.progress, desc="influences"):
-                block = pair_products(factors, gradients)
+                block = pair_products(inverse_gradients, gradients)
                 if transposed:
                     write(result, (position, held), block.transpose(0, 1))
                 else:
@@ -698,8 +615,8 @@ class BaseInfluence(TransformerMixin, BaseEstimator):
     def _write_perturbation_influences(self, test, train, result):
         fmodel = self._functional_model()
         for held in self._held_chunks(len(test)):
-            factors = self._factors_of(test, held)
-            batch_size = max(1, min(self.batch_size, _MAX_PERTURBATION_PAIRS // len(factors)))
+            inverse_gradients = self._inverse_gradients_of(test, held)
+            batch_size = max(1, min(self.batch_size, _MAX_PERTURBATION_PAIRS // len(inverse_gradients)))
             for batch in batch_slices(len(train), batch_size):
                 x, y = train.batch(batch)
                 if not x.is_floating_point():
@@ -707,7 +624,7 @@ class BaseInfluence(TransformerMixin, BaseEstimator):
                         "mode='perturbation' differentiates with respect to the inputs, which must be floating point."
                     )
                 with torch.no_grad():
-                    write(result, (held, batch), perturbation_batch(fmodel, factors, x, y))
+                    write(result, (held, batch), perturbation_batch(fmodel, inverse_gradients, x, y))
 
     # ------------------------------------------------------------- plumbing
     def __sklearn_clone__(self):
@@ -831,50 +748,6 @@ class BaseInfluence(TransformerMixin, BaseEstimator):
             device = target if key.endswith("_") or key.startswith("_") else available_device(devices.get(key))
             restored[key] = value if device is None else _portable(key, value, device, copy_modules=False)
         super().__setstate__(restored)
-
-
-class Factors(MutableMapping):
-    """Fitted factors by name, on the estimator's device, contiguous; read from a cache file when first used.
-
-    Values given as functions (readers of a cache entry) are called on first
-    access, so a candidate reads only the factors it uses: the curvature for
-    a Cholesky factorisation, not the eigenvectors, and the other way round.
-    Pickles as a plain dict.
-    """
-
-    def __init__(self, values, device):
-        self._device = device
-        self._readers = {name: value for name, value in values.items() if callable(value)}
-        self._tensors = {}
-        for name, value in values.items():
-            if not callable(value):
-                self[name] = value
-
-    def __getitem__(self, name):
-        if name not in self._tensors:
-            self._tensors[name] = self._readers.pop(name)().to(self._device).contiguous()
-        return self._tensors[name]
-
-    def __setitem__(self, name, tensor):
-        self._readers.pop(name, None)
-        # Contiguous, as they read back from a file: the same memory layout gives bitwise the same results.
-        self._tensors[name] = tensor.to(self._device).contiguous()
-
-    def __delitem__(self, name):
-        self._readers.pop(name, None)
-        self._tensors.pop(name, None)
-
-    def __contains__(self, name):  # without reading it
-        return name in self._tensors or name in self._readers
-
-    def __iter__(self):
-        return iter([*self._tensors, *self._readers])
-
-    def __len__(self):
-        return len(self._tensors) + len(self._readers)
-
-    def __reduce__(self):
-        return dict, (dict(self.items()),)
 
 
 def _portable(key, value, device, copy_modules):

@@ -248,7 +248,7 @@ CHECKS = {
     "NystroemInfluence": ExactnessCheck(rtol=1e-8, atol=1e-10, full_rank="rank"),
     "EkfacInfluence": ExactnessCheck(params={"n_target_draws": None}, second_order=("gauss_newton",),
                                      inverse=ekfac_inverse),
-    "InverseHarmonicMeanInfluence": ExactnessCheck(second_order=("gauss_newton",), inverse=datainf_inverse),
+    "DataInfInfluence": ExactnessCheck(second_order=("gauss_newton",), inverse=datainf_inverse),
 }
 
 

@@ -1,4 +1,4 @@
-"""Block conjugate gradient: exact answers on explicit matrices, its statuses, and CgInfluence's methods."""
+"""Block conjugate gradient: exact answers on explicit matrices, its statuses, and CgInfluence's solvers."""
 
 import warnings
 
@@ -240,35 +240,35 @@ def test_a_drifting_recurrence_is_caught_by_the_true_residual():
 
 # ------------------------------------------------------------- CgInfluence
 @pytest.mark.parametrize("second_order", ["hessian", "gauss_newton"])
-@pytest.mark.parametrize("method", ["block", "independent"])
-def test_methods_equal_direct(classification_problem, method, second_order):
+@pytest.mark.parametrize("solver", ["block", "independent"])
+def test_solvers_equal_direct(classification_problem, solver, second_order):
     model, X, y = classification_problem
     direct = DirectInfluence(model, regularization=0.01, second_order=second_order).fit(X, y)
-    cg = exact_estimator(CgInfluence, model, regularization=0.01, second_order=second_order, method=method,
+    cg = exact_estimator(CgInfluence, model, regularization=0.01, second_order=second_order, solver=solver,
                          random_state=0).fit(X, y)
-    assert cg.method_ == method
+    assert cg.solver_ == solver
     torch.testing.assert_close(cg.transform(X, y), direct.transform(X, y), rtol=1e-8, atol=1e-10)
     assert cg.relative_residuals_.shape == (len(X),) and (cg.relative_residuals_ <= 1e-12).all()
 
 
 @pytest.mark.parametrize("preconditioner", [None, "jacobi", "nystroem"])
-def test_block_method_with_each_preconditioner(classification_problem, preconditioner):
+def test_block_solver_with_each_preconditioner(classification_problem, preconditioner):
     model, X, y = classification_problem
     direct = DirectInfluence(model, regularization=0.01).fit(X, y)
-    cg = CgInfluence(model, regularization=0.01, rtol=1e-10, preconditioner=preconditioner, method="block",
+    cg = CgInfluence(model, regularization=0.01, rtol=1e-10, preconditioner=preconditioner, solver="block",
                      preconditioner_rank=20, random_state=0).fit(X, y)
     torch.testing.assert_close(cg.transform(X, y), direct.transform(X, y), rtol=1e-6, atol=1e-8)
 
 
-def test_auto_method_and_solve_attributes(classification_problem):
+def test_auto_solver_and_solve_attributes(classification_problem):
     model, X, y = classification_problem
     est = CgInfluence(model, regularization=0.01, random_state=0)
-    assert est.get_params()["method"] == "auto"
+    assert est.get_params()["solver"] == "auto"
     est.fit(X, y)
-    assert est.method_ == "block" and est.method == "auto"
+    assert est.solver_ == "block" and est.solver == "auto"
+    assert est.n_iter_ == 0  # fit solves nothing
     with pytest.raises(AttributeError, match="none has run since fit"):
-        est.n_iter_
-    assert not hasattr(est, "relative_residuals_")
+        est.relative_residuals_
     state = dict(est.__dict__)
     est.transform(X[:7], y[:7])
     assert est.__dict__ == state  # scikit-learn's rule: transform does not change the estimator's dict
@@ -300,9 +300,10 @@ def test_block_and_independent_warn_alike_on_negative_curvature():
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3)).double()
     X, y = torch.randn(40, 3, dtype=torch.float64), torch.randint(0, 3, (40,))
-    for method in ("block", "independent"):
+    for solver in ("block", "independent"):
         with pytest.warns(CgConvergenceWarning, match="met negative curvature"):
-            CgInfluence(model, regularization=0.0, method=method, preconditioner=None).fit(X, y).transform(X, y)
+            est = CgInfluence(model, regularization=0.0, solver=solver, preconditioner=None)
+            est.fit(X, y).transform(X, y)
 
 
 def test_one_right_hand_side_runs_plain_cg(classification_problem, monkeypatch):
@@ -312,7 +313,7 @@ def test_one_right_hand_side_runs_plain_cg(classification_problem, monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("block CG on one system")
 
-    monkeypatch.setitem(__import__("skinfl._solvers.cg", fromlist=["_METHODS"])._METHODS, "block", refuse)
+    monkeypatch.setitem(__import__("skinfl._solvers.cg", fromlist=["_SOLVERS"])._SOLVERS, "block", refuse)
     with warnings.catch_warnings():
         warnings.simplefilter("error", CgConvergenceWarning)
         est.transform(X[:1], y[:1])

@@ -242,9 +242,9 @@ def test_a_layer_the_forward_pass_skips_has_no_curvature():
     X, y = classification_data()
     est = EkfacInfluence(model, regularization=0.5, n_target_draws=None).fit(X, y)
     assert est.layers_ == ["used", "unused"]
-    factors = est.transform(X[:3], y[:3])
+    solved = est.transform(X[:3], y[:3])
     span = est._plans[1].block.span
-    assert torch.all(factors[:, span] == 0)  # its gradients are zero, and so is their solve
+    assert torch.all(solved[:, span] == 0)  # its gradients are zero, and so is their solve
 
 
 def test_zero_regularization_on_a_singular_curvature_warns_and_gives_the_pseudo_inverse():
@@ -300,7 +300,7 @@ def test_ekfac_preconditioned_cg_reaches_the_exact_inverse_in_fewer_iterations()
     runs = {}
     for preconditioner in (None, "ekfac"):
         est = CgInfluence(model, regularization=1e-3, second_order="gauss_newton", preconditioner=preconditioner,
-                          rtol=1e-8, random_state=0, method="independent").fit(X, y)
+                          rtol=1e-8, random_state=0, solver="independent").fit(X, y)
         torch.testing.assert_close(est.transform(X[:8], y[:8]), exact.transform(X[:8], y[:8]), rtol=1e-4, atol=1e-7)
         runs[preconditioner] = est.n_iter_
     assert runs["ekfac"] < runs[None] / 2, runs

@@ -57,8 +57,8 @@ def test_deterministic_iterates_are_the_truncated_neumann_series(least_squares, 
     regularization, scale = 0.05, 2.5
     system = curvature + regularization * np.eye(4)
     for n_iter in (1, 7, 30):
-        est = LissaInfluence(model, loss="mse", regularization=regularization, scale=scale, dampen=dampen,
-                             rtol=0.0, max_iter=n_iter).fit(X, y)
+        est = LissaInfluence(model, minibatch_size=None, loss="mse", regularization=regularization,
+                             scale=scale, dampen=dampen, rtol=0.0, max_iter=n_iter).fit(X, y)
         expected = neumann_partial_sum(system, scale, dampen, G[:6], n_iter)
         np.testing.assert_allclose(est.transform(X[:6], y[:6]), expected, rtol=1e-12, atol=1e-14)
         assert est.n_iter_ == n_iter
@@ -69,7 +69,8 @@ def test_deterministic_limit_is_the_direct_inverse(classification_problem):
     model, X, y = classification_problem
     direct = DirectInfluence(model, regularization=0.1, solver="eigh").fit(X, y)
     for rtol in (1e-5, 1e-10):
-        est = LissaInfluence(model, regularization=0.1, rtol=rtol, max_iter=10_000, check_every=1).fit(X, y)
+        est = LissaInfluence(model, minibatch_size=None, regularization=0.1, rtol=rtol, max_iter=10_000,
+                             check_every=1).fit(X, y)
         exact, approx = direct.transform(X[:8], y[:8]), est.transform(X[:8], y[:8])
         error = ((approx - exact).norm(dim=1) / exact.norm(dim=1)).max()
         smallest = float(direct.eigenvalues_.min()) + 0.1
@@ -80,8 +81,8 @@ def test_deterministic_limit_is_the_direct_inverse(classification_problem):
 def test_dampen_is_extra_regularization(least_squares):
     model, X, y, curvature, G = least_squares
     regularization, scale, dampen = 0.01, 3.0, 0.05
-    est = LissaInfluence(model, loss="mse", regularization=regularization, scale=scale, dampen=dampen,
-                         rtol=1e-13, max_iter=20_000, check_every=1).fit(X, y)
+    est = LissaInfluence(model, minibatch_size=None, loss="mse", regularization=regularization,
+                         scale=scale, dampen=dampen, rtol=1e-13, max_iter=20_000, check_every=1).fit(X, y)
     expected = np.linalg.solve(curvature + (regularization + dampen * scale) * np.eye(4), G[:5].T).T
     np.testing.assert_allclose(est.transform(X[:5], y[:5]), expected, rtol=1e-10, atol=1e-12)
 
@@ -118,7 +119,7 @@ def test_fixed_seed_is_bitwise_reproducible_and_independent_of_chunking(classifi
     other = LissaInfluence(model, random_state=4, **params).fit(X, y).transform(X[:10], y[:10])
     assert torch.equal(first, again)
     assert not torch.allclose(first, other)
-    # Every solve draws the same mini-batches: chunks of 3 rows give the same factors.
+    # Every solve draws the same mini-batches: chunks of 3 rows give the same results.
     chunked = LissaInfluence(model, random_state=3, batch_size=3, **params).fit(X, y)
     chunked = chunked.transform(X[:10], y[:10])
     torch.testing.assert_close(chunked, first, rtol=1e-12, atol=1e-14)
@@ -147,6 +148,25 @@ def test_stochastic_solves_are_the_same_after_save_and_load_without_random_state
     expected = est.transform(X[:4], y[:4])
     loaded = skinfl.load(skinfl.save(est, tmp_path / "lissa.skinfl"), model)
     assert torch.equal(loaded.transform(X[:4], y[:4]), expected)
+
+
+def test_defaults_run_max_iter_minibatch_steps_without_warning():
+    """minibatch_size=128 and rtol="auto": 0 with mini-batches (max_iter steps, no convergence warning),
+    1e-4 without them (a training set of at most 128 samples, or minibatch_size=None)."""
+    generator = torch.Generator().manual_seed(0)
+    X = torch.randn(300, 4, dtype=torch.float64, generator=generator)
+    y = X @ torch.randn(4, 1, dtype=torch.float64, generator=generator)
+    model = nn.Linear(4, 1, bias=False).double()
+    est = LissaInfluence(model, loss="mse", regularization=0.01, max_iter=40, random_state=0).fit(X, y)
+    assert est.get_params()["minibatch_size"] == 128 and est.rtol == "auto"
+    assert est._stochastic() and est.rtol_ == 0.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", LissaConvergenceWarning)
+        est.transform(X[:3], y[:3])
+    assert est.n_iter_ == 40
+    assert LissaInfluence(model, loss="mse", minibatch_size=None).fit(X, y).rtol_ == 1e-4
+    assert LissaInfluence(model, loss="mse").fit(X[:128], y[:128]).rtol_ == 1e-4  # every sample, each step
+    assert LissaInfluence(model, loss="mse", rtol=1e-3).fit(X, y).rtol_ == 1e-3
 
 
 def test_minibatch_size_of_all_samples_is_the_deterministic_recursion(classification_problem):
@@ -202,7 +222,7 @@ def test_auto_scale_resolves_from_the_extreme_eigenvalues(classification_problem
     model, X, y = classification_problem
     eigenvalues = torch.linalg.eigvalsh(reference_hessian(model, X, y, F.cross_entropy))
     largest = float(eigenvalues.max())
-    est = LissaInfluence(model, regularization=0.05).fit(X, y)
+    est = LissaInfluence(model, minibatch_size=None, regularization=0.05).fit(X, y)
     assert est.scale == "auto"
     assert largest * (1 - 1e-9) <= est.largest_eigenvalue_ <= largest * 1.01
     _, _, smallest = est._spectrum()
@@ -211,18 +231,35 @@ def test_auto_scale_resolves_from_the_extreme_eigenvalues(classification_problem
     # and for dampen d, that over 2 (1 - d).
     a_max, a_min = est.largest_eigenvalue_ + 0.05, smallest + 0.05
     assert est.scale_ == pytest.approx((a_max + a_min) / 2)
-    dampened = LissaInfluence(model, regularization=0.05, dampen=0.2).fit(X, y)
+    dampened = LissaInfluence(model, minibatch_size=None, regularization=0.05, dampen=0.2).fit(X, y)
     assert dampened.scale_ == pytest.approx((a_max + a_min) / (2 * 0.8))
     stochastic = LissaInfluence(model, regularization=0.05, minibatch_size=10).fit(X, y)
     assert stochastic.scale_ == pytest.approx(_STOCHASTIC_SCALE_MARGIN * a_max)
-    given = LissaInfluence(model, regularization=0.05, scale=7.0).fit(X, y)
+    given = LissaInfluence(model, minibatch_size=None, regularization=0.05, scale=7.0).fit(X, y)
     assert given.scale_ == 7.0 and given.largest_eigenvalue_ is None
+
+
+def test_fit_sets_n_iter_to_the_power_iteration_steps(least_squares, tmp_path):
+    """n_iter_ after fit: the power iteration's block products with scale="auto", 0 with a given scale;
+    a call that solves replaces it, and a fit from the cache reports the steps of the fit that cached."""
+    model, X, y, _, _ = least_squares
+    auto = LissaInfluence(model, loss="mse", regularization=0.1, minibatch_size=None,
+                          memory=tmp_path).fit(X, y)
+    assert auto.n_iter_ in (40, 60)
+    steps = auto.n_iter_
+    auto.transform(X[:2], y[:2])
+    assert auto.n_iter_ != steps
+    assert LissaInfluence(model, minibatch_size=None, loss="mse", regularization=0.3,
+                          memory=tmp_path).fit(X, y).n_iter_ == steps
+    given = LissaInfluence(model, minibatch_size=None, loss="mse", regularization=0.1, scale=3.0).fit(X, y)
+    assert given.n_iter_ == 0
 
 
 def test_auto_scale_is_fast_on_a_well_conditioned_curvature(least_squares):
     """a_min far above lambda: the scale uses it, and the recursion converges in a few dozen steps."""
     model, X, y, curvature, G = least_squares
-    est = LissaInfluence(model, loss="mse", regularization=1e-3, rtol=1e-12, max_iter=10_000).fit(X, y)
+    est = LissaInfluence(model, minibatch_size=None, loss="mse", regularization=1e-3, rtol=1e-12,
+                         max_iter=10_000).fit(X, y)
     a_min, a_max = np.linalg.eigvalsh(curvature)[[0, -1]] + 1e-3
     expected = np.linalg.solve(curvature + 1e-3 * np.eye(4), G[:5].T).T
     np.testing.assert_allclose(est.transform(X[:5], y[:5]), expected, rtol=1e-9, atol=1e-12)
@@ -259,7 +296,8 @@ def test_too_small_scale_raises_with_the_estimated_eigenvalue(classification_pro
     regularization = 0.05
     hessian = reference_hessian(model, X, y, F.cross_entropy)
     largest = float(torch.linalg.eigvalsh(hessian).max()) + regularization
-    est = LissaInfluence(model, regularization=regularization, scale=0.3 * largest, max_iter=1000).fit(X, y)
+    est = LissaInfluence(model, minibatch_size=None, regularization=regularization, scale=0.3 * largest,
+                         max_iter=1000).fit(X, y)
     with pytest.raises(ValueError, match="diverged") as error:
         est.transform(X[:4], y[:4])
     message = str(error.value)
@@ -282,26 +320,30 @@ def test_negative_curvature_is_reported():
     assert values.min() < -1e-2
     # Seen by the power iteration in fit, when it dominates the spectrum, and otherwise by the growth.
     with pytest.raises(ValueError, match="negative eigenvalue") as error:
-        est = LissaInfluence(model, regularization=1e-3, scale=float(values.max()) * 1.1, max_iter=20_000)
+        est = LissaInfluence(model, minibatch_size=None, regularization=1e-3,
+                             scale=float(values.max()) * 1.1, max_iter=20_000)
         est.fit(X, y).transform(X[:3], y[:3])
     assert "second_order='gauss_newton'" in str(error.value)
     # Lifted by regularization, or with the Gauss-Newton matrix, it converges.
-    lifted = LissaInfluence(model, regularization=float(-values.min()) + 0.05, rtol=1e-8, max_iter=20_000)
+    lifted = LissaInfluence(model, minibatch_size=None, regularization=float(-values.min()) + 0.05,
+                            rtol=1e-8, max_iter=20_000)
     lifted.fit(X, y)
     assert torch.isfinite(lifted.transform(X[:3], y[:3])).all()
 
 
 def test_one_convergence_warning_per_call(classification_problem):
     model, X, y = classification_problem
-    est = LissaInfluence(model, regularization=0.01, max_iter=5, batch_size=4).fit(X, y)
+    est = LissaInfluence(model, minibatch_size=None, regularization=0.01, max_iter=5, batch_size=4).fit(X, y)
     with pytest.warns(LissaConvergenceWarning, match="max_iter=5") as record:
         est.influences(X[:10], y[:10])  # three chunks of right-hand sides
     assert len([w for w in record if issubclass(w.category, LissaConvergenceWarning)]) == 1
     assert est.n_iter_ == 5
     with warnings.catch_warnings():
         warnings.simplefilter("error", LissaConvergenceWarning)
-        LissaInfluence(model, regularization=0.01, max_iter=5, rtol=0.0).fit(X, y).influences(X[:10], y[:10])
-        LissaInfluence(model, regularization=0.5, max_iter=1000).fit(X, y).influences(X[:10], y[:10])
+        unchecked = LissaInfluence(model, minibatch_size=None, regularization=0.01, max_iter=5, rtol=0.0)
+        unchecked.fit(X, y).influences(X[:10], y[:10])
+        converging = LissaInfluence(model, minibatch_size=None, regularization=0.5, max_iter=1000)
+        converging.fit(X, y).influences(X[:10], y[:10])
 
 
 def test_zero_and_tiny_gradients():
@@ -311,7 +353,8 @@ def test_zero_and_tiny_gradients():
         model.weight.zero_()  # outputs exactly 0: gradients 2 (0 - y) x, exactly zero for y = 0
     X = torch.randn(30, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     y = torch.zeros(30, 1, dtype=torch.float64)
-    est = LissaInfluence(model, loss="mse", regularization=0.1, rtol=1e-10, max_iter=5000).fit(X, y + 1.0)
+    est = LissaInfluence(model, minibatch_size=None, loss="mse", regularization=0.1, rtol=1e-10,
+                         max_iter=5000).fit(X, y + 1.0)
     assert torch.equal(est.transform(X[:4], y[:4]), torch.zeros(4, 3, dtype=torch.float64))
     tiny = est.transform(X[:4], y[:4] + 1e-30)
     unit = est.transform(X[:4], y[:4] + 1.0)

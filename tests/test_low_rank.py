@@ -20,7 +20,7 @@ from registry import reference_gauss_newton, reference_gradients
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.model_selection import GridSearchCV
 
-from skinfl import ArnoldiInfluence, DirectInfluence, NystroemInfluence
+from skinfl import ArnoldiInfluence, DirectInfluence, NystroemInfluence, _curvature
 from skinfl._gradients import gradients_of
 from skinfl._linalg import eigensolvers
 from skinfl._linalg.eigensolvers import top_eigenpairs
@@ -75,9 +75,10 @@ def assert_same_eigenspaces(values, vectors, expected_values, expected_vectors, 
                                    rtol=0, atol=100 * atol)
 
 
-def solve(name, operator, rank, krylov_dimension, tol=1e-12, max_iter=200, seed=0):
+def solve(name, operator, rank, krylov_dimension, tol=1e-12, max_products=None, seed=0):
+    max_products = 200 * krylov_dimension if max_products is None else max_products
     return top_eigenpairs(operator, rank, eigen_solver=name, krylov_dimension=krylov_dimension, tol=tol,
-                          max_iter=max_iter, generator=torch.Generator().manual_seed(seed))
+                          max_products=max_products, generator=torch.Generator().manual_seed(seed))
 
 
 @pytest.fixture(scope="module")
@@ -145,8 +146,9 @@ def test_top_eigenpairs_of_an_indefinite_hessian_reach_its_negative_eigenvalues(
 def test_lanczos_multiplies_blocks_and_restarts():
     matrix = symmetric_with_spectrum(SPECTRA["decaying"])
     operator = MatrixOperator(matrix)
-    result = block_lanczos(operator.matmat, 80, 6, krylov_dimension=20, block_size=4, tol=1e-12, max_iter=100,
-                           generator=torch.Generator().manual_seed(0), dtype=torch.float64, device="cpu")
+    result = block_lanczos(operator.matmat, 80, 6, krylov_dimension=20, block_size=4, tol=1e-12,
+                           max_products=2000, generator=torch.Generator().manual_seed(0), dtype=torch.float64,
+                           device="cpu")
     assert set(operator.blocks) == {4}
     assert result.n_iter > 1 and result.n_products == sum(operator.blocks)
     # The residual estimates are the true residuals.
@@ -159,7 +161,7 @@ def test_lanczos_multiplies_blocks_and_restarts():
 def test_lanczos_over_the_whole_space_is_exact():
     matrix = symmetric_with_spectrum(SPECTRA["low rank"])
     result = block_lanczos(MatrixOperator(matrix).matmat, 80, 80, krylov_dimension=80, block_size=7,
-                           tol=1e-12, max_iter=1, generator=torch.Generator().manual_seed(0),
+                           tol=1e-12, max_products=80, generator=torch.Generator().manual_seed(0),
                            dtype=torch.float64, device="cpu")
     assert result.n_iter == 1 and result.n_products == 80 and bool(result.converged.all())
     reconstructed = result.eigenvectors @ torch.diag(result.eigenvalues) @ result.eigenvectors.T
@@ -169,10 +171,27 @@ def test_lanczos_over_the_whole_space_is_exact():
 def test_lanczos_reports_pairs_that_did_not_converge():
     matrix = symmetric_with_spectrum(SPECTRA["indefinite"])
     result = block_lanczos(MatrixOperator(matrix).matmat, 80, 8, krylov_dimension=20, block_size=2, tol=1e-12,
-                           max_iter=2, generator=torch.Generator().manual_seed(0), dtype=torch.float64,
+                           max_products=26, generator=torch.Generator().manual_seed(0), dtype=torch.float64,
                            device="cpu")
-    assert result.n_iter == 2 and not bool(result.converged.all())
+    # 20 products fill the first space; the restart keeps 14 pairs and multiplies 3 blocks of 2 in the budget.
+    assert result.n_iter == 2 and result.n_products == 26 and not bool(result.converged.all())
     assert len(result.eigenvalues) == 8
+
+
+@pytest.mark.parametrize("max_products", [20, 21, 35, 100])
+def test_lanczos_never_passes_its_budget_of_products(max_products):
+    matrix = symmetric_with_spectrum(SPECTRA["decaying"])
+    operator = MatrixOperator(matrix)
+    result = block_lanczos(operator.matmat, 80, 6, krylov_dimension=20, block_size=4, tol=1e-15,
+                           max_products=max_products, generator=torch.Generator().manual_seed(0),
+                           dtype=torch.float64, device="cpu")
+    assert sum(operator.blocks) == result.n_products <= max_products
+    # Converged, or stopped because the next block would not fit.
+    assert bool(result.converged.all()) or max_products - result.n_products < 4
+    assert len(result.eigenvalues) == 6
+    with pytest.raises(ValueError, match="max_products >= krylov_dimension"):
+        block_lanczos(operator.matmat, 80, 6, krylov_dimension=20, block_size=4, tol=1e-15, max_products=19,
+                      generator=torch.Generator().manual_seed(0), dtype=torch.float64, device="cpu")
 
 
 def test_lanczos_runs_in_the_operator_dtype():
@@ -209,7 +228,7 @@ def test_arnoldi_at_partial_rank_is_the_woodbury_inverse_of_the_top_eigenpairs(c
     rank = 12
     est = ArnoldiInfluence(model, rank=rank, regularization=regularization, second_order=second_order,
                            tol=1e-12, random_state=0).fit(X, y)
-    fitted = (est.eigen_solver_, est.rank_, est.krylov_dimension_, est.converged_)
+    fitted = (est.solver_, est.rank_, est.krylov_dimension_, est.converged_)
     assert fitted == ("lanczos", rank, 32, True)
     assert est.n_iter_ >= 1
     values, vectors = top_of(est._curvature().dense(torch.float64), rank)
@@ -224,10 +243,10 @@ def test_arnoldi_at_partial_rank_is_the_woodbury_inverse_of_the_top_eigenpairs(c
 
 def test_arpack_gives_the_influences_of_lanczos(classification_problem):
     model, X, y = classification_problem
-    results = [ArnoldiInfluence(model, rank=10, eigen_solver=solver, tol=1e-12, regularization=0.01,
+    results = [ArnoldiInfluence(model, rank=10, solver=solver, tol=1e-12, regularization=0.01,
                                 random_state=0).fit(X, y) for solver in ("lanczos", "arpack")]
-    assert [est.eigen_solver_ for est in results] == ["lanczos", "arpack"]
-    assert results[1].n_iter_ is None
+    assert [est.solver_ for est in results] == ["lanczos", "arpack"]
+    assert all(est.n_iter_ >= est.krylov_dimension_ for est in results)  # products, counted for ARPACK too
     torch.testing.assert_close(results[0].influences(X[:4], y[:4]), results[1].influences(X[:4], y[:4]),
                                rtol=1e-8, atol=1e-10)
 
@@ -393,16 +412,43 @@ def test_krylov_dimension_must_exceed_rank(classification_problem):
 
 def test_unconverged_eigenpairs_warn(classification_problem):
     model, X, y = classification_problem
-    with pytest.warns(ConvergenceWarning, match="raise max_iter"):
-        est = ArnoldiInfluence(model, rank=10, krylov_dimension=12, tol=1e-14, max_iter=1, random_state=0)
+    with pytest.warns(ConvergenceWarning, match="within 12 curvature-vector products.*raise max_iter"):
+        est = ArnoldiInfluence(model, rank=10, krylov_dimension=12, tol=1e-14, max_iter=12, random_state=0)
         est.fit(X, y)
-    assert not est.converged_ and est.n_iter_ == 1
+    assert not est.converged_ and est.n_iter_ == 12
+
+
+@pytest.mark.parametrize("solver", ["lanczos", "arpack"])
+def test_max_iter_bounds_the_curvature_products(classification_problem, solver, monkeypatch):
+    """max_iter counts curvature-vector products: enforced by Lanczos, converted into ARPACK's restarts;
+    None is 50 per Krylov basis vector; fewer than the first Krylov space is an error that says so."""
+    model, X, y = classification_problem
+    counted = []
+    original = _curvature.CurvatureOperator.matmat
+
+    def counting(self, vectors):
+        counted.append(len(vectors))
+        return original(self, vectors)
+
+    monkeypatch.setattr(_curvature.CurvatureOperator, "matmat", counting)
+    est = ArnoldiInfluence(model, rank=6, krylov_dimension=14, tol=1e-15, max_iter=40, solver=solver,
+                           random_state=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        est.fit(X, y)
+    # ARPACK: (40 - 14 - 1) // (14 - 6) = 3 iterations, 14 + 1 + 3 * 8 = 39 products at most.
+    assert est.n_iter_ == sum(counted) <= 40
+    counted.clear()
+    ArnoldiInfluence(model, rank=6, tol=1e-8, solver=solver, random_state=0).fit(X, y)
+    assert sum(counted) <= 50 * 26
+    with pytest.raises(ValueError, match="max_iter=13 curvature products cannot fill the first Krylov space"):
+        ArnoldiInfluence(model, rank=6, krylov_dimension=14, max_iter=13, solver=solver).fit(X, y)
 
 
 def test_cupy_on_a_cpu_is_an_error_that_names_the_fix(classification_problem):
     model, X, y = classification_problem
-    with pytest.raises(ValueError, match="eigen_solver='cupy' runs on a CUDA device.*eigen_solver='lanczos'"):
-        ArnoldiInfluence(model, rank=5, eigen_solver="cupy").fit(X, y)
+    with pytest.raises(ValueError, match="solver='cupy' runs on a CUDA device.*solver='lanczos'"):
+        ArnoldiInfluence(model, rank=5, solver="cupy").fit(X, y)
 
 
 def test_missing_cupy_is_an_import_error_that_names_the_extra(monkeypatch):
@@ -417,9 +463,9 @@ def test_cupy_gives_the_eigenpairs_of_lanczos(classification_problem):
     pytest.importorskip("cupy")
     model, X, y = classification_problem
     model = copy.deepcopy(model).cuda()
-    results = [ArnoldiInfluence(model, rank=8, eigen_solver=solver, tol=1e-10, regularization=0.01,
+    results = [ArnoldiInfluence(model, rank=8, solver=solver, tol=1e-10, regularization=0.01,
                                 random_state=0).fit(X.cuda(), y.cuda()) for solver in ("lanczos", "cupy")]
-    assert results[1].eigen_solver_ == "cupy" and results[1].converged_
+    assert results[1].solver_ == "cupy" and results[1].converged_
     torch.testing.assert_close(results[1].eigenvalues_, results[0].eigenvalues_, rtol=1e-8, atol=1e-10)
     torch.testing.assert_close(results[1].influences(X[:3].cuda(), y[:3].cuda()),
                                results[0].influences(X[:3].cuda(), y[:3].cuda()), rtol=1e-6, atol=1e-8)

@@ -65,12 +65,12 @@ def test_feature_names_out_name_each_parameter_entry(iris):
     names = est.get_feature_names_out()
     assert len(names) == est.n_params_ == len(set(names))
     assert names[0] == "0.weight[0,0]" and names[5] == "0.weight[1,1]" and names[12 + 2] == "0.bias[2]"
-    # The columns named after the bias hold its entries: (C + lambda I) times the factors gives the
-    # gradients back, whose bias part autograd gives directly.
+    # The columns named after the bias hold its entries: (C + lambda I) times the inverse-curvature
+    # gradients gives the gradients back, whose bias part autograd gives directly.
     X_np, y_np = X.to_numpy()[:4], y.to_numpy()[:4]
     est_np = DirectInfluence(model, regularization=0.1).fit(X.to_numpy(), y.to_numpy())
-    factors = est_np.transform(X_np, y_np)
-    gradients = (factors @ (est_np._curvature().dense().numpy() + 0.1 * np.eye(est_np.n_params_)))
+    inverse_gradients = est_np.transform(X_np, y_np)
+    gradients = (inverse_gradients @ (est_np._curvature().dense().numpy() + 0.1 * np.eye(est_np.n_params_)))
     bias = np.stack([torch.autograd.grad(torch.nn.functional.cross_entropy(
         model(torch.tensor(X_np[i:i + 1])), torch.tensor(y_np[i:i + 1])), model[0].bias)[0].numpy()
         for i in range(4)])

@@ -15,7 +15,7 @@ EXPECTED = {
     "ArnoldiInfluence": ["factors (curvature products)"],
     "NystroemInfluence": ["factors (curvature products)"],
     "LissaInfluence": ["factors (curvature products)", "LiSSA, ", "largest change"],
-    "InverseHarmonicMeanInfluence": ["gradient norms"],
+    "DataInfInfluence": ["gradient norms"],
     "EkfacInfluence": ["EK-FAC statistics"],
 }
 
@@ -36,10 +36,10 @@ def test_long_steps_show_bars(name, classification_problem, capsys):
     # Loose tolerances: the bars, not the accuracy, are under test.
     params = {"rank": 10} if name in ("ArnoldiInfluence", "NystroemInfluence") else {}
     if name == "LissaInfluence":
-        params.update(rtol=1e-3, max_iter=2000)
+        params.update(rtol=1e-3, max_iter=2000, minibatch_size=None)
     if name == "CgInfluence":
         params.update(rtol=1e-6, preconditioner=None)  # an exact preconditioner converges at once
-    if name == "InverseHarmonicMeanInfluence":
+    if name == "DataInfInfluence":
         params.update(relative_regularization=True)  # fit's pass over the data for gradient norms
     _run(name, classification_problem, True, **params)
     shown = capsys.readouterr().err
@@ -52,7 +52,7 @@ def test_long_steps_show_bars(name, classification_problem, capsys):
 def test_bars_are_quiet_without_progress(name, classification_problem, capsys):
     params = {"rank": 10} if name in ("ArnoldiInfluence", "NystroemInfluence") else {}
     if name == "LissaInfluence":
-        params.update(rtol=1e-3, max_iter=2000)
+        params.update(rtol=1e-3, max_iter=2000, minibatch_size=None)
     _run(name, classification_problem, False, **params)
     captured = capsys.readouterr()
     assert captured.err == "" and captured.out == ""

@@ -84,7 +84,7 @@ def test_cg_negative_curvature_advice_is_not_more_iterations():
     assert "of at most 1000 iterations" in message
 
 
-def test_zero_and_tiny_gradients_give_zero_and_scaled_factors(classification_problem, direct):
+def test_zero_and_tiny_gradients_give_zero_and_scaled_solutions(classification_problem, direct):
     """A zero right-hand side has the zero solution; a tiny one is solved as well as any (no NaN)."""
     model, X, y = classification_problem
     cg = CgInfluence(model, regularization=0.01, rtol=1e-10, random_state=0).fit(X, y)

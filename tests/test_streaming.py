@@ -46,7 +46,7 @@ def assert_close(actual, expected, rtol=1e-12):
 
 
 def working_memory_for(rows, estimator):
-    """A ``working_memory`` (MiB) in which exactly ``rows`` factors of ``estimator`` fit."""
+    """A ``working_memory`` (MiB) in which ``rows`` inverse-curvature gradients of ``estimator`` fit."""
     return (rows * estimator.n_params_ * 8 + 1) / 2**20
 
 
@@ -314,7 +314,7 @@ def test_top_influences_is_the_dense_ranking(problem, name):
 
 @pytest.fixture
 def held_chunk_sizes(monkeypatch):
-    """Rows of every chunk of factors held at once, as ``_held_chunks`` hands them out."""
+    """Rows of every chunk of inverse-curvature gradients held at once, as ``_held_chunks`` hands them out."""
     sizes = []
     original = BaseInfluence._held_chunks
 
@@ -423,7 +423,7 @@ def test_results_do_not_depend_on_chunking(problem, name, held_chunk_sizes, monk
     monkeypatch.setattr(skinfl._gradients, "_GRADIENT_PIECE_BYTES", 1)
     est = make(name, model, batch_size=3).fit(X_train, y_train)
     held_chunk_sizes.clear()
-    with sklearn.config_context(working_memory=1e-9):  # below one factor: batch_size rows at a time
+    with sklearn.config_context(working_memory=1e-9):  # below one row: batch_size rows at a time
         got = {
             "few": est.influences(*few_test),
             "many": est.influences(*many_test),
@@ -445,8 +445,8 @@ def explicit_score(model, X_fit, y_fit, X_val, y_val, regularization, probes, lo
     val_curvature = reference_hessian(model, X_val, y_val, loss_fn)
     gradients = reference_gradients(model, X_val, y_val, loss_fn)[probes]
     system = fit_curvature + regularization * torch.eye(len(fit_curvature), dtype=fit_curvature.dtype)
-    factors = torch.linalg.solve(system, gradients.T).T
-    residuals = factors @ val_curvature - gradients
+    solved = torch.linalg.solve(system, gradients.T).T
+    residuals = solved @ val_curvature - gradients
     return float(-((residuals**2).sum(dim=1) / (gradients**2).sum(dim=1)).mean())
 
 

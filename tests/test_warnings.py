@@ -33,7 +33,8 @@ def test_solver_warnings_point_at_the_public_call(classification_problem):
     for call in (lambda: cg.influences(X[:3], y[:3]), lambda: cg.transform(X[:3], y[:3]),
                  lambda: cg.self_influence(X[:3], y[:3])):
         assert {w.filename for w in recorded(CgConvergenceWarning, call)} == {__file__}
-    lissa = LissaInfluence(model, regularization=1e-3, max_iter=3, random_state=0).fit(X, y)
+    lissa = LissaInfluence(model, minibatch_size=None, regularization=1e-3, max_iter=3,
+                           random_state=0).fit(X, y)
     caught = recorded(LissaConvergenceWarning, lambda: lissa.influences(X[:3], y[:3]))
     assert {w.filename for w in caught} == {__file__}
     untrained = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()

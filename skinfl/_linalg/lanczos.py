@@ -143,7 +143,8 @@ def _next_block(residual, basis, floor, generator, size):
     return rows, coupling
 
 
-def block_lanczos(matmat, n, rank, *, krylov_dimension, block_size, tol, max_iter, generator, dtype, device):
+def block_lanczos(matmat, n, rank, *, krylov_dimension, block_size, tol, max_products, generator, dtype,
+                  device):
     """The ``rank`` algebraically largest eigenpairs of a symmetric ``n x n`` operator.
 
     Parameters
@@ -162,8 +163,10 @@ def block_lanczos(matmat, n, rank, *, krylov_dimension, block_size, tol, max_ite
     tol : float
         A pair has converged when its residual norm is at most ``tol`` times
         the largest Ritz value in magnitude (an estimate of ``||A||``).
-    max_iter : int
-        Restart cycles at most; pairs that have not converged by then are
+    max_products : int
+        Operator-vector products at most (a block of ``b`` vectors counts
+        ``b``), at least ``krylov_dimension``; a block that would pass it is
+        not multiplied, and pairs that have not converged by then are
         returned with ``converged`` False.
     generator : torch.Generator
         For the starting block and replacement directions, on ``device``.
@@ -178,6 +181,8 @@ def block_lanczos(matmat, n, rank, *, krylov_dimension, block_size, tol, max_ite
     if not 1 <= rank <= m or (rank == m and m < n):
         raise ValueError(f"Need 1 <= rank < krylov_dimension (or krylov_dimension = n), got rank={rank}, "
                          f"krylov_dimension={m}, n={n}.")
+    if max_products < m:
+        raise ValueError(f"Need max_products >= krylov_dimension, got {max_products} < {m}.")
     block_size = max(1, min(block_size, n))
     # A cycle multiplies blocks until it holds at least m products (at most m - 1 + block_size), and ends
     # with one more block pending.
@@ -189,8 +194,13 @@ def block_lanczos(matmat, n, rank, *, krylov_dimension, block_size, tol, max_ite
     scale = 0.0  # lower bound on ||A||: the largest product norm or Ritz value seen
     n_products = 0
     eps = torch.finfo(dtype).eps
-    for cycle in range(1, max_iter + 1):
-        while multiplied < m and multiplied < filled:
+    cycle = 0
+    while True:
+        cycle += 1
+        # A block that would pass the budget is not multiplied; with at least m products, the first
+        # cycle still holds more than m - block_size of them (more than rank for blocks of at most
+        # (m - rank) / 4 vectors, as default_block_size makes them).
+        while multiplied < m and multiplied < filled and n_products + filled - multiplied <= max_products:
             block = slice(multiplied, filled)
             products = matmat(basis[block])
             n_products += filled - multiplied
@@ -219,7 +229,8 @@ def block_lanczos(matmat, n, rank, *, krylov_dimension, block_size, tol, max_ite
         # lies in the span of the pending block, with coordinates coupling @ s.
         residuals = torch.linalg.vector_norm(projected[multiplied:filled, :multiplied] @ vectors, dim=0)
         converged = residuals <= tol * scale
-        if bool(converged[:rank].all()) or multiplied == n or cycle == max_iter:
+        out_of_budget = n_products + filled - multiplied > max_products  # the pending block does not fit
+        if bool(converged[:rank].all()) or multiplied == n or out_of_budget:
             break
 
         keep = max(rank, min(m - block_size, rank + (m - rank) // 2))

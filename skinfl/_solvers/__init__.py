@@ -8,11 +8,11 @@ import line here (``skinfl`` exports what ``__all__`` lists) and that entry.
 
 from .arnoldi import ArnoldiInfluence
 from .cg import CgInfluence
+from .datainf import DataInfInfluence, InverseHarmonicMeanInfluence  # noqa: F401  (a deprecated alias)
 from .direct import DirectInfluence
 from .ekfac import EkfacInfluence
-from .inverse_harmonic_mean import InverseHarmonicMeanInfluence
 from .lissa import LissaInfluence
 from .nystroem import NystroemInfluence
 
-__all__ = ["ArnoldiInfluence", "CgInfluence", "DirectInfluence", "EkfacInfluence", "InverseHarmonicMeanInfluence",
+__all__ = ["ArnoldiInfluence", "CgInfluence", "DataInfInfluence", "DirectInfluence", "EkfacInfluence",
            "LissaInfluence", "NystroemInfluence"]

@@ -6,17 +6,32 @@ from numbers import Integral, Real
 
 from sklearn.exceptions import ConvergenceWarning
 
+from .._deprecation import DEPRECATED
+from .._docs import shared_docs
 from .._linalg.eigensolvers import (
     EIGEN_SOLVERS,
     krylov_dimension_for,
     resolve_eigen_solver,
     top_eigenpairs,
 )
-from .._validation import Interval, StrOptions
+from .._validation import Hidden, Interval, StrOptions
 from .._warnings import warn
 from .low_rank import _LowRankInfluence
 
 
+# The default budget of max_iter=None, in products per basis vector: the 100 restart cycles that max_iter
+# counted before skinfl 0.2 took up to about 36 (Lanczos) to 50-70 (ARPACK) times krylov_dimension.
+_PRODUCTS_PER_KRYLOV_DIMENSION = 50
+
+
+@shared_docs(
+    progress="the eigen-solve's curvature products",
+    memory="the eigenpairs",
+    random_state="the starting vectors of the Krylov method",
+    max_iter=("curvature-vector products of the eigen-solve in ``fit``", "one vector multiplied by the "
+              "curvature (a block of ``b`` vectors counts ``b``)"),
+    unpenalized_parameters="regularized",
+)
 class ArnoldiInfluence(_LowRankInfluence):
     """Influence with the top eigenpairs of the curvature and the Woodbury inverse.
 
@@ -40,20 +55,9 @@ class ArnoldiInfluence(_LowRankInfluence):
 
     Parameters
     ----------
-    model : torch.nn.Module, skorch net or scikit-learn model
-        The trained model. It is copied in ``fit`` and evaluated in eval mode;
-        influence is taken with respect to its parameters that require gradients.
-        A fitted skorch net stands for its ``module_``; a fitted
-        ``LogisticRegression``, ``LinearRegression``, ``Ridge``,
-        ``SGDClassifier(loss="log_loss")``, ``MLPClassifier`` or
-        ``MLPRegressor`` is converted to an equivalent torch module (see
-        ``model_`` and :ref:`user-guide-models`).
-    loss : {"auto", "cross_entropy", "mse", "bce_with_logits"}, torch.nn loss module or callable, default="auto"
-        The training loss. ``"auto"`` is the loss a skorch net or scikit-learn
-        model was trained with, and ``"cross_entropy"`` for a torch module. A
-        callable takes ``(output, target)`` and returns the scalar mean loss of
-        a batch, and must be picklable to save the estimator.
-    regularization : float or "auto", default=1e-3
+    {model}
+    {loss}
+    {regularization}
         ``lambda >= 0`` added as ``lambda * I`` to the curvature. It is also
         the curvature the discarded directions are given, so it should be
         about the size of the eigenvalues beyond ``rank`` or larger (see
@@ -62,15 +66,13 @@ class ArnoldiInfluence(_LowRankInfluence):
         inverse is then ``U diag(1 / s) U^T``, blind to gradients outside the
         top eigenspace unless ``rank = n_params`` (where it is the exact
         inverse of a positive definite curvature).
-        ``"auto"`` takes the model's own penalty (a scikit-learn model's, a
-        skorch optimizer's weight decay), resolved in ``regularization_``.
-    second_order : {"hessian", "gauss_newton"}, default="hessian"
+    {second_order}
         Which curvature to decompose. The Hessian of a model away from a
         minimum is indefinite: the largest (algebraic) eigenvalues are kept,
         so negative ones appear only when ``rank`` reaches them, and a
         :class:`~skinfl.exceptions.NotPositiveDefiniteWarning` is raised when
         some ``s + lambda`` is not positive.
-    rank : int, default=10
+    rank : int, default=50
         Number of eigenpairs, at most ``n_params``. More pairs make the
         inverse accurate in more directions, at a cost of about two to four
         curvature products per pair. A good rank reaches the eigenvalues
@@ -78,7 +80,7 @@ class ArnoldiInfluence(_LowRankInfluence):
         ``eigenvalues_[-1]`` is still much larger than ``regularization``,
         a larger rank changes the influences; if it is well below it, a
         smaller rank would do.
-    eigen_solver : {"auto", "lanczos", "arpack", "cupy"}, default="auto"
+    solver : {"auto", "lanczos", "arpack", "cupy"}, default="auto"
         ``"lanczos"``: block Lanczos in torch on ``device_`` in the model's
         dtype, with full reorthogonalisation and thick restarts; each pass
         over the data multiplies a block of vectors. ``"arpack"``:
@@ -102,83 +104,56 @@ class ArnoldiInfluence(_LowRankInfluence):
         or ``tol`` times its own eigenvalue (ARPACK's criterion, used by
         ``"arpack"`` and ``"cupy"``). The products of a float32 model are
         accurate to about ``1e-6`` relatively; lower values need float64.
-    max_iter : int, default=100
-        Restart cycles at most. Pairs that have not converged by then are
-        used as they are, with a
-        :class:`~sklearn.exceptions.ConvergenceWarning`.
-    batch_size : int, default=512
-        Samples per batched pass over the data; also the number of
-        gradients solved at a time, which bounds the memory of every method.
-    device : str or torch.device, default=None
-        Where the work runs; None uses the model's device.
-    progress : bool, default=False
-        Show tqdm progress bars: the eigen-solve's curvature products, and
-        the passes over the data for gradients.
-    memory : str, joblib.Memory or None, default=None
-        Directory (or ``joblib.Memory``) in which to cache the eigenpairs.
-        They depend on the model, the data, ``loss``, ``second_order``,
-        ``eigen_solver``, ``krylov_dimension``, ``tol``, ``max_iter`` and
-        ``random_state``, and not on ``regularization`` or ``rank``: a
-        candidate with a smaller rank than the cached pairs takes their top
-        ``rank`` (a rank-``rank`` approximation as good as a fresh one, to
-        ``tol``), one with a larger rank computes them again and replaces the
-        entry. List ``rank`` values in descending order in a grid, so that
-        the first candidate computes the largest and a search computes the
-        eigenpairs once per training set. Entries are tensors and JSON,
-        never unpickled.
-    random_state : int, RandomState instance or None, default=None
-        Seeds the starting vectors of the Krylov method and the probes of
-        :meth:`score`. Converged eigenpairs agree to ``tol`` whatever the
-        seed; fix it for bitwise reproducibility.
+    {max_iter}
+        At least ``krylov_dimension_``, the products of the first Krylov
+        space; None: ``50 * krylov_dimension_``, about the budget of the 100
+        restart cycles that ``max_iter`` counted before skinfl 0.2.
+        ``"lanczos"`` stops before a block of products would pass it;
+        ``"arpack"`` and ``"cupy"`` are given the restarts that fit in it,
+        ``(max_iter - krylov_dimension_ - 1) // (krylov_dimension_ - rank)``
+        (ARPACK's ``maxiter``: each restart multiplies ``krylov_dimension_ -
+        rank`` vectors), and at least one, which passes a budget below
+        ``2 * krylov_dimension_ - rank + 1``; ``"dense"`` takes ``n_params``
+        products. Pairs that have not converged by then are used as they
+        are, with a :class:`~sklearn.exceptions.ConvergenceWarning`.
+    {batch_size}
+    {device}
+    {progress}
+    {memory}
+        ``rank`` is not among them: a candidate with a smaller rank than the
+        cached pairs takes their top ``rank`` (a rank-``rank`` approximation
+        as good as a fresh one, to ``tol``), one with a larger rank computes
+        them again and replaces the entry. List ``rank`` values in descending
+        order in a grid, so that the first candidate computes the largest
+        and a search computes the eigenpairs once per training set.
+    {random_state}
+        Converged eigenpairs agree to ``tol`` whatever the seed; fix it for
+        bitwise reproducibility.
+    eigen_solver : {"auto", "lanczos", "arpack", "cupy"}, default="deprecated"
+        Former name of ``solver``.
+
+        .. deprecated:: 0.2
+           ``eigen_solver`` was renamed ``solver`` in 0.2 and will be removed
+           in 0.4.
 
     Attributes
     ----------
-    n_params_ : int
-        Number of trainable parameters.
-    n_samples_fit_ : int
-        Number of fitted training samples.
-    n_features_in_ : int
-        Number of input values per sample.
-    input_shape_ : tuple of int
-        Per-sample input shape.
-    output_shape_ : tuple of int
-        Per-sample output shape of the model.
-    device_ : torch.device
-        Device the estimator computes on.
-    model_ : torch.nn.Module
-        The evaluation copy of the model (of the converted module for a
-        scikit-learn model, of ``module_`` for a skorch net).
-    regularization_ : float
-        The regularization used: ``regularization``, or the model's own
-        penalty when it is ``"auto"``.
-    unpenalized_parameters_ : list of str
-        With ``regularization="auto"``, the parameters the model's own penalty
-        leaves out (a scikit-learn model's intercepts, a skorch parameter
-        group without weight decay). This estimator regularizes them too
-        (its inverse needs one ``regularization`` for all parameters);
-        :class:`DirectInfluence` and :class:`CgInfluence` leave them out.
-    classes_ : numpy.ndarray
-        Labels of a scikit-learn classifier: targets are given as these
-        labels. Only with a scikit-learn classifier as ``model``.
-    loss_ : object
-        The resolved loss.
-    trainable_parameters_ : list of str
-        Names of the parameters influence is taken with respect to.
+    {fitted_attributes}
     eigenvalues_ : torch.Tensor of shape ``(rank_,)``
         The eigenvalues kept, largest first, in float64, without
         regularization.
     rank_ : int
         Number of eigenpairs used: ``rank``, or fewer when ARPACK returned
         fewer converged pairs.
-    eigen_solver_ : {"lanczos", "arpack", "cupy", "dense"}
+    solver_ : {"lanczos", "arpack", "cupy", "dense"}
         The method that computed the eigenpairs; ``"dense"`` when the Krylov
         space was the whole space.
     krylov_dimension_ : int
         The Krylov dimension used.
-    n_iter_ : int or None
-        Restart cycles of ``"lanczos"`` (1 when the first Krylov space was
-        enough, and for ``"dense"``); None for ``"arpack"`` and ``"cupy"``,
-        which do not report it.
+    n_iter_ : int
+        Curvature-vector products of the eigen-solve, the quantity
+        ``max_iter`` bounds (``n_params`` for ``"dense"``); set by ``fit``,
+        whose only iterations these are.
     converged_ : bool
         Whether all ``rank`` pairs met ``tol``.
 
@@ -229,12 +204,15 @@ class ArnoldiInfluence(_LowRankInfluence):
 
     _parameter_constraints = {
         **_LowRankInfluence._parameter_constraints,
-        "eigen_solver": [StrOptions(set(EIGEN_SOLVERS))],
+        "solver": [StrOptions(set(EIGEN_SOLVERS))],
+        "eigen_solver": [StrOptions(set(EIGEN_SOLVERS)), Hidden(StrOptions({DEPRECATED}))],
         "krylov_dimension": [Interval(Integral, 2, None, closed="left"), None],
         "tol": [Interval(Real, 0, None, closed="neither")],
-        "max_iter": [Interval(Integral, 1, None, closed="left")],
+        "max_iter": [Interval(Integral, 1, None, closed="left"), None],
     }
-    _factor_parameters = ("eigen_solver", "krylov_dimension", "tol", "max_iter", "random_state")
+    _factor_parameters = ("solver", "krylov_dimension", "tol", "max_iter", "random_state")
+    _renamed_parameters = {"eigen_solver": "solver"}
+    _renamed_attributes = {"eigen_solver_": "solver_"}
 
     def __init__(
         self,
@@ -243,23 +221,24 @@ class ArnoldiInfluence(_LowRankInfluence):
         loss="auto",
         regularization=1e-3,
         second_order="hessian",
-        rank=10,
-        eigen_solver="auto",
+        rank=50,
+        solver="auto",
         krylov_dimension=None,
         tol=1e-5,
-        max_iter=100,
+        max_iter=None,
         batch_size=512,
         device=None,
         progress=False,
         memory=None,
         random_state=None,
+        eigen_solver=DEPRECATED,
     ):
         self.model = model
         self.loss = loss
         self.regularization = regularization
         self.second_order = second_order
         self.rank = rank
-        self.eigen_solver = eigen_solver
+        self.solver = solver
         self.krylov_dimension = krylov_dimension
         self.tol = tol
         self.max_iter = max_iter
@@ -268,19 +247,34 @@ class ArnoldiInfluence(_LowRankInfluence):
         self.progress = progress
         self.memory = memory
         self.random_state = random_state
+        self.eigen_solver = eigen_solver
 
     def _low_rank_factors(self, curvature, rank):
-        solver = resolve_eigen_solver(self.eigen_solver)
+        solver = resolve_eigen_solver(self._parameter("solver"))
         dimension = krylov_dimension_for(rank, self.krylov_dimension, curvature.n_params)
         pairs = top_eigenpairs(curvature, rank, eigen_solver=solver, krylov_dimension=dimension, tol=self.tol,
-                               max_iter=self.max_iter, generator=self._generator())
+                               max_products=self._max_products(dimension), generator=self._generator())
         tensors = {"eigenvalues": pairs.eigenvalues, "eigenvectors": pairs.eigenvectors,
                    "converged": pairs.converged}
-        return tensors, {"eigen_solver": pairs.solver, "krylov_dimension": dimension, "n_iter": pairs.n_iter}
+        return tensors, {"solver": pairs.solver, "krylov_dimension": dimension, "n_iter": pairs.n_products}
+
+    def _max_products(self, krylov_dimension):
+        """The budget of curvature-vector products: ``max_iter``, or its default for ``krylov_dimension``."""
+        if self.max_iter is None:
+            return _PRODUCTS_PER_KRYLOV_DIMENSION * krylov_dimension
+        if self.max_iter < krylov_dimension:
+            raise ValueError(
+                f"max_iter={self.max_iter} curvature products cannot fill the first Krylov space, of "
+                f"krylov_dimension={krylov_dimension}: use max_iter >= {krylov_dimension}, or max_iter=None "
+                f"({_PRODUCTS_PER_KRYLOV_DIMENSION * krylov_dimension} here). max_iter counts "
+                "curvature-vector products since skinfl 0.2, not restart cycles."
+            )
+        return self.max_iter
 
     def _describe_factors(self):
         metadata = self._factor_metadata
-        self.eigen_solver_ = metadata["eigen_solver"]
+        # Files saved by skinfl < 0.2 name it "eigen_solver".
+        self.solver_ = metadata["solver"] if "solver" in metadata else metadata["eigen_solver"]
         self.krylov_dimension_ = metadata["krylov_dimension"]
         self.n_iter_ = metadata["n_iter"]
         converged = self._factors["converged"][:self.rank]
@@ -291,7 +285,8 @@ class ArnoldiInfluence(_LowRankInfluence):
                     else "are used as they are")
             warn(
                 f"{n_unconverged} of the {self.rank} eigenpairs did not converge to tol={self.tol} within "
-                f"max_iter={self.max_iter} restart cycles, and {what}. To converge: raise max_iter, raise "
-                f"krylov_dimension (now {self.krylov_dimension_}), or raise tol.",
+                f"{self.n_iter_} curvature-vector products (max_iter={self.max_iter}), and {what}. To "
+                f"converge: raise max_iter, raise krylov_dimension (now {self.krylov_dimension_}), or raise "
+                "tol.",
                 ConvergenceWarning,
             )

@@ -8,6 +8,8 @@ from numbers import Integral, Real
 import torch
 
 from .._curvature import _MAX_VECTOR_BLOCK
+from .._deprecation import DEPRECATED
+from .._docs import shared_docs
 from .._gradients import batch_slices
 from .._cotangents import resolve_target_draws
 from .._kronecker import EkfacInverse, compute_ekfac_factors, plan_layers
@@ -16,7 +18,7 @@ from .._linalg.cg import BREAKDOWN, CONVERGED, MAX_ITER, NEGATIVE_CURVATURE, STA
 from .._linalg.nystroem import nystroem_sketch
 from .._memory import release_freed_memory
 from .._progress import NO_PROGRESS
-from .._validation import Interval, StrOptions
+from .._validation import Hidden, Interval, StrOptions
 from ..base import BaseInfluence
 from ..exceptions import CgConvergenceWarning
 
@@ -111,7 +113,7 @@ class EkfacPreconditioner:
 
 
 _PRECONDITIONERS = {"jacobi": JacobiPreconditioner, "nystroem": NystroemPreconditioner, "ekfac": EkfacPreconditioner}
-_METHODS = {"block": block_conjugate_gradient, "independent": batched_conjugate_gradient}
+_SOLVERS = {"block": block_conjugate_gradient, "independent": batched_conjugate_gradient}
 
 
 def _sketched_curvature(curvature):
@@ -169,12 +171,21 @@ def _convergence_message(reports, max_iter, preconditioner, second_order, rtol, 
     n_broken = int((status == BREAKDOWN).sum())
     if n_broken:
         parts.append(
-            f"{n_broken} broke down on non-finite values (their factors are NaN): check the model and data "
-            "for overflow, or raise regularization."
+            f"{n_broken} broke down on non-finite values (their inverse-curvature gradients are NaN): check "
+            "the model and data for overflow, or raise regularization."
         )
     return " ".join(parts)
 
 
+@shared_docs(
+    progress="the preconditioner's curvature products, every conjugate-gradient solve (iterations, with the "
+             "worst relative residual and the systems still running)",
+    memory="the preconditioner's sketch, diagonal or Kronecker factors",
+    max_iter=("iterations per solve", "one (block) curvature product over the fitted data"),
+    random_state="the Nystroem test matrix and the targets drawn for the Jacobi diagonal and the EK-FAC "
+                 "factors",
+    unpenalized_parameters="left out",
+)
 class CgInfluence(BaseInfluence):
     """Influence with conjugate gradient, matrix-free.
 
@@ -194,33 +205,19 @@ class CgInfluence(BaseInfluence):
 
     Parameters
     ----------
-    model : torch.nn.Module, skorch net or scikit-learn model
-        The trained model. It is copied in ``fit`` and evaluated in eval mode;
-        influence is taken with respect to its parameters that require gradients.
-        A fitted skorch net stands for its ``module_``; a fitted
-        ``LogisticRegression``, ``LinearRegression``, ``Ridge``,
-        ``SGDClassifier(loss="log_loss")``, ``MLPClassifier`` or
-        ``MLPRegressor`` is converted to an equivalent torch module (see
-        ``model_`` and :ref:`user-guide-models`).
-    loss : {"auto", "cross_entropy", "mse", "bce_with_logits"}, torch.nn loss module or callable, default="auto"
-        The training loss. ``"auto"`` is the loss a skorch net or scikit-learn
-        model was trained with, and ``"cross_entropy"`` for a torch module. A
-        callable takes ``(output, target)`` and returns the scalar mean loss of
-        a batch, and must be picklable to save the estimator.
-    regularization : float or "auto", default=1e-3
+    {model}
+    {loss}
+    {regularization}
         ``lambda >= 0`` added as ``lambda * I`` to the curvature. Conjugate
         gradient needs ``C + lambda I`` positive definite.
-        ``"auto"`` takes the model's own penalty (a scikit-learn model's, a
-        skorch optimizer's weight decay), resolved in ``regularization_``.
-    second_order : {"hessian", "gauss_newton"}, default="hessian"
-        Which curvature to invert.
+    {second_order}
     rtol : float, default=1e-4
         Relative tolerance: system ``i`` stops when
         ``||r_i|| <= max(rtol * ||g_i||, atol)``.
     atol : float, default=0.0
         Absolute tolerance on the residual norm.
-    max_iter : int, default=1000
-        Iterations before giving up with a
+    {max_iter}
+        A system that has not converged by then gives a
         :class:`~skinfl.exceptions.CgConvergenceWarning`.
     preconditioner : {None, "jacobi", "nystroem", "ekfac"}, default="nystroem"
         Built once in ``fit``. ``"nystroem"``: a randomised rank
@@ -246,82 +243,46 @@ class CgInfluence(BaseInfluence):
         towards the exact inverse. None: plain CG.
     preconditioner_rank : int, default=100
         Rank of the ``"nystroem"`` preconditioner (capped at ``n_params``).
-    method : {"auto", "block", "independent"}, default="auto"
+    solver : {"auto", "block", "independent"}, default="auto"
         ``"block"``: block conjugate gradient, the gradients of a call
         solved together in blocks of up to 128 sharing one Krylov subspace;
         each system still stops at its own tolerance, and the residuals of
         converged systems are recomputed at the end (one more product), so
         that converged means converged. A block of one gradient runs plain
         conjugate gradient. ``"independent"``: one conjugate gradient per
-        gradient, sharing only the curvature products; a gradient's factor
+        gradient, sharing only the curvature products; a gradient's solution
         then does not depend on which others are solved with it (bitwise,
         whatever the chunking), at the cost of more iterations.
         ``"auto"``: ``"block"``, the faster on every problem measured.
-    batch_size : int, default=512
-        Samples per batched pass over the data; also the number of
-        gradients solved together, which bounds the memory of every method.
-    device : str or torch.device, default=None
-        Where the work runs; None uses the model's device.
-    progress : bool, default=False
-        Show tqdm progress bars: the preconditioner's curvature products,
-        every conjugate-gradient solve (iterations, with the worst relative
-        residual and the systems still running) and the passes over the
-        data for gradients.
-    memory : str, joblib.Memory or None, default=None
-        Directory (or ``joblib.Memory``) in which to cache the
-        preconditioner's sketch or diagonal. They depend on the model, the
-        data, ``loss``, ``second_order``, ``preconditioner``,
-        ``preconditioner_rank`` and ``random_state``, not on
-        ``regularization``, ``rtol`` or ``max_iter``: with a cache, a
-        ``GridSearchCV`` over those computes them once per training set.
-        Entries are tensors and JSON, never unpickled.
-    random_state : int, RandomState instance or None, default=None
-        Seeds the Nystroem test matrix, the targets sampled for the Jacobi
-        diagonal and the probes of :meth:`score`. Results agree to ``rtol``
-        whatever the seed; fix it for bitwise reproducibility.
+    {batch_size}
+    {device}
+    {progress}
+    {memory}
+    {random_state}
+        Results agree to ``rtol`` whatever the seed; fix it for bitwise
+        reproducibility.
+    method : {"auto", "block", "independent"}, default="deprecated"
+        Former name of ``solver``.
+
+        .. deprecated:: 0.2
+           ``method`` was renamed ``solver`` in 0.2 and will be removed in
+           0.4.
 
     Attributes
     ----------
-    n_params_ : int
-        Number of trainable parameters.
-    n_samples_fit_ : int
-        Number of fitted training samples.
-    n_features_in_ : int
-        Number of input values per sample.
-    input_shape_ : tuple of int
-        Per-sample input shape.
-    output_shape_ : tuple of int
-        Per-sample output shape of the model.
-    device_ : torch.device
-        Device the estimator computes on.
-    model_ : torch.nn.Module
-        The evaluation copy of the model (of the converted module for a
-        scikit-learn model, of ``module_`` for a skorch net).
-    regularization_ : float
-        The regularization used: ``regularization``, or the model's own
-        penalty when it is ``"auto"``.
-    unpenalized_parameters_ : list of str
-        With ``regularization="auto"``, the parameters the model's own penalty
-        leaves out (a scikit-learn model's intercepts, a skorch parameter
-        group without weight decay): they get no regularization, as in the
-        model's training objective. Empty otherwise.
-    classes_ : numpy.ndarray
-        Labels of a scikit-learn classifier: targets are given as these
-        labels. Only with a scikit-learn classifier as ``model``.
-    loss_ : object
-        The resolved loss.
-    trainable_parameters_ : list of str
-        Names of the parameters influence is taken with respect to.
+    {fitted_attributes}
     preconditioner_ : object or None
         The fitted preconditioner: ``JacobiPreconditioner`` (its
         ``diagonal``) or ``NystroemPreconditioner`` (its ``eigenvalues`` and
         ``eigenvectors``), or None.
-    method_ : {"block", "independent"}
-        The method ``method`` resolved to.
+    solver_ : {"block", "independent"}
+        The solver ``solver`` resolved to.
     n_iter_ : int
-        Iterations of the last call that solved systems (``transform``,
-        ``influences``, ``self_influence``, ``top_influences``, ``score``):
-        the most any of its solves took. Set by those calls, not by ``fit``.
+        Conjugate-gradient iterations, each one (block) curvature product:
+        0 after ``fit``, which solves nothing, then those of the last call
+        that solved systems (``transform``, ``influences``,
+        ``self_influence``, ``top_influences``, ``score``), the most any of
+        its solves took.
     relative_residuals_ : torch.Tensor of shape (n_systems,)
         ``||g_i - (C + lambda I) u_i|| / ||g_i||`` of each system the last
         call solved, in the order solved (float64, on the host; 0 for a zero
@@ -351,8 +312,11 @@ class CgInfluence(BaseInfluence):
         "max_iter": [Interval(Integral, 1, None, closed="left")],
         "preconditioner": [StrOptions(set(_PRECONDITIONERS)), None],
         "preconditioner_rank": [Interval(Integral, 1, None, closed="left")],
-        "method": [StrOptions(set(_METHODS) | {"auto"})],
+        "solver": [StrOptions(set(_SOLVERS) | {"auto"})],
+        "method": [StrOptions(set(_SOLVERS) | {"auto"}), Hidden(StrOptions({DEPRECATED}))],
     }
+    _renamed_parameters = {"method": "solver"}
+    _renamed_attributes = {"method_": "solver_"}
     _factor_parameters = ("preconditioner", "preconditioner_rank", "random_state")
 
     def __init__(
@@ -367,12 +331,13 @@ class CgInfluence(BaseInfluence):
         max_iter=1000,
         preconditioner="nystroem",
         preconditioner_rank=100,
-        method="auto",
+        solver="auto",
         batch_size=512,
         device=None,
         progress=False,
         memory=None,
         random_state=None,
+        method=DEPRECATED,
     ):
         self.model = model
         self.loss = loss
@@ -383,12 +348,13 @@ class CgInfluence(BaseInfluence):
         self.max_iter = max_iter
         self.preconditioner = preconditioner
         self.preconditioner_rank = preconditioner_rank
-        self.method = method
+        self.solver = solver
         self.batch_size = batch_size
         self.device = device
         self.progress = progress
         self.memory = memory
         self.random_state = random_state
+        self.method = method
 
     def _compute_factors(self, curvature):
         if self.preconditioner is None:
@@ -403,15 +369,18 @@ class CgInfluence(BaseInfluence):
         if self.preconditioner is not None:
             self.preconditioner_ = _PRECONDITIONERS[self.preconditioner].build(
                 self._factors, self.regularization_, self._functional_model())
-        self.method_ = "block" if self.method == "auto" else self.method
+        solver = self._parameter("solver")
+        self.solver_ = "block" if solver == "auto" else solver
         self._regularization_diagonal = self._regularization_terms()  # once, not per solve
+        self._record_fit_iterations(0)
 
     @property
     def n_iter_(self):
         """Iterations of the solves of the last call (the largest over its blocks of systems).
 
-        Set by each call that solves systems (:meth:`transform`,
-        :meth:`influences`, :meth:`self_influence`, ...), not by ``fit``.
+        0 after ``fit``, which solves nothing; then set by each call that
+        solves systems (:meth:`transform`, :meth:`influences`,
+        :meth:`self_influence`, ...).
         """
         return self._last_solve_value("n_iter")
 
@@ -443,10 +412,10 @@ class CgInfluence(BaseInfluence):
         reports = []
         for rows in batch_slices(len(gradients), _MAX_VECTOR_BLOCK):
             # One system alone: block CG is CG, without the small eigenproblems.
-            method = "independent" if rows.stop - rows.start == 1 else self.method_
-            desc = f"{method} CG, {rows.stop - rows.start} systems"
+            solver = "independent" if rows.stop - rows.start == 1 else self.solver_
+            desc = f"{solver} CG, {rows.stop - rows.start} systems"
             with self._progress(desc, total=self.max_iter, unit="iteration") as bar:
-                solution[rows], report = _METHODS[method](
+                solution[rows], report = _SOLVERS[solver](
                     apply_matrix,
                     gradients[rows],
                     rtol=self.rtol,

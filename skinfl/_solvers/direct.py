@@ -6,6 +6,7 @@ from numbers import Integral
 
 import torch
 
+from .._docs import shared_docs
 from .._validation import Interval, StrOptions
 from .._warnings import warn
 from ..base import BaseInfluence
@@ -24,6 +25,11 @@ def _factorize_cholesky(curvature, regularization):
     return system.mT if int(info) == 0 else None  # L = U^T, a column-major view
 
 
+@shared_docs(
+    progress="the passes building the curvature matrix, its factorization",
+    memory="the curvature matrix (``8 * n_params**2`` bytes on disk)",
+    unpenalized_parameters="left out",
+)
 class DirectInfluence(BaseInfluence):
     """Influence with the explicit curvature matrix, factorised once in ``fit``.
 
@@ -34,25 +40,10 @@ class DirectInfluence(BaseInfluence):
 
     Parameters
     ----------
-    model : torch.nn.Module, skorch net or scikit-learn model
-        The trained model. It is copied in ``fit`` and evaluated in eval mode;
-        influence is taken with respect to its parameters that require gradients.
-        A fitted skorch net stands for its ``module_``; a fitted
-        ``LogisticRegression``, ``LinearRegression``, ``Ridge``,
-        ``SGDClassifier(loss="log_loss")``, ``MLPClassifier`` or
-        ``MLPRegressor`` is converted to an equivalent torch module (see
-        ``model_`` and :ref:`user-guide-models`).
-    loss : {"auto", "cross_entropy", "mse", "bce_with_logits"}, torch.nn loss module or callable, default="auto"
-        The training loss. ``"auto"`` is the loss a skorch net or scikit-learn
-        model was trained with, and ``"cross_entropy"`` for a torch module. A
-        callable takes ``(output, target)`` and returns the scalar mean loss of
-        a batch, and must be picklable to save the estimator.
-    regularization : float or "auto", default=1e-3
-        ``lambda >= 0`` added as ``lambda * I`` to the curvature.
-        ``"auto"`` takes the model's own penalty (a scikit-learn model's, a
-        skorch optimizer's weight decay), resolved in ``regularization_``.
-    second_order : {"hessian", "gauss_newton"}, default="hessian"
-        Which curvature to invert.
+    {model}
+    {loss}
+    {regularization}
+    {second_order}
     solver : {"auto", "cholesky", "eigh"}, default="auto"
         ``"cholesky"`` is fastest and requires ``C + lambda I`` positive
         definite. ``"eigh"`` also gives ``eigenvalues_`` and handles indefinite
@@ -64,58 +55,16 @@ class DirectInfluence(BaseInfluence):
     max_params : int, default=10000
         Largest model (in trainable parameters) for which the matrix is built;
         it takes ``8 * n_params**2`` bytes.
-    batch_size : int, default=512
-        Samples per batched pass over the data; also the number of
-        gradients solved at a time, which bounds the memory of every method.
-    device : str or torch.device, default=None
-        Where the work runs; None uses the model's device.
-    progress : bool, default=False
-        Show tqdm progress bars: the passes building the curvature matrix,
-        its factorization, and the passes over the data for gradients.
-    memory : str, joblib.Memory or None, default=None
-        Directory (or ``joblib.Memory``) in which to cache the curvature
-        matrix. The matrix depends on the model's architecture and weights,
-        the data, ``loss`` and ``second_order``, but not on
-        ``regularization`` or ``solver``: with a cache, a ``GridSearchCV``
-        over those builds it once, and every other candidate only
-        factorises it. Entries are tensors and JSON, never unpickled, and
-        take ``8 * n_params**2`` bytes on disk.
-    random_state : int, RandomState instance or None, default=None
-        Draws the probes of :meth:`score`; the influences themselves are
-        deterministic.
+    {batch_size}
+    {device}
+    {progress}
+    {memory}
+        Each candidate then only factorises the matrix.
+    {random_state}
 
     Attributes
     ----------
-    n_params_ : int
-        Number of trainable parameters.
-    n_samples_fit_ : int
-        Number of fitted training samples.
-    n_features_in_ : int
-        Number of input values per sample.
-    input_shape_ : tuple of int
-        Per-sample input shape.
-    output_shape_ : tuple of int
-        Per-sample output shape of the model.
-    device_ : torch.device
-        Device the estimator computes on.
-    model_ : torch.nn.Module
-        The evaluation copy of the model (of the converted module for a
-        scikit-learn model, of ``module_`` for a skorch net).
-    regularization_ : float
-        The regularization used: ``regularization``, or the model's own
-        penalty when it is ``"auto"``.
-    unpenalized_parameters_ : list of str
-        With ``regularization="auto"``, the parameters the model's own penalty
-        leaves out (a scikit-learn model's intercepts, a skorch parameter
-        group without weight decay): they get no regularization, as in the
-        model's training objective. Empty otherwise.
-    classes_ : numpy.ndarray
-        Labels of a scikit-learn classifier: targets are given as these
-        labels. Only with a scikit-learn classifier as ``model``.
-    loss_ : object
-        The resolved loss.
-    trainable_parameters_ : list of str
-        Names of the parameters influence is taken with respect to.
+    {fitted_attributes}
     solver_ : {"cholesky", "eigh"}
         The factorisation used.
     eigenvalues_ : torch.Tensor of shape (n_params,) or None

@@ -7,6 +7,7 @@ from numbers import Integral
 import torch
 
 from .._cotangents import resolve_target_draws
+from .._docs import shared_docs
 from .._kronecker import FISHER_TYPES, EkfacInverse, compute_ekfac_factors, plan_layers
 from .._results import DEFAULT_MAX_RESULT_BYTES, allocate
 from .._validation import Interval, StrOptions, returns_torch
@@ -15,6 +16,12 @@ from ..base import BaseInfluence, reporting_solves
 from ..exceptions import NotPositiveDefiniteWarning
 
 
+@shared_docs(
+    progress="the passes over the data for the factors and the eigenvalue correction",
+    memory="the eigenbases and eigenvalues",
+    random_state='the target draws of ``fisher="true"``',
+    unpenalized_parameters="regularized",
+)
 class EkfacInfluence(BaseInfluence):
     r"""Influence with an EK-FAC (or K-FAC) approximation of the Gauss-Newton matrix.
 
@@ -48,24 +55,11 @@ class EkfacInfluence(BaseInfluence):
 
     Parameters
     ----------
-    model : torch.nn.Module, skorch net or scikit-learn model
-        The trained model. It is copied in ``fit`` and evaluated in eval mode;
-        influence is taken with respect to its parameters that require gradients.
-        A fitted skorch net stands for its ``module_``; a fitted
-        ``LogisticRegression``, ``LinearRegression``, ``Ridge``,
-        ``SGDClassifier(loss="log_loss")``, ``MLPClassifier`` or
-        ``MLPRegressor`` is converted to an equivalent torch module (see
-        ``model_`` and :ref:`user-guide-models`).
-    loss : {"auto", "cross_entropy", "mse", "bce_with_logits"}, torch.nn loss module or callable, default="auto"
-        The training loss. ``"auto"`` is the loss a skorch net or scikit-learn
-        model was trained with, and ``"cross_entropy"`` for a torch module. A
-        callable takes ``(output, target)`` and returns the scalar mean loss of
-        a batch, and must be picklable to save the estimator.
-    regularization : float or "auto", default=1e-3
+    {model}
+    {loss}
+    {regularization}
         ``lambda >= 0`` added as ``lambda * I`` to every block.
-        ``"auto"`` takes the model's own penalty (a scikit-learn model's, a
-        skorch optimizer's weight decay), resolved in ``regularization_``.
-    second_order : {"gauss_newton"}, default="gauss_newton"
+    {second_order}
         The curvature approximated: the Gauss-Newton matrix (for the
         built-in losses, the Fisher). Kronecker factors need a curvature
         that is a covariance of gradients, so ``"hessian"`` is an error; for
@@ -96,58 +90,17 @@ class EkfacInfluence(BaseInfluence):
     correct_eigenvalues : bool, default=True
         Refit the eigenvalues on the data (EK-FAC, one more pass over the
         training data); False gives K-FAC.
-    batch_size : int, default=512
-        Samples per pass through the model; bounds the memory of
-        activations and per-sample gradients, and the number of gradients
-        solved together.
-    device : str or torch.device, default=None
-        Where the work runs; None uses the model's device.
-    progress : bool, default=False
-        Show tqdm progress bars: the passes over the data for the factors
-        and the eigenvalue correction, and gradients.
-    memory : str, joblib.Memory or None, default=None
-        Directory (or ``joblib.Memory``) in which to cache the eigenbases and
-        eigenvalues. They depend on the model, the data, ``loss``,
-        ``fisher``, ``n_target_draws``, ``correct_eigenvalues`` and
-        ``random_state``, not on ``regularization``: a search over it
-        computes them once. Entries are tensors and JSON, never unpickled.
-    random_state : int, RandomState instance or None, default=None
-        Seeds the target draws of ``fisher="true"`` (and the probes of
-        :meth:`score`).
+    {batch_size}
+        It also bounds the activations and per-sample gradients that the
+        statistics passes of ``fit`` hold.
+    {device}
+    {progress}
+    {memory}
+    {random_state}
 
     Attributes
     ----------
-    n_params_ : int
-        Number of trainable parameters.
-    n_samples_fit_ : int
-        Number of fitted training samples.
-    n_features_in_ : int
-        Number of input values per sample.
-    input_shape_ : tuple of int
-        Per-sample input shape.
-    output_shape_ : tuple of int
-        Per-sample output shape of the model.
-    device_ : torch.device
-        Device the estimator computes on.
-    model_ : torch.nn.Module
-        The evaluation copy of the model (of the converted module for a
-        scikit-learn model, of ``module_`` for a skorch net).
-    regularization_ : float
-        The regularization used: ``regularization``, or the model's own
-        penalty when it is ``"auto"``.
-    unpenalized_parameters_ : list of str
-        With ``regularization="auto"``, the parameters the model's own penalty
-        leaves out (a scikit-learn model's intercepts, a skorch parameter
-        group without weight decay). This estimator regularizes them too
-        (its inverse needs one ``regularization`` for all parameters);
-        :class:`DirectInfluence` and :class:`CgInfluence` leave them out.
-    classes_ : numpy.ndarray
-        Labels of a scikit-learn classifier: targets are given as these
-        labels. Only with a scikit-learn classifier as ``model``.
-    loss_ : object
-        The resolved loss.
-    trainable_parameters_ : list of str
-        Names of the parameters influence is taken with respect to.
+    {fitted_attributes}
     layers_ : list of str
         The blocks, in the order of the flat parameter vector: the name of
         the module owning each (``""`` for parameters of the root module).
@@ -165,7 +118,7 @@ class EkfacInfluence(BaseInfluence):
     See Also
     --------
     CgInfluence : With ``preconditioner="ekfac"``, refines EK-FAC to the exact inverse in a few iterations.
-    InverseHarmonicMeanInfluence : DataInf, another per-layer closed form.
+    DataInfInfluence : DataInf, another per-layer closed form.
 
     Examples
     --------
@@ -316,8 +269,8 @@ class EkfacInfluence(BaseInfluence):
         shape = (len(test), len(train), len(spans))
         result = allocate(shape, self._dtype(), returns_torch(X_test), self.device_, out, max_result_bytes)
 
-        def by_block(factors, gradients):
-            return torch.stack([factors[:, span] @ gradients[:, span].T for span in spans], dim=2)
+        def by_block(inverse_gradients, gradients):
+            return torch.stack([inverse_gradients[:, span] @ gradients[:, span].T for span in spans], dim=2)
 
         self._write_up_influences(test, train, result, by_block)
         return result

@@ -8,6 +8,7 @@ from numbers import Integral, Real
 
 import torch
 
+from .._docs import shared_docs
 from .._linalg.cg import UnitSystems
 from .._linalg.minibatch import MinibatchCurvature
 from .._linalg.power_iteration import extreme_eigenvalues
@@ -31,6 +32,8 @@ _GROWTH_LIMIT = {"deterministic": 10.0, "stochastic": 1000.0}
 # Pearson agreement with the exact influences: 0.89 / 0.91 at 1.5, 0.96 / 0.97 at 3, - / 0.985 at 5
 # (which converges too slowly for 300 iterations).
 _STOCHASTIC_SCALE_MARGIN = 3.0
+# rtol="auto" without mini-batches (with them: 0, max_iter steps).
+_RTOL = 1e-4
 # Seed of the power iteration's start block (any generic block will do).
 _POWER_ITERATION_SEED = 0
 
@@ -163,6 +166,15 @@ def lissa_recursion(minibatches, rhs, *, regularization, scale, dampen, max_iter
     return systems.scaled_back(solution, status == DIVERGED), LissaReport(n_iter, status, relative_changes, growing)
 
 
+@shared_docs(
+    progress="the power iteration's curvature products, every LiSSA solve (iterations, with the largest "
+             "remaining change per iteration and the systems still running)",
+    memory='the power iteration\'s estimates of the curvature\'s extreme eigenvalues (``scale="auto"``)',
+    random_state="the mini-batches",
+    max_iter=("recursion steps per solve", "one mini-batch curvature product (over every fitted sample "
+              "with ``minibatch_size=None``)"),
+    unpenalized_parameters="regularized",
+)
 class LissaInfluence(BaseInfluence):
     r"""Influence with LiSSA, the stochastic Neumann series, matrix-free.
 
@@ -175,12 +187,22 @@ class LissaInfluence(BaseInfluence):
         solution = h_T / scale
 
     where ``C_t`` is the curvature of a mini-batch of ``minibatch_size``
-    training samples drawn at random at each iteration, or of all of them
-    with ``minibatch_size=None`` (the default). All the gradients of a call
-    run together and share each iteration's mini-batch, whose products are
-    batched. An iteration costs one curvature product over
-    ``minibatch_size`` samples, whatever the size of the training set;
-    memory is that of four copies of the gradients being solved.
+    training samples (128 by default) drawn at random, with replacement, at
+    each iteration, as in the paper and in pyDVL; ``minibatch_size=None``
+    uses all of them at every iteration, a deterministic recursion. All the
+    gradients of a call run together and share each iteration's
+    mini-batch, whose products are batched. An iteration costs one
+    curvature product over ``minibatch_size`` samples, whatever the size of
+    the training set; memory is that of four copies of the gradients being
+    solved.
+
+    **What the defaults do.** ``minibatch_size=128``, ``scale="auto"``
+    (three times the largest eigenvalue, estimated in ``fit``) and
+    ``rtol="auto"``, which is 0 with mini-batches: every solve runs
+    ``max_iter=1000`` steps of 128 samples each, and gives no convergence
+    warning. A training set of at most 128 samples is used whole at every
+    step instead: the recursion is then deterministic, ``rtol="auto"`` is
+    ``1e-4``, and it stops once converged. ``rtol_`` says which.
 
     **What it converges to.** Without mini-batches the iterates are the
     partial sums of a Neumann series, ``h_T / scale = 1/scale sum_{k<=T} M^k g``
@@ -235,41 +257,30 @@ class LissaInfluence(BaseInfluence):
       ``regularization``, which is the clearer way to say it; kept for
       pyDVL's and dattri's parametrisation. Note that with ``scale="auto"``
       the extra regularization depends on ``scale_``.
-    - ``minibatch_size``: None by default, a deterministic recursion that
-      converges to the exact inverse (and does not depend on
-      ``random_state``). Mini-batches pay off only when the training set is
-      much larger than the iterations needed times the mini-batch size:
-      the result is a single noisy iterate whose noise falls slowly with
-      the mini-batch size. On an MLP of 2,410 parameters trained on 1,397
-      digits (``regularization=0.01``), against :class:`DirectInfluence`:
-      50 deterministic iterations reached a Pearson correlation of
-      0.99998 and 100 iterations 0.99999998; 300 iterations on mini-batches
-      of 32, 128 and 512 samples reached 0.71, 0.89 and 0.97 with a scale
-      of ``1.5 * a_max``, and 0.96 (128) and 0.99 (512) with the default
-      ``3 * a_max``. Compare a mini-batch setting against
+    - ``minibatch_size``: 128 by default, so that a step costs the same
+      whatever the size of the training set (with ``minibatch_size=None``
+      each step is a pass over all of it: on a CNN fitted on 1,397 digits,
+      more than 16 minutes). The result is a single noisy iterate whose
+      noise falls slowly with the mini-batch size. ``minibatch_size=None``
+      is a deterministic recursion that converges to the exact inverse (and
+      does not depend on ``random_state``); it pays off when the training
+      set is small next to the iterations needed times the mini-batch
+      size. On an MLP of 2,410 parameters trained on 1,397 digits
+      (``regularization=0.01``), against :class:`DirectInfluence`: 50
+      deterministic iterations reached a Pearson correlation of 0.99998 and
+      100 iterations 0.99999998; 300 iterations on mini-batches of 32, 128
+      and 512 samples reached 0.71, 0.89 and 0.97 with a scale of
+      ``1.5 * a_max``, and 0.96 (128) and 0.99 (512) with the default
+      ``3 * a_max`` (0.97 with 128 samples and the default 1,000
+      iterations). Compare a mini-batch setting against
       ``minibatch_size=None`` on a subset before relying on it.
 
     Parameters
     ----------
-    model : torch.nn.Module, skorch net or scikit-learn model
-        The trained model. It is copied in ``fit`` and evaluated in eval mode;
-        influence is taken with respect to its parameters that require gradients.
-        A fitted skorch net stands for its ``module_``; a fitted
-        ``LogisticRegression``, ``LinearRegression``, ``Ridge``,
-        ``SGDClassifier(loss="log_loss")``, ``MLPClassifier`` or
-        ``MLPRegressor`` is converted to an equivalent torch module (see
-        ``model_`` and :ref:`user-guide-models`).
-    loss : {"auto", "cross_entropy", "mse", "bce_with_logits"}, torch.nn loss module or callable, default="auto"
-        The training loss. ``"auto"`` is the loss a skorch net or scikit-learn
-        model was trained with, and ``"cross_entropy"`` for a torch module. A
-        callable takes ``(output, target)`` and returns the scalar mean loss of
-        a batch, and must be picklable to save the estimator.
-    regularization : float or "auto", default=1e-3
-        ``lambda >= 0`` added as ``lambda * I`` to the curvature.
-        ``"auto"`` takes the model's own penalty (a scikit-learn model's, a
-        skorch optimizer's weight decay), resolved in ``regularization_``.
-    second_order : {"hessian", "gauss_newton"}, default="hessian"
-        Which curvature to invert.
+    {model}
+    {loss}
+    {regularization}
+    {second_order}
     scale : "auto" or float, default="auto"
         The scale ``s`` of the recursion, above ``a_max / (2 - dampen)``
         (and above ``a_max`` with mini-batches). ``"auto"`` chooses it in
@@ -277,21 +288,23 @@ class LissaInfluence(BaseInfluence):
     dampen : float, default=0.0
         The dampening ``d``, in ``[0, 1)``: the result is the inverse of
         ``C + (lambda + d * scale) I``.
-    max_iter : int, default=1000
-        Most iterations per solve; reaching it without converging raises a
-        :class:`~skinfl.exceptions.LissaConvergenceWarning` (unless
-        ``rtol=0``).
-    rtol : float, default=1e-4
+    {max_iter}
+        Reaching it without converging gives a
+        :class:`~skinfl.exceptions.LissaConvergenceWarning`, unless
+        ``rtol_`` is 0 (the default with mini-batches).
+    rtol : float or "auto", default="auto"
         A right-hand side stops when its mean change per iteration over the
         last ``check_every`` iterations is at most ``rtol`` times its
         iterate. Without mini-batches the change per iteration is the
         residual of the dampened system scaled by ``1 / scale``, so the
         relative error of the result is at most about
         ``rtol * scale / a_min``. With mini-batches the change does not fall
-        below the mini-batch noise averaged over the window; ``rtol=0`` runs
-        ``max_iter`` iterations without warning, the usual way to use LiSSA
-        with mini-batches.
-    minibatch_size : int or None, default=None
+        below the mini-batch noise averaged over the window, so that any
+        ``rtol > 0`` small enough to matter ends in a warning; ``rtol=0``
+        runs ``max_iter`` iterations without the check or the warning.
+        ``"auto"``: ``1e-4`` without mini-batches, 0 with them; the value
+        used is ``rtol_``.
+    minibatch_size : int or None, default=128
         Training samples in each iteration's curvature product, drawn
         uniformly with replacement, independently at every iteration. None,
         or a value of at least the number of fitted samples, uses all of
@@ -305,75 +318,37 @@ class LissaInfluence(BaseInfluence):
         Iterations between convergence and divergence checks. The change
         checked is the mean over this window, which averages mini-batch
         noise down; a check costs a few vector norms.
-    batch_size : int, default=512
-        Samples per batched pass over the data (a mini-batch larger than
-        this is processed in several passes); also the number of gradients
-        solved together, which bounds the memory of every method.
-    device : str or torch.device, default=None
-        Where the work runs; None uses the model's device.
-    progress : bool, default=False
-        Show tqdm progress bars: the power iteration's curvature products,
-        every LiSSA solve (iterations, with the largest remaining change per
-        iteration and the systems still running) and the passes over the
-        data for gradients.
-    memory : str, joblib.Memory or None, default=None
-        Directory (or ``joblib.Memory``) in which to cache the power
-        iteration's estimates of the curvature's extreme eigenvalues. It
-        depends on the model, the data, ``loss`` and ``second_order`` only;
-        a ``GridSearchCV`` over ``regularization``, ``dampen``, ``max_iter``
-        or the mini-batches computes it once per training set. Entries are
-        tensors and JSON, never unpickled.
-    random_state : int, RandomState instance or None, default=None
-        Seeds the mini-batches and the probes of :meth:`score`. Every solve
-        of a fitted estimator draws the same sequence of mini-batches, so
-        results do not depend on how rows are chunked; fix it for bitwise
-        reproducible fits. The power iteration starts from a fixed block, so
-        ``scale_`` depends on the model and the data only.
+    {batch_size}
+        A mini-batch larger than this is processed in several passes.
+    {device}
+    {progress}
+    {memory}
+    {random_state}
+        Every solve of a fitted estimator draws the same sequence of
+        mini-batches, so results do not depend on how rows are chunked; fix
+        it for bitwise reproducible fits. The power iteration starts from a
+        fixed block, so ``scale_`` depends on the model and the data only.
 
     Attributes
     ----------
-    n_params_ : int
-        Number of trainable parameters.
-    n_samples_fit_ : int
-        Number of fitted training samples.
-    n_features_in_ : int
-        Number of input values per sample.
-    input_shape_ : tuple of int
-        Per-sample input shape.
-    output_shape_ : tuple of int
-        Per-sample output shape of the model.
-    device_ : torch.device
-        Device the estimator computes on.
-    model_ : torch.nn.Module
-        The evaluation copy of the model (of the converted module for a
-        scikit-learn model, of ``module_`` for a skorch net).
-    regularization_ : float
-        The regularization used: ``regularization``, or the model's own
-        penalty when it is ``"auto"``.
-    unpenalized_parameters_ : list of str
-        With ``regularization="auto"``, the parameters the model's own penalty
-        leaves out (a scikit-learn model's intercepts, a skorch parameter
-        group without weight decay). This estimator regularizes them too
-        (its inverse needs one ``regularization`` for all parameters);
-        :class:`DirectInfluence` and :class:`CgInfluence` leave them out.
-    classes_ : numpy.ndarray
-        Labels of a scikit-learn classifier: targets are given as these
-        labels. Only with a scikit-learn classifier as ``model``.
-    loss_ : object
-        The resolved loss.
-    trainable_parameters_ : list of str
-        Names of the parameters influence is taken with respect to.
+    {fitted_attributes}
     scale_ : float
         The scale used: ``scale``, or the one ``"auto"`` chose.
+    rtol_ : float
+        The tolerance used: ``rtol``, or the one ``"auto"`` chose (``1e-4``
+        without mini-batches, 0 with them).
     largest_eigenvalue_ : float or None
         Estimate from above of the largest eigenvalue of the curvature
         ``C`` (without regularization), from the power iteration of
         ``scale="auto"``; None with a given ``scale``.
     n_iter_ : int
-        Iterations of the latest solve (the largest over its right-hand
-        sides); available after the first call that solves. It is a
-        diagnostic, kept outside the estimator's parameters and fitted
-        state, so that ``transform`` leaves the estimator unchanged.
+        After ``fit``: the steps of the power iteration of
+        ``scale="auto"`` (block products of 4 vectors, 40 or 60), 0 with a
+        given ``scale``. Then the recursion steps of the last call that
+        solved (``transform``, ``influences``, ``self_influence``,
+        ``top_influences``, ``score``), the most over its right-hand sides.
+        It is a diagnostic, kept outside the estimator's parameters and
+        fitted state, so that ``transform`` leaves the estimator unchanged.
 
     See Also
     --------
@@ -397,7 +372,7 @@ class LissaInfluence(BaseInfluence):
         "scale": [StrOptions({"auto"}), Interval(Real, 0, None, closed="neither")],
         "dampen": [Interval(Real, 0, 1, closed="left")],
         "max_iter": [Interval(Integral, 1, None, closed="left")],
-        "rtol": [Interval(Real, 0, None, closed="left")],
+        "rtol": [Interval(Real, 0, None, closed="left"), StrOptions({"auto"})],
         "minibatch_size": [Interval(Integral, 1, None, closed="left"), None],
         "check_every": [Interval(Integral, 1, None, closed="left")],
     }
@@ -413,8 +388,8 @@ class LissaInfluence(BaseInfluence):
         scale="auto",
         dampen=0.0,
         max_iter=1000,
-        rtol=1e-4,
-        minibatch_size=None,
+        rtol="auto",
+        minibatch_size=128,
         check_every=10,
         batch_size=512,
         device=None,
@@ -442,24 +417,31 @@ class LissaInfluence(BaseInfluence):
     def _compute_factors(self, curvature):
         if self.scale != "auto":
             return {}, {}
-        return self._spectrum_factors(curvature), {}
+        return self._spectrum_factors(curvature)
 
     def _spectrum_factors(self, curvature):
-        """The power iteration's estimates, as factors (regularization-free)."""
+        """The power iteration's estimates, as factors (regularization-free), and its steps, as metadata."""
         fmodel = curvature.fmodel
         # A fixed start: scale_ is then a function of the model and the data, whatever random_state.
         generator = torch.Generator().manual_seed(_POWER_ITERATION_SEED)
-        estimate = extreme_eigenvalues(curvature.matmat, curvature.n_params, generator=generator,
-                                       dtype=fmodel.dtype, device=fmodel.device)
-        return {"spectrum": torch.tensor([estimate.largest, estimate.largest_ritz, estimate.smallest],
-                                         dtype=torch.float64)}
+        steps = []
+
+        def step(vectors):
+            steps.append(len(vectors))
+            return curvature.matmat(vectors)
+
+        estimate = extreme_eigenvalues(step, curvature.n_params, generator=generator, dtype=fmodel.dtype,
+                                       device=fmodel.device)
+        tensors = {"spectrum": torch.tensor([estimate.largest, estimate.largest_ritz, estimate.smallest],
+                                            dtype=torch.float64)}
+        return tensors, {"power_iteration_steps": len(steps)}
 
     def _spectrum(self):
         """``(largest from above, largest Ritz value, smallest from above)`` eigenvalues of ``C``, computed
         now if not yet."""
         if "spectrum" not in self._factors:
             with self._progress("power iteration (curvature products)", unit="vector") as bar:
-                self._add_factors(self._spectrum_factors(self._reporting_curvature(bar)))
+                self._add_factors(*self._spectrum_factors(self._reporting_curvature(bar)))
         largest, largest_ritz, smallest = (float(value) for value in self._factors["spectrum"])
         return largest, largest_ritz, smallest
 
@@ -473,20 +455,26 @@ class LissaInfluence(BaseInfluence):
 
     @property
     def n_iter_(self):
-        """Iterations of the solves of the last call, the largest over its right-hand sides.
+        """Steps of the solves of the last call, the largest over its right-hand sides.
 
-        Set by each call that solves (:meth:`transform`, :meth:`influences`,
-        :meth:`self_influence`, ...), not by ``fit``.
+        After ``fit``, the power iteration's steps (0 with a given
+        ``scale``); then set by each call that solves (:meth:`transform`,
+        :meth:`influences`, :meth:`self_influence`, ...).
         """
         return self._last_solve_value("n_iter")
 
     def _build_inverse(self):
         self._minibatch_seed = self._seed  # one sequence of mini-batches for every solve of this fit
+        # With mini-batches the change per step does not fall below their noise: run max_iter steps.
+        self.rtol_ = (0.0 if self._stochastic() else _RTOL) if self.rtol == "auto" else float(self.rtol)
         if self.scale != "auto":
             self.scale_ = float(self.scale)
             self.largest_eigenvalue_ = None
+            self._record_fit_iterations(0)
             return
         largest, _, smallest_ritz = self._spectrum()
+        # Files saved by skinfl < 0.2 did not record the steps.
+        self._record_fit_iterations(self._factor_metadata.get("power_iteration_steps", 0))
         self.largest_eigenvalue_ = largest
         top = largest + self.regularization_
         if top <= 0:
@@ -524,7 +512,7 @@ class LissaInfluence(BaseInfluence):
                 scale=self.scale_,
                 dampen=self.dampen,
                 max_iter=self.max_iter,
-                rtol=self.rtol,
+                rtol=self.rtol_,
                 check_every=self.check_every,
                 progress=bar,
             )
@@ -576,13 +564,13 @@ class LissaInfluence(BaseInfluence):
         changes = torch.cat([report.relative_changes.cpu() for report in reports])
         failed = status == MAX_ITER
         n_failed = int(failed.sum())
-        if n_failed == 0 or self.rtol == 0:
+        if n_failed == 0 or self.rtol_ == 0:
             return None
         worst = float(changes[failed].max())
         message = (
             f"LiSSA did not converge for {n_failed} of {len(status)} right-hand sides within max_iter="
             f"{self.max_iter} iterations: the mean change per iteration over the last {self.check_every} "
-            f"iterations is up to {worst:.3g} of the iterate, above rtol={self.rtol:g}. Raise max_iter, or "
+            f"iterations is up to {worst:.3g} of the iterate, above rtol={self.rtol_:g}. Raise max_iter, or "
             "regularization (fewer iterations needed)"
         )
         if self._stochastic():

@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+from .._docs import shared_docs
 from .._linalg.nystroem import nystroem_sketch
 from .low_rank import _LowRankInfluence
 
 
+@shared_docs(
+    progress="the sketch's curvature products",
+    memory="the sketch",
+    random_state="the test matrix ``Omega``",
+    unpenalized_parameters="regularized",
+)
 class NystroemInfluence(_LowRankInfluence):
     """Influence with a randomised Nystroem sketch of the curvature and the Woodbury inverse.
 
@@ -38,29 +45,16 @@ class NystroemInfluence(_LowRankInfluence):
 
     Parameters
     ----------
-    model : torch.nn.Module, skorch net or scikit-learn model
-        The trained model. It is copied in ``fit`` and evaluated in eval mode;
-        influence is taken with respect to its parameters that require gradients.
-        A fitted skorch net stands for its ``module_``; a fitted
-        ``LogisticRegression``, ``LinearRegression``, ``Ridge``,
-        ``SGDClassifier(loss="log_loss")``, ``MLPClassifier`` or
-        ``MLPRegressor`` is converted to an equivalent torch module (see
-        ``model_`` and :ref:`user-guide-models`).
-    loss : {"auto", "cross_entropy", "mse", "bce_with_logits"}, torch.nn loss module or callable, default="auto"
-        The training loss. ``"auto"`` is the loss a skorch net or scikit-learn
-        model was trained with, and ``"cross_entropy"`` for a torch module. A
-        callable takes ``(output, target)`` and returns the scalar mean loss of
-        a batch, and must be picklable to save the estimator.
-    regularization : float or "auto", default=1e-3
+    {model}
+    {loss}
+    {regularization}
         ``lambda >= 0`` added as ``lambda * I`` to the curvature, and the
         curvature given to the directions outside the sketch: choose it at
         least about the size of the sketch's smallest eigenvalues
         (``eigenvalues_[-1]``). With ``regularization=0`` the term
         ``(I - U U^T) / lambda`` is dropped and the inverse is
         ``U diag(1 / s) U^T`` (exact only at full rank).
-        ``"auto"`` takes the model's own penalty (a scikit-learn model's, a
-        skorch optimizer's weight decay), resolved in ``regularization_``.
-    second_order : {"hessian", "gauss_newton"}, default="hessian"
+    {second_order}
         Which curvature to sketch. ``"gauss_newton"`` is positive
         semi-definite, which the Nystroem approximation assumes.
     rank : int, default=50
@@ -69,61 +63,22 @@ class NystroemInfluence(_LowRankInfluence):
         n_params`` values. A good rank reaches past the eigenvalues that are
         large next to ``regularization``: if ``eigenvalues_[-1]`` is much
         larger than ``regularization``, raise it.
-    batch_size : int, default=512
-        Samples per batched pass over the data; also the number of
-        gradients solved at a time, which bounds the memory of every method.
-    device : str or torch.device, default=None
-        Where the work runs; None uses the model's device.
-    progress : bool, default=False
-        Show tqdm progress bars: the sketch's curvature products, and the
-        passes over the data for gradients.
-    memory : str, joblib.Memory or None, default=None
-        Directory (or ``joblib.Memory``) in which to cache the sketch. It
-        depends on the model, the data, ``loss``, ``second_order`` and
-        ``random_state``, and not on ``regularization`` or ``rank``: a
-        candidate with a smaller rank than the cached sketch takes its top
-        ``rank`` pairs (the best rank-``rank`` approximation of the larger
-        sketch, usually better than a fresh sketch of that rank), one with a
-        larger rank sketches again and replaces the entry. List ``rank``
-        values in descending order in a grid, so that the first candidate
-        computes the largest and a search sketches once per training set.
-        Entries are tensors and JSON, never unpickled.
-    random_state : int, RandomState instance or None, default=None
-        Seeds the test matrix ``Omega`` and the probes of :meth:`score`.
+    {batch_size}
+    {device}
+    {progress}
+    {memory}
+        ``rank`` is not among them: a candidate with a smaller rank than the
+        cached sketch takes its top ``rank`` pairs (the best rank-``rank``
+        approximation of the larger sketch, usually better than a fresh
+        sketch of that rank), one with a larger rank sketches again and
+        replaces the entry. List ``rank`` values in descending order in a
+        grid, so that the first candidate computes the largest and a search
+        sketches once per training set.
+    {random_state}
 
     Attributes
     ----------
-    n_params_ : int
-        Number of trainable parameters.
-    n_samples_fit_ : int
-        Number of fitted training samples.
-    n_features_in_ : int
-        Number of input values per sample.
-    input_shape_ : tuple of int
-        Per-sample input shape.
-    output_shape_ : tuple of int
-        Per-sample output shape of the model.
-    device_ : torch.device
-        Device the estimator computes on.
-    model_ : torch.nn.Module
-        The evaluation copy of the model (of the converted module for a
-        scikit-learn model, of ``module_`` for a skorch net).
-    regularization_ : float
-        The regularization used: ``regularization``, or the model's own
-        penalty when it is ``"auto"``.
-    unpenalized_parameters_ : list of str
-        With ``regularization="auto"``, the parameters the model's own penalty
-        leaves out (a scikit-learn model's intercepts, a skorch parameter
-        group without weight decay). This estimator regularizes them too
-        (its inverse needs one ``regularization`` for all parameters);
-        :class:`DirectInfluence` and :class:`CgInfluence` leave them out.
-    classes_ : numpy.ndarray
-        Labels of a scikit-learn classifier: targets are given as these
-        labels. Only with a scikit-learn classifier as ``model``.
-    loss_ : object
-        The resolved loss.
-    trainable_parameters_ : list of str
-        Names of the parameters influence is taken with respect to.
+    {fitted_attributes}
     eigenvalues_ : torch.Tensor of shape ``(rank_,)``
         Eigenvalues of the sketch, largest first, in float64, without
         regularization.

@@ -1,4 +1,4 @@
-"""InverseHarmonicMeanInfluence (DataInf) against its closed form, built from looped per-sample gradients.
+"""DataInfInfluence (DataInf) against its closed form, built from looped per-sample gradients.
 
 The estimator never equals the inverse of the curvature (it is left out of
 the registry's exactness tests); it must equal, to rounding, the
@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from conftest import reference_gradients
 from torch import nn
 
-from skinfl import DirectInfluence, InverseHarmonicMeanInfluence, load, save
+from skinfl import DirectInfluence, DataInfInfluence, load, save
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -77,7 +77,7 @@ def mlp_problem(classification_problem):
 def test_mlp_equals_the_explicit_harmonic_mean(mlp_problem, block_structure):
     model, X, y, X_test, y_test, G, G_test = mlp_problem
     regularization = 0.05
-    est = InverseHarmonicMeanInfluence(model, regularization=regularization,
+    est = DataInfInfluence(model, regularization=regularization,
                                        block_structure=block_structure).fit(X, y)
     spans = MLP_SPANS[block_structure]
     M = harmonic_mean_matrix(G, spans, [regularization] * len(spans))
@@ -96,7 +96,7 @@ def test_influences_against_other_labelled_data(mlp_problem):
     model, X, y, X_test, y_test, G, G_test = mlp_problem
     X_other, y_other = X_test[:3] * 2, torch.tensor([2, 0, 1])
     G_other = reference_gradients(model, X_other, y_other, F.cross_entropy)
-    est = InverseHarmonicMeanInfluence(model, regularization=0.05).fit(X[:40], y[:40])
+    est = DataInfInfluence(model, regularization=0.05).fit(X[:40], y[:40])
     M = harmonic_mean_matrix(G[:40], MLP_SPANS["layer"], [0.05, 0.05])  # always over the fitted data
     assert_close(est.influences(X_test, y_test, X_other, y_other), G_test @ M @ G_other.T)
 
@@ -108,7 +108,7 @@ def test_linear_regression_equals_the_explicit_harmonic_mean(linear_regression, 
     G = reference_gradients(model, X, y, F.mse_loss)
     # Closed form of the least-squares gradient, 2 (x.w - y) x: the reference gradients are right.
     torch.testing.assert_close(G, 2 * (X @ model.weight.detach().T - y) * X)
-    est = InverseHarmonicMeanInfluence(model, loss="mse", regularization=0.3,
+    est = DataInfInfluence(model, loss="mse", regularization=0.3,
                                        block_structure=block_structure).fit(X[:60], y[:60])
     assert est.blocks_ == [("", ("weight",), 4)]  # a bare Linear is the root module: one block either way
     M = harmonic_mean_matrix(G[:60], [slice(0, 4)], [0.3])
@@ -121,7 +121,7 @@ def test_linear_regression_equals_the_explicit_harmonic_mean(linear_regression, 
 def test_one_training_point_gives_the_exact_block_inverse(mlp_problem, block_structure):
     """With n = 1 there is nothing to swap: Sherman-Morrison inverts ``g g^T + lambda I`` exactly."""
     model, X, y, X_test, y_test, G, G_test = mlp_problem
-    est = InverseHarmonicMeanInfluence(model, regularization=0.02,
+    est = DataInfInfluence(model, regularization=0.02,
                                        block_structure=block_structure).fit(X[:1], y[:1])
     exact = block_fisher_inverse(G[:1], MLP_SPANS[block_structure], 0.02)
     assert_close(est.transform(X_test, y_test), G_test @ exact)
@@ -132,7 +132,7 @@ def test_the_swap_error_shrinks_as_regularization_grows(mlp_problem):
     model, X, y, X_test, y_test, G, G_test = mlp_problem
     errors = []
     for regularization in (1e-3, 1e-1, 1e1):
-        est = InverseHarmonicMeanInfluence(model, regularization=regularization).fit(X, y)
+        est = DataInfInfluence(model, regularization=regularization).fit(X, y)
         exact = G_test @ block_fisher_inverse(G, MLP_SPANS["layer"], regularization)
         errors.append(float((est.transform(X_test, y_test) - exact).norm() / exact.norm()))
     assert errors[0] > errors[1] > errors[2]
@@ -141,7 +141,7 @@ def test_the_swap_error_shrinks_as_regularization_grows(mlp_problem):
 
 def test_relative_regularization_scales_each_block(mlp_problem):
     model, X, y, X_test, y_test, G, G_test = mlp_problem
-    est = InverseHarmonicMeanInfluence(model, regularization=0.1, relative_regularization=True,
+    est = DataInfInfluence(model, regularization=0.1, relative_regularization=True,
                                        block_structure="parameter").fit(X, y)
     spans = MLP_SPANS["parameter"]
     # DataInf's lambda_l: 0.1 times the mean over samples and parameters of the squared gradient.
@@ -153,7 +153,7 @@ def test_relative_regularization_scales_each_block(mlp_problem):
     M = harmonic_mean_matrix(G, spans, expected)
     assert_close(est.influences(X_test, y_test), G_test @ M @ G.T)
     # The same norms give the coarser blocks their traces.
-    layer = InverseHarmonicMeanInfluence(model, regularization=0.1, relative_regularization=True).fit(X, y)
+    layer = DataInfInfluence(model, regularization=0.1, relative_regularization=True).fit(X, y)
     expected = [0.1 * float((G[:, span] ** 2).mean()) for span in MLP_SPANS["layer"]]
     assert_close(layer.block_regularization_, torch.tensor(expected, dtype=torch.float64))
 
@@ -168,7 +168,7 @@ def test_relative_regularization_of_a_block_no_gradient_reaches():
     y = torch.arange(30) % 3
     G = reference_gradients(model, X, y, F.cross_entropy)
     assert float(G[:, :25].abs().max()) == 0.0
-    est = InverseHarmonicMeanInfluence(model, regularization=0.5, relative_regularization=True).fit(X, y)
+    est = DataInfInfluence(model, regularization=0.5, relative_regularization=True).fit(X, y)
     overall = 0.5 * float((G**2).sum(dim=1).mean()) / 43
     expected = [overall, 0.5 * float((G[:, 25:] ** 2).mean())]
     assert_close(est.block_regularization_, torch.tensor(expected, dtype=torch.float64))
@@ -179,14 +179,14 @@ def test_relative_regularization_of_a_block_no_gradient_reaches():
         still.weight.zero_()
     zeros = torch.zeros(30, 1, dtype=torch.float64)  # the model's own output: no loss, no gradient
     with pytest.raises(ValueError, match="Every training gradient is zero"):
-        InverseHarmonicMeanInfluence(still, loss="mse", relative_regularization=True).fit(X, zeros)
+        DataInfInfluence(still, loss="mse", relative_regularization=True).fit(X, zeros)
 
 
 @pytest.mark.parametrize("block_structure", ["layer", "full"])
 def test_results_do_not_depend_on_batch_size(mlp_problem, block_structure):
     model, X, y, X_test, y_test, _, _ = mlp_problem
     results = [
-        InverseHarmonicMeanInfluence(model, regularization=0.05, relative_regularization=True,
+        DataInfInfluence(model, regularization=0.05, relative_regularization=True,
                                      block_structure=block_structure, batch_size=batch_size)
         .fit(X, y).influences(X_test, y_test)
         for batch_size in (1, 7, 60, 1000)
@@ -197,17 +197,17 @@ def test_results_do_not_depend_on_batch_size(mlp_problem, block_structure):
 
 def test_errors_name_the_fix(mlp_problem):
     model, X, y, *_ = mlp_problem
-    assert InverseHarmonicMeanInfluence(model).second_order == "gauss_newton"
+    assert DataInfInfluence(model).second_order == "gauss_newton"
     with pytest.raises(ValueError, match="second_order='hessian'") as error:
-        InverseHarmonicMeanInfluence(model, second_order="hessian").fit(X, y)
+        DataInfInfluence(model, second_order="hessian").fit(X, y)
     for part in ("Gauss-Newton", "second_order='gauss_newton'", "DirectInfluence", "CgInfluence"):
         assert part in str(error.value)
     with pytest.raises(ValueError, match="needs regularization > 0"):
-        InverseHarmonicMeanInfluence(model, regularization=0).fit(X, y)
+        DataInfInfluence(model, regularization=0).fit(X, y)
     with pytest.raises(ValueError, match="'regularization' parameter"):
-        InverseHarmonicMeanInfluence(model, regularization=-1.0).fit(X, y)
+        DataInfInfluence(model, regularization=-1.0).fit(X, y)
     with pytest.raises(ValueError, match="'block_structure' parameter"):
-        InverseHarmonicMeanInfluence(model, block_structure="module").fit(X, y)
+        DataInfInfluence(model, block_structure="module").fit(X, y)
 
 
 def test_score_is_the_held_out_residual_of_this_inverse(linear_regression):
@@ -215,7 +215,7 @@ def test_score_is_the_held_out_residual_of_this_inverse(linear_regression):
     model, X, y, _ = linear_regression
     X, y = torch.tensor(X), torch.tensor(y)
     G = reference_gradients(model, X, y, F.mse_loss)
-    est = InverseHarmonicMeanInfluence(model, loss="mse", regularization=0.3).fit(X[:60], y[:60])
+    est = DataInfInfluence(model, loss="mse", regularization=0.3).fit(X[:60], y[:60])
     U = G[60:] @ harmonic_mean_matrix(G[:60], [slice(0, 4)], [0.3])
     curvature = 2 * X[60:].T @ X[60:] / 20  # Gauss-Newton (= Hessian) of the held-out squared error
     expected = -float((((U @ curvature - G[60:]) ** 2).sum(dim=1) / (G[60:] ** 2).sum(dim=1)).mean())
@@ -226,26 +226,26 @@ def test_relative_regularization_factors_are_cached_across_regularization_and_bl
                                                                                      monkeypatch):
     model, X, y, X_test, y_test, _, _ = mlp_problem
     calls = []
-    original = InverseHarmonicMeanInfluence._compute_factors
+    original = DataInfInfluence._compute_factors
 
     def counting(self, curvature):
         calls.append(1)
         return original(self, curvature)
 
-    monkeypatch.setattr(InverseHarmonicMeanInfluence, "_compute_factors", counting)
+    monkeypatch.setattr(DataInfInfluence, "_compute_factors", counting)
     settings = [(0.1, "layer"), (1.0, "layer"), (0.1, "full"), (0.1, "parameter")]
     for regularization, block_structure in settings:
         params = dict(regularization=regularization, relative_regularization=True,
                       block_structure=block_structure)
-        cached = InverseHarmonicMeanInfluence(model, memory=tmp_path, **params).fit(X, y)
-        fresh = InverseHarmonicMeanInfluence(model, **params).fit(X, y)
+        cached = DataInfInfluence(model, memory=tmp_path, **params).fit(X, y)
+        fresh = DataInfInfluence(model, **params).fit(X, y)
         assert torch.equal(cached.influences(X_test, y_test), fresh.influences(X_test, y_test))
     assert len(calls) == 1 + len(settings)  # one computation with the cache, one per fresh fit
 
 
 def test_relative_regularization_round_trips_without_training_data(mlp_problem, tmp_path):
     model, X, y, X_test, y_test, _, _ = mlp_problem
-    est = InverseHarmonicMeanInfluence(model, regularization=0.1, relative_regularization=True,
+    est = DataInfInfluence(model, regularization=0.1, relative_regularization=True,
                                        block_structure="parameter").fit(X, y)
     loaded = load(save(est, tmp_path / "with.skinfl"), model)
     assert loaded.blocks_ == est.blocks_
@@ -263,7 +263,7 @@ def test_frozen_layers_are_left_out(classification_problem):
     partly_frozen = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
     partly_frozen.load_state_dict(model.state_dict())
     partly_frozen[0].weight.requires_grad_(False)
-    est = InverseHarmonicMeanInfluence(partly_frozen, regularization=0.05).fit(X, y)
+    est = DataInfInfluence(partly_frozen, regularization=0.05).fit(X, y)
     assert est.blocks_ == [("0", ("0.bias",), 5), ("2", ("2.weight", "2.bias"), 18)]
     G = reference_gradients(model, X, y, F.cross_entropy)[:, 20:]  # all but the frozen weight
     M = harmonic_mean_matrix(G, [slice(0, 5), slice(5, 23)], [0.05, 0.05])
@@ -273,7 +273,7 @@ def test_frozen_layers_are_left_out(classification_problem):
 def test_agrees_with_the_exact_gauss_newton_inverse_where_blocks_are_small(mlp_problem):
     """Not an identity, a sanity check: on this small model the scores largely agree with DirectInfluence."""
     model, X, y, X_test, y_test, _, _ = mlp_problem
-    approximate = InverseHarmonicMeanInfluence(model, regularization=0.1).fit(X, y).influences(X_test, y_test)
+    approximate = DataInfInfluence(model, regularization=0.1).fit(X, y).influences(X_test, y_test)
     exact = DirectInfluence(model, regularization=0.1, second_order="gauss_newton").fit(X, y)
     exact = exact.influences(X_test, y_test)
     correlation = np.corrcoef(approximate.reshape(-1).numpy(), exact.reshape(-1).numpy())[0, 1]

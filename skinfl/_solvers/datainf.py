@@ -1,14 +1,18 @@
-"""InverseHarmonicMeanInfluence: DataInf's closed-form inverse, block by block."""
+"""DataInfInfluence: DataInf's closed-form inverse, block by block; InverseHarmonicMeanInfluence, its
+former name, as a deprecated alias."""
 
 from __future__ import annotations
 
+import functools
 from numbers import Real
 
 import torch
 
+from .._docs import shared_docs
 from .._gradients import iter_gradients
 from .._layers import module_blocks, whole_model_block
 from .._validation import Interval, StrOptions
+from .._warnings import warn
 from ..base import BaseInfluence
 
 _BLOCK_STRUCTURES = ("layer", "parameter", "full")
@@ -61,8 +65,14 @@ def harmonic_mean_solve(fmodel, data, batch_size, spans, regularizations, vector
     return solution
 
 
-class InverseHarmonicMeanInfluence(BaseInfluence):
-    r"""Influence with DataInf's inverse harmonic mean of rank-one terms, per block of parameters.
+@shared_docs(
+    progress="the pass over the data for the gradient norms of ``relative_regularization``",
+    memory="the mean squared gradient norms that ``relative_regularization=True`` computes in ``fit`` (one "
+           "value per parameter tensor)",
+    unpenalized_parameters="regularized",
+)
+class DataInfInfluence(BaseInfluence):
+    r"""Influence with DataInf: the inverse harmonic mean of rank-one terms, per block of parameters.
 
     DataInf (Kwon, Wu, Wu and Zou, "DataInf: Efficiently estimating data
     influence in LoRA-tuned LLMs and diffusion models", ICLR 2024) replaces
@@ -111,20 +121,9 @@ class InverseHarmonicMeanInfluence(BaseInfluence):
 
     Parameters
     ----------
-    model : torch.nn.Module, skorch net or scikit-learn model
-        The trained model. It is copied in ``fit`` and evaluated in eval mode;
-        influence is taken with respect to its parameters that require gradients.
-        A fitted skorch net stands for its ``module_``; a fitted
-        ``LogisticRegression``, ``LinearRegression``, ``Ridge``,
-        ``SGDClassifier(loss="log_loss")``, ``MLPClassifier`` or
-        ``MLPRegressor`` is converted to an equivalent torch module (see
-        ``model_`` and :ref:`user-guide-models`).
-    loss : {"auto", "cross_entropy", "mse", "bce_with_logits"}, torch.nn loss module or callable, default="auto"
-        The training loss. ``"auto"`` is the loss a skorch net or scikit-learn
-        model was trained with, and ``"cross_entropy"`` for a torch module. A
-        callable takes ``(output, target)`` and returns the scalar mean loss of
-        a batch, and must be picklable to save the estimator.
-    regularization : float or "auto", default=0.1
+    {model}
+    {loss}
+    {regularization}
         ``lambda > 0`` added to each rank-one term ``g g^T`` (the formula
         divides by it, so 0 is an error). Influences scale as ``1 /
         lambda``. The approximation is accurate when ``lambda`` is large
@@ -135,9 +134,7 @@ class InverseHarmonicMeanInfluence(BaseInfluence):
         further changes their scale more than their ranking. The default is
         larger than the other estimators' for that reason. To choose it,
         search it with :meth:`score` or a scorer of ``skinfl.metrics``.
-        ``"auto"`` takes the model's own penalty (a scikit-learn model's, a
-        skorch optimizer's weight decay), resolved in ``regularization_``.
-    second_order : {"gauss_newton"}, default="gauss_newton"
+    {second_order}
         The curvature approximated: the Gauss-Newton matrix, through the
         empirical Fisher of the training gradients. The Hessian is never
         used, so ``"hessian"`` is an error; for it use
@@ -163,59 +160,17 @@ class InverseHarmonicMeanInfluence(BaseInfluence):
         mean diagonal over all parameters. If False, every block uses
         ``regularization`` itself, the meaning it has in the other
         estimators.
-    batch_size : int, default=512
-        Samples per batched pass over the data; also the number of
-        gradients solved together, which bounds the memory of every method.
-    device : str or torch.device, default=None
-        Where the work runs; None uses the model's device.
-    progress : bool, default=False
-        Show tqdm progress bars: the passes over the data for gradients
-        and their norms.
-    memory : str, joblib.Memory or None, default=None
-        Directory (or ``joblib.Memory``) in which to cache the
-        mean squared gradient norms that ``relative_regularization=True``
-        computes in ``fit`` (one value per parameter tensor). They depend on
-        the model, the data and ``loss``, not on ``regularization`` or
-        ``block_structure``. Without ``relative_regularization`` nothing
-        costly is computed in ``fit`` and the cache holds nothing. Entries
-        are tensors and JSON, never unpickled.
-    random_state : int, RandomState instance or None, default=None
-        Draws the probes of :meth:`score`; the influences themselves are
-        deterministic.
+    {batch_size}
+    {device}
+    {progress}
+    {memory}
+        Without ``relative_regularization`` nothing costly is computed in
+        ``fit`` and the cache holds nothing.
+    {random_state}
 
     Attributes
     ----------
-    n_params_ : int
-        Number of trainable parameters.
-    n_samples_fit_ : int
-        Number of fitted training samples.
-    n_features_in_ : int
-        Number of input values per sample.
-    input_shape_ : tuple of int
-        Per-sample input shape.
-    output_shape_ : tuple of int
-        Per-sample output shape of the model.
-    device_ : torch.device
-        Device the estimator computes on.
-    model_ : torch.nn.Module
-        The evaluation copy of the model (of the converted module for a
-        scikit-learn model, of ``module_`` for a skorch net).
-    regularization_ : float
-        The regularization used: ``regularization``, or the model's own
-        penalty when it is ``"auto"``.
-    unpenalized_parameters_ : list of str
-        With ``regularization="auto"``, the parameters the model's own penalty
-        leaves out (a scikit-learn model's intercepts, a skorch parameter
-        group without weight decay). This estimator regularizes them too
-        (its inverse needs one ``regularization`` for all parameters);
-        :class:`DirectInfluence` and :class:`CgInfluence` leave them out.
-    classes_ : numpy.ndarray
-        Labels of a scikit-learn classifier: targets are given as these
-        labels. Only with a scikit-learn classifier as ``model``.
-    loss_ : object
-        The resolved loss.
-    trainable_parameters_ : list of str
-        Names of the parameters influence is taken with respect to.
+    {fitted_attributes}
     blocks_ : list of tuple
         One ``(module_name, parameter_names, size)`` per block, in the order
         of the flat parameter vector: the module's name in the model
@@ -238,11 +193,11 @@ class InverseHarmonicMeanInfluence(BaseInfluence):
     Examples
     --------
     >>> import torch
-    >>> from skinfl import InverseHarmonicMeanInfluence
+    >>> from skinfl import DataInfInfluence
     >>> _ = torch.manual_seed(0)
     >>> model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
     >>> X, y = torch.randn(20, 3), torch.randint(0, 2, (20,))
-    >>> est = InverseHarmonicMeanInfluence(model, regularization=0.1).fit(X, y)
+    >>> est = DataInfInfluence(model, regularization=0.1).fit(X, y)
     >>> [(name, size) for name, _, size in est.blocks_]
     [('0', 16), ('2', 10)]
     >>> est.influences(X[:2], y[:2]).shape
@@ -289,7 +244,7 @@ class InverseHarmonicMeanInfluence(BaseInfluence):
         # The two settings the general constraints would reject without saying why.
         if isinstance(self.second_order, str) and self.second_order == "hessian":
             raise ValueError(
-                "InverseHarmonicMeanInfluence does not support second_order='hessian': DataInf approximates "
+                "DataInfInfluence does not support second_order='hessian': DataInf approximates "
                 "the Gauss-Newton matrix through the empirical Fisher (the mean of g g^T over training "
                 "gradients) and never uses the Hessian. Use second_order='gauss_newton' (the default), or "
                 "an estimator that inverts the Hessian: DirectInfluence (small models) or CgInfluence."
@@ -301,7 +256,7 @@ class InverseHarmonicMeanInfluence(BaseInfluence):
     def _check_regularization(self, regularization):
         if regularization == 0:
             raise ValueError(
-                "InverseHarmonicMeanInfluence needs regularization > 0: each rank-one term g g^T is singular "
+                "DataInfInfluence needs regularization > 0: each rank-one term g g^T is singular "
                 "and the closed-form inverse divides by the regularization. Use for example "
                 "regularization=0.1 (the default), or regularization=0.1 with relative_regularization=True "
                 "(DataInf's choice)."
@@ -353,3 +308,22 @@ class InverseHarmonicMeanInfluence(BaseInfluence):
         curvature = self._curvature()
         return harmonic_mean_solve(curvature.fmodel, curvature.data, self.batch_size, self._spans,
                                    self._block_regularization, gradients)
+
+
+class InverseHarmonicMeanInfluence(DataInfInfluence, alias_of="DataInfInfluence"):
+    """Deprecated alias of :class:`DataInfInfluence`.
+
+    .. deprecated:: 0.2
+       ``InverseHarmonicMeanInfluence`` was renamed ``DataInfInfluence`` in
+       skinfl 0.2 and will be removed in 0.4. It is not a registered estimator
+       of its own; files saved under this name load as ``DataInfInfluence``.
+    """
+
+    @functools.wraps(DataInfInfluence.__init__)
+    def __init__(self, model, **params):
+        warn(
+            "InverseHarmonicMeanInfluence was renamed DataInfInfluence in skinfl 0.2 and will be removed in "
+            "0.4; use DataInfInfluence.",
+            FutureWarning,
+        )
+        super().__init__(model, **params)
