@@ -42,7 +42,7 @@ OTHER_VALUES = {
     "random_state": [1],
     "rtol": [1e-11],
     "atol": [1e-14],
-    "max_iter": [4000],
+    "max_iter": {"CgInfluence": [4000], "ArnoldiInfluence": [4000], "LissaInfluence": [40]},
     "solver": {"DirectInfluence": ["eigh"], "CgInfluence": ["independent"], "ArnoldiInfluence": ["arpack"]},
     "max_params": [5000],
     "preconditioner": ["jacobi", "ekfac", None],
