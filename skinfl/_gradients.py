@@ -112,7 +112,8 @@ def perturbation_batch(fmodel, inverse_gradients, x, y):
     input gradient of a directional derivative (reverse over forward): in
     torch 2.13, torch.func's reverse-over-forward derivatives through
     ``layer_norm`` are wrong (off by a factor of ten against finite
-    differences), and transformers are full of layer norms.
+    differences; pytorch/pytorch#196700 reports its second-order forward
+    derivative), and transformers are full of layer norms.
     """
     tangents = fmodel.layout.unflatten(inverse_gradients)
 

@@ -79,7 +79,7 @@ def reference_hessian(model, X, y, loss_fn):
     By classic double backward: torch.func's ``hessian`` (and ``jacrev`` of
     ``jacrev``) returns a wrong, asymmetric Hessian through ``LayerNorm`` in
     torch 2.13 (off by 1.9 in entries of 6; finite differences agree with
-    double backward).
+    double backward; see pytorch/pytorch#196700).
     """
     def mean_loss(flat):
         return loss_fn(functional_call(model, unflatten(model, flat), (X,)), y)
