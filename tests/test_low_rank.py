@@ -480,3 +480,29 @@ def test_float32_models_keep_their_dtype():
         est = cls(model, rank=10, regularization=0.01, random_state=0).fit(X, y)
         assert est._factors["eigenvectors"].dtype == torch.float32 and est.eigenvalues_.dtype == torch.float64
         assert est.influences(X[:2], y[:2]).dtype == torch.float32
+
+
+def linear_loss(output, target):
+    """A loss linear in the output: of a linear model, its Hessian and Gauss-Newton matrix are zero."""
+    return (output * target).sum()
+
+
+@pytest.mark.parametrize("second_order", ["hessian", "gauss_newton"])
+@pytest.mark.parametrize("cls", [ArnoldiInfluence, NystroemInfluence])
+def test_a_curvature_that_is_zero_gives_the_gradients_over_regularization(cls, second_order):
+    # (0 + lambda I)^-1 g = g / lambda; the sketch of a zero curvature is empty (rank_ 0), Lanczos's pairs all
+    # zero. At regularization 0 every direction is without curvature: the pseudo-inverse is zero.
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3).double()
+    generator = torch.Generator().manual_seed(0)
+    X = torch.randn(20, 4, generator=generator, dtype=torch.float64)
+    y = torch.randn(20, 3, generator=generator, dtype=torch.float64)
+    gradients = torch.cat([(y[:5, :, None] * X[:5, None, :]).reshape(5, -1), y[:5]], dim=1)
+    est = cls(model, loss=linear_loss, regularization=0.5, rank=15, second_order=second_order,
+              random_state=0).fit(X, y)
+    assert est.rank_ == (0 if cls is NystroemInfluence else 15)
+    torch.testing.assert_close(est.transform(X[:5], y[:5]), gradients / 0.5, rtol=1e-12, atol=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NotPositiveDefiniteWarning)
+        est.set_params(regularization=0.0).fit(X, y)
+    assert torch.equal(est.transform(X[:5], y[:5]), torch.zeros(5, 15, dtype=torch.float64))

@@ -282,3 +282,21 @@ def test_freed_memory_is_handed_back_where_the_allocator_allows():
     _memory.release_freed_memory()  # never fails
     if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
         assert _memory._malloc_trim() is not None
+
+
+@pytest.mark.parametrize("preconditioner", ["nystroem", "ekfac", None])
+def test_cg_on_a_curvature_that_is_zero_gives_the_gradients_over_regularization(preconditioner):
+    # A loss linear in the output of a linear model has zero Hessian and Gauss-Newton matrix: the solves are
+    # g / lambda exactly, whatever the preconditioner (Nystroem's sketch of it is empty, EK-FAC's factors
+    # zero).
+    from test_low_rank import linear_loss
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3).double()
+    generator = torch.Generator().manual_seed(0)
+    X = torch.randn(20, 4, generator=generator, dtype=torch.float64)
+    y = torch.randn(20, 3, generator=generator, dtype=torch.float64)
+    gradients = torch.cat([(y[:5, :, None] * X[:5, None, :]).reshape(5, -1), y[:5]], dim=1)
+    est = CgInfluence(model, loss=linear_loss, regularization=0.5, preconditioner=preconditioner,
+                      random_state=0).fit(X, y)
+    torch.testing.assert_close(est.transform(X[:5], y[:5]), gradients / 0.5, rtol=1e-12, atol=0)
