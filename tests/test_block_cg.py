@@ -317,3 +317,47 @@ def test_one_right_hand_side_runs_plain_cg(classification_problem, monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error", CgConvergenceWarning)
         est.transform(X[:1], y[:1])
+
+
+# ------------------------------------------------------------- edge cases of both solvers
+def cg_solver(name):
+    from skinfl._linalg.cg import batched_conjugate_gradient
+
+    return block_conjugate_gradient if name == "block" else batched_conjugate_gradient
+
+
+@pytest.mark.parametrize("solver", ["block", "independent"])
+def test_a_direction_of_exactly_zero_curvature_is_negative_curvature(solver):
+    # A positive semi-definite matrix with a null space, and a right-hand side in it: the first direction has
+    # p^T A p = 0 exactly, where no CG step exists; the system stops there, with the finite iterate x = 0.
+    matrix = torch.diag(torch.tensor([0.0, 1.0, 2.0, 3.0], dtype=torch.float64))
+    rhs = torch.tensor([[1.0, 0.0, 0.0, 0.0]], dtype=torch.float64)
+    solution, report = cg_solver(solver)(Recording(matrix), rhs, rtol=1e-10, atol=0.0, max_iter=10)
+    assert report.status.tolist() == [NEGATIVE_CURVATURE]
+    assert torch.equal(solution, torch.zeros(1, 4, dtype=torch.float64))
+
+
+def test_an_exact_step_converges_at_zero_tolerance():
+    # For A = 2 I the first CG step is exact in floating point (residual exactly 0), which meets
+    # rtol = atol = 0; the next direction would be zero, with no curvature to step along.
+    from skinfl._linalg.cg import batched_conjugate_gradient
+
+    matrix = 2 * torch.eye(5, dtype=torch.float64)
+    rhs = random_rhs(3)[:, :5]
+    solution, report = batched_conjugate_gradient(Recording(matrix), rhs, rtol=0.0, atol=0.0, max_iter=10)
+    assert report.status.tolist() == [CONVERGED] * 3 and report.n_iter == 1
+    assert torch.equal(report.relative_residuals, torch.zeros(3, dtype=torch.float64))
+    torch.testing.assert_close(solution, rhs / 2, rtol=1e-15, atol=0)
+
+
+@pytest.mark.parametrize("solver", ["block", "independent"])
+def test_a_tolerance_the_zero_solution_meets_runs_no_iteration(solver):
+    # ||b - A 0|| = ||b|| <= rtol ||b|| for rtol = 1: x = 0 is a solution to that tolerance, returned
+    # without a product.
+    matrix = spd_matrix(SPECTRA["spread"])
+    rhs = random_rhs(3)
+    apply = Recording(matrix)
+    solution, report = cg_solver(solver)(apply, rhs, rtol=1.0, atol=0.0, max_iter=10)
+    assert report.status.tolist() == [CONVERGED] * 3 and report.n_iter == 0 and apply.sizes == []
+    assert torch.equal(solution, torch.zeros_like(rhs))
+    assert torch.equal(report.relative_residuals, torch.ones(3, dtype=torch.float64))

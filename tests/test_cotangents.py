@@ -169,3 +169,20 @@ def test_jacobi_diagonal_is_the_gauss_newton_diagonal(n_outputs):
         torch.testing.assert_close(jacobi, expected, rtol=1e-9, atol=1e-12)
     else:  # at least 1,024 drawn targets in all, whose noise is a few percent
         assert float(torch.linalg.norm(jacobi - expected) / torch.linalg.norm(expected)) < 0.15
+
+
+def test_nll_root_at_a_zero_probability_is_the_finite_curvature_of_log_p_plus_eps():
+    # NLLLoss on probabilities is -log(p + eps): at p = 0 (a softmax that underflowed) its curvature is
+    # w / eps**2, large but finite, and so is its root; never an infinite cotangent.
+    logits = torch.tensor([[0.0, 1.0, -800.0, 2.0], [1.0, 0.0, 0.0, 0.0]], dtype=DOUBLE)
+    output = torch.softmax(logits, 1)
+    target = torch.tensor([2, 0])
+    assert output[0, 2] == 0
+    spec = LossSpec("nll", nn.NLLLoss(weight=CLASS_WEIGHTS), takes_probabilities=True).fitted([target])
+    roots = output_hessian_roots(spec, output, target)
+    assert torch.isfinite(roots).all()
+    expected = output_hessians(spec, output, target)
+    eps = torch.finfo(DOUBLE).eps
+    torch.testing.assert_close(expected[0, 2, 2], CLASS_WEIGHTS[2] / spec.normalizer / eps**2, rtol=1e-12,
+                               atol=0)
+    torch.testing.assert_close(roots @ roots.transpose(1, 2), expected, rtol=1e-10, atol=1e-13)

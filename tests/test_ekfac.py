@@ -362,3 +362,131 @@ def test_cross_entropy_output_hessian_roots_in_closed_form(loss):
                                atol=1e-13)
     if not isinstance(loss, str) and loss.ignore_index == 1:
         assert torch.all(roots[target == 1] == 0)
+
+
+def test_corrected_eigenvalues_and_diagonal_from_many_draws_approach_the_exact_expectation():
+    # Each of n_target_draws cotangents counts 1 / n_target_draws in every statistic: the Kronecker factors,
+    # the corrected eigenvalues (of a convolution, several positions, and of a Linear layer, one) and the
+    # diagonal blocks (a LayerNorm's). Many draws approach the exact expectation in all three.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 2, 3, padding=1), nn.Tanh(), nn.Flatten(), nn.Linear(2 * 4 * 4, 3),
+                          nn.LayerNorm(3)).to(DOUBLE)
+    X, y = classification_data(n=16, shape=(2, 4, 4))
+    exact = EkfacInfluence(model, regularization=0.1, n_target_draws=None).fit(X, y)
+    drawn = EkfacInfluence(model, regularization=0.1, n_target_draws=300, random_state=0).fit(X, y)
+    kinds = []
+    for index, plan in enumerate(exact._plans):
+        if plan.is_kronecker:
+            expected, actual = block_matrix(exact, index, plan), block_matrix(drawn, index, plan)
+        else:
+            expected, actual = exact._factors["diagonal"], drawn._factors["diagonal"]
+        kinds.append(plan.kind)
+        assert float(torch.linalg.norm(actual - expected) / torch.linalg.norm(expected)) < 0.1, plan.name
+    assert kinds == ["conv2d", "linear", "diagonal"]
+
+
+def test_a_layer_without_curvature_at_zero_regularization_solves_to_zero():
+    # Regularization 0: the skipped layer's block is all zeros, at the rounding level of its own scale (0);
+    # it is left out (a pseudo-inverse, with a warning), not divided by zero. The used layer's block, a
+    # single Linear layer on MSE, is exactly its Gauss-Newton block, so the solve is DirectInfluence's on it.
+    torch.manual_seed(0)
+    model = _WithUnusedLayer().to(DOUBLE)
+    generator = torch.Generator().manual_seed(1)
+    X = torch.randn(30, 4, generator=generator, dtype=DOUBLE)
+    y = torch.randn(30, 3, generator=generator, dtype=DOUBLE)
+    with pytest.warns(NotPositiveDefiniteWarning, match="unused layers"):
+        est = EkfacInfluence(model, loss="mse", regularization=0.0, n_target_draws=None).fit(X, y)
+    solved = est.transform(X[:4], y[:4])
+    used, unused = est._plans[0].block.span, est._plans[1].block.span
+    assert torch.equal(solved[:, unused], torch.zeros(4, 15, dtype=DOUBLE))
+    direct = DirectInfluence(model.used, loss="mse", regularization=0.0, second_order="gauss_newton")
+    direct.fit(X, y)
+    torch.testing.assert_close(solved[:, used], direct.transform(X[:4], y[:4]), rtol=1e-9, atol=1e-12)
+    # As a preconditioner the same block is clamped to its rounding level instead: positive definite, and CG
+    # never multiplies it by anything but the zero residual of the skipped layer.
+    cg = CgInfluence(model, loss="mse", regularization=0.0, second_order="gauss_newton",
+                     preconditioner="ekfac", rtol=1e-12, solver="independent", random_state=0).fit(X, y)
+    torch.testing.assert_close(cg.transform(X[:4], y[:4]), solved, rtol=1e-8, atol=1e-12)
+    assert (cg.relative_residuals_ <= 1e-12).all()
+
+
+def test_zero_regularization_gives_the_pseudo_inverse_also_for_gradients_outside_the_data():
+    # Gradients of points other than the three fitted have components along the directions without
+    # curvature, which the pseudo-inverse leaves out (the fitted points' own gradients have none).
+    torch.manual_seed(0)
+    layer = nn.Linear(4, 3).to(DOUBLE)
+    X, y = classification_data(n=20)
+    with pytest.warns(NotPositiveDefiniteWarning, match="pseudo-inverse"):
+        est = EkfacInfluence(layer, regularization=0.0, n_target_draws=None).fit(X[:3], y[:3])
+    pseudo_inverse = torch.linalg.pinv(block_matrix(est, 0, est._plans[0]), rtol=1e-10, hermitian=True)
+    G = torch.stack([torch.cat([g.reshape(-1) for g in torch.autograd.grad(
+        F.cross_entropy(layer(X[i:i + 1]), y[i:i + 1]), [layer.weight, layer.bias])]) for i in range(10, 15)])
+    torch.testing.assert_close(est.transform(X[10:15], y[10:15]), G @ pseudo_inverse, rtol=1e-8, atol=1e-10)
+
+
+def test_a_regularization_at_the_rounding_level_of_a_block_leaves_out_the_same_directions_as_zero():
+    # A block's eigendecomposition rounds at eps times its largest value times the order of its larger
+    # factor (31 here, for 30 inputs and a bias): a regularization below that cannot tell a direction without
+    # curvature from one with, and gives the pseudo-inverse of regularization 0, not a division by it.
+    torch.manual_seed(0)
+    layer = nn.Linear(30, 3).to(DOUBLE)
+    X, y = classification_data(n=10, shape=(30,))
+    with pytest.warns(NotPositiveDefiniteWarning, match="pseudo-inverse"):
+        pseudo = EkfacInfluence(layer, regularization=0.0, n_target_draws=None).fit(X[:4], y[:4])
+    largest = float(pseudo._factors["0.eigenvalues"].max())
+    rounding = 4 * torch.finfo(DOUBLE).eps * largest  # above eps * largest, below 31 eps * largest
+    with pytest.warns(NotPositiveDefiniteWarning, match="pseudo-inverse"):
+        est = EkfacInfluence(layer, regularization=rounding, n_target_draws=None).fit(X[:4], y[:4])
+    assert est._inverse.n_singular == pseudo._inverse.n_singular > 0
+    torch.testing.assert_close(est.transform(X[4:], y[4:]), pseudo.transform(X[4:], y[4:]), rtol=1e-9, atol=0)
+
+
+@pytest.mark.parametrize("conv", [
+    {"padding": 1, "padding_mode": "circular"},
+    {"padding": 1, "padding_mode": "reflect"},
+    {"padding": "same"},
+], ids=["circular", "reflect", "same"])
+def test_convolutions_padded_otherwise_than_with_explicit_zeros_get_the_exact_diagonal(conv):
+    # KFC's patches are those of explicit zero padding; any other padding gets the exact Gauss-Newton
+    # diagonal.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 2, 3, **conv), nn.Tanh(), nn.Flatten(), nn.Linear(32, 3)).to(DOUBLE)
+    X, y = classification_data(n=8, shape=(2, 4, 4))
+    est = EkfacInfluence(model, regularization=0.1, n_target_draws=None).fit(X, y)
+    assert est.layer_approximations_["0"] == ("diagonal: 0.weight, 0.bias (padding other than explicit zero "
+                                              "padding)")
+    span = est._plans[0].block.span
+    expected = torch.diagonal(gauss_newton(model, X, y))[span]
+    torch.testing.assert_close(est._factors["diagonal"], expected, rtol=1e-9, atol=1e-12)
+
+
+def test_a_linear_layer_on_sequences_takes_every_position():
+    # A Linear applied to (n, T, in) inputs is applied at T positions: A = mean_i (1/T) sum_t a_t a_t^T and
+    # G = mean_i sum_c sum_t g_t g_t^T, written here with explicit loops; and the corrected eigenvalues are
+    # the exact diagonal of the Gauss-Newton block in the Kronecker basis.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Flatten(), nn.Linear(4 * 5, 3)).to(DOUBLE)
+    X, y = classification_data(n=6, shape=(5, 3))
+    kfac = EkfacInfluence(model, regularization=0.1, n_target_draws=None, correct_eigenvalues=False).fit(X, y)
+    A = torch.zeros(4, 4, dtype=DOUBLE)
+    G = torch.zeros(4, 4, dtype=DOUBLE)
+    for i in range(len(X)):
+        hidden = model[0](X[i:i + 1])
+        logits = model[3](model[2](model[1](hidden)))
+        probabilities = torch.softmax(logits, 1)[0].detach()
+        root = torch.diag(probabilities.sqrt()) - torch.outer(probabilities, probabilities.sqrt())
+        for column in range(3):
+            g = torch.autograd.grad(logits, hidden, grad_outputs=root[:, column].unsqueeze(0),
+                                    retain_graph=True)[0]
+            G += sum(torch.outer(g[0, t], g[0, t]) for t in range(5))
+        for t in range(5):
+            a = torch.cat([X[i, t], torch.ones(1, dtype=DOUBLE)])
+            A += torch.outer(a, a) / 5
+    A, G = A / len(X), G / len(X)
+    plan = kfac._plans[0]
+    torch.testing.assert_close(block_matrix(kfac, 0, plan), kron_in_layout(G, A, plan), rtol=1e-9, atol=1e-11)
+    ekfac = EkfacInfluence(model, regularization=0.1, n_target_draws=None).fit(X, y)
+    basis = kronecker_basis_vectors(ekfac, 0, plan)
+    span = plan.block.span
+    expected = torch.einsum("pi,pq,qi->i", basis, gauss_newton(model, X, y)[span, span], basis)
+    torch.testing.assert_close(ekfac._factors["0.eigenvalues"].reshape(-1), expected, rtol=1e-9, atol=1e-12)

@@ -92,3 +92,25 @@ def test_influences_use_smaller_side_consistently(classification_problem, name):
     many = est.influences(X, y, X[:5], y[:5])
     few = est.influences(X[:5], y[:5], X, y)
     torch.testing.assert_close(many, few.T, rtol=check_of(cls).rtol, atol=check_of(cls).atol)
+
+
+def test_per_sample_gradients_differentiated_in_pieces_are_those_of_each_sample(classification_problem,
+                                                                                monkeypatch):
+    # A batch whose flat gradients would pass _GRADIENT_PIECE_BYTES is differentiated a few rows at a time,
+    # each piece with its own inputs and targets (here 3 rows of 43 float64 parameters per piece).
+    from skinfl import _gradients
+
+    model, X, y = classification_problem
+    est = DirectInfluence(model, regularization=0.1, batch_size=10).fit(X, y)
+    monkeypatch.setattr(_gradients, "_GRADIENT_PIECE_BYTES", 3 * 43 * 8)
+    system = reference_hessian(model, X, y, F.cross_entropy) + 0.1 * torch.eye(43, dtype=torch.float64)
+    G = reference_gradients(model, X[:10], y[:10], F.cross_entropy)
+    torch.testing.assert_close(est.transform(X[:10], y[:10]), torch.linalg.solve(system, G.T).T, rtol=1e-9,
+                               atol=1e-12)
+    all_gradients = reference_gradients(model, X, y, F.cross_entropy)
+    expected = torch.linalg.solve(system, G[:2].T).T @ all_gradients.T
+    torch.testing.assert_close(est.influences(X[:2], y[:2]), expected, rtol=1e-9, atol=1e-12)
+    # Without targets: the measurement, the loss at the predicted label, piece by piece too.
+    predicted = model(X[:10]).argmax(dim=1)
+    torch.testing.assert_close(est.transform(X[:10]), est.transform(X[:10], predicted), rtol=1e-12,
+                               atol=1e-14)

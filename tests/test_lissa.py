@@ -195,10 +195,12 @@ def test_minibatch_products_equal_the_explicit_minibatch_curvature(classificatio
     # Draws are uniform: every sample turns up about equally often.
     counts = np.bincount(np.concatenate([minibatches.draw() for _ in range(500)]), minlength=len(X))
     assert counts.min() > 0.5 * counts.mean() and counts.max() < 1.5 * counts.mean()
-    # None (or a size of at least n) means the full curvature, deterministically.
-    full = MinibatchCurvature(curvature, None, torch.Generator().manual_seed(0))
-    assert full.draw() is None and not full.stochastic
-    torch.testing.assert_close(full.matmat(vectors), curvature.matmat(vectors), rtol=0, atol=0)
+    # None, or a size of at least n, means the full curvature, deterministically (not n draws with
+    # replacement).
+    for size in (None, len(X), len(X) + 1):
+        full = MinibatchCurvature(curvature, size, torch.Generator().manual_seed(0))
+        assert full.draw() is None and not full.stochastic
+        torch.testing.assert_close(full.matmat(vectors), curvature.matmat(vectors), rtol=0, atol=0)
 
 
 def test_minibatch_operators_measure_activations_once(classification_problem, monkeypatch):
@@ -359,3 +361,100 @@ def test_zero_and_tiny_gradients():
     tiny = est.transform(X[:4], y[:4] + 1e-30)
     unit = est.transform(X[:4], y[:4] + 1.0)
     torch.testing.assert_close(tiny, unit * 1e-30, rtol=1e-12, atol=0)
+
+
+# ----------------------------------------------------------------- the stopping rules, simulated
+def simulated_checks(system, scale, rhs, check_every, rtol, max_iter, growth_limit=10.0):
+    """When the deterministic recursion stops, from explicit iterates: ``(n_iter, status)`` per row.
+
+    The rules, on the unit right-hand sides: every ``check_every`` steps the mean change per step over
+    the window, ``||h_t - h_{t - check_every}|| / check_every``, is compared with ``rtol ||h_t||``
+    (converged) and with ``growth_limit`` times its smallest value so far, starting from 1 (diverged).
+    Returns also the smallest log-ratio of a compared quantity to its threshold: far above the rounding by
+    which torch's iterates differ from these.
+    """
+    results, margin = [], np.inf
+    eps_root = np.sqrt(np.finfo(np.float64).eps)
+    for b in rhs / np.linalg.norm(rhs, axis=1, keepdims=True):
+        h, start, smallest = b.copy(), b.copy(), 1.0
+        for t in range(1, max_iter + 1):
+            h = b + h - (system @ h) / scale
+            if t % check_every and t < max_iter:
+                continue
+            change = np.linalg.norm(h - start) / (t - (t - 1) // check_every * check_every)
+            size = np.linalg.norm(h)
+            reference = max(smallest, eps_root * size)
+            margin = min(margin, abs(np.log(change / (growth_limit * reference))),
+                         abs(np.log(change / (rtol * size))))
+            if change > growth_limit * reference:
+                results.append((t, "diverged"))
+                break
+            if change <= rtol * size:
+                results.append((t, "converged"))
+                break
+            smallest, start = min(smallest, change), h.copy()
+        else:
+            results.append((max_iter, "max_iter"))
+    return results, margin
+
+
+def test_the_recursion_stops_at_the_first_window_whose_mean_change_meets_rtol(least_squares):
+    model, X, y, curvature, G = least_squares
+    regularization, scale, check_every, rtol = 0.05, 2.5, 7, 1e-6
+    system = curvature + regularization * np.eye(4)
+    expected, margin = simulated_checks(system, scale, G[:5], check_every, rtol, max_iter=5000)
+    assert margin > 1e-6 and {status for _, status in expected} == {"converged"}
+    est = LissaInfluence(model, minibatch_size=None, loss="mse", regularization=regularization, scale=scale,
+                         rtol=rtol, check_every=check_every, max_iter=5000).fit(X, y)
+    est.transform(X[:5], y[:5])
+    assert est.n_iter_ == max(t for t, _ in expected)
+    for i in range(5):  # each row alone: its own window
+        est.transform(X[i:i + 1], y[i:i + 1])
+        assert est.n_iter_ == expected[i][0]
+
+
+def test_a_diverging_recursion_stops_once_its_change_grows_tenfold_over_its_smallest(least_squares):
+    # scale a little below a_max / 2: M has one eigenvalue of about -1.1, along which the recursion grows
+    # slowly while the other directions still shrink; it is stopped at the first window whose mean change is
+    # 10 times the smallest so far.
+    model, X, y, curvature, G = least_squares
+    regularization, check_every = 0.05, 5
+    system = curvature + regularization * np.eye(4)
+    scale = float(np.linalg.eigvalsh(system).max()) / 2.1
+    expected, margin = simulated_checks(system, scale, G[:1], check_every, rtol=1e-12, max_iter=1000)
+    assert margin > 1e-6 and expected[0][1] == "diverged"
+    est = LissaInfluence(model, minibatch_size=None, loss="mse", regularization=regularization, scale=scale,
+                         rtol=1e-12, check_every=check_every, max_iter=1000).fit(X, y)
+    with pytest.raises(ValueError, match="diverged"):
+        est.transform(X[:1], y[:1])
+    assert est.n_iter_ == expected[0][0]
+    assert est.n_iter_ > 3 * check_every  # not at the first windows: the smallest change is a later one's
+
+
+@pytest.mark.parametrize("check_every", [2, 3])
+def test_a_converged_recursion_at_rounding_level_is_not_taken_for_diverging(least_squares, check_every):
+    # rtol=0 runs max_iter steps. Once converged the iterates change by rounding only: a window's change can
+    # be a few ulps of a small component, and the next one an ulp of a large one, many times more. That is
+    # not growth: changes are compared with at least sqrt(eps) ||h||, not with the smallest rounding seen.
+    model, X, y, curvature, G = least_squares
+    est = LissaInfluence(model, minibatch_size=None, loss="mse", regularization=0.05, rtol=0.0,
+                         check_every=check_every, max_iter=400).fit(X, y)
+    expected = np.linalg.solve(curvature + 0.05 * np.eye(4), G.T).T
+    np.testing.assert_allclose(est.transform(X, y), expected, rtol=1e-10, atol=1e-14)
+
+
+def test_dampening_lifts_negative_curvature_and_converges_to_the_dampened_inverse():
+    # The untrained network's Hessian has eigenvalues from -0.26 to 0.81: regularization 0.01 leaves it
+    # indefinite, and dampen=0.42 lifts it by dampen * scale_ (0.3 with the automatic scale, for which a
+    # negative estimate of a_min counts as 0), over which the recursion converges to
+    # (H + (lambda + dampen * scale_) I)^-1 g.
+    model, X, y = untrained_problem()
+    hessian = reference_hessian(model, X, y, F.cross_entropy)
+    values = torch.linalg.eigvalsh(hessian)
+    est = LissaInfluence(model, minibatch_size=None, regularization=0.01, dampen=0.42, rtol=1e-12,
+                         max_iter=20_000).fit(X, y)
+    assert float(values.min()) + 0.01 < 0 < float(values.min()) + 0.01 + 0.42 * est.scale_
+    lifted = hessian + (0.01 + 0.42 * est.scale_) * torch.eye(len(hessian), dtype=torch.float64)
+    G = reference_gradients(model, X[:4], y[:4], F.cross_entropy)
+    torch.testing.assert_close(est.transform(X[:4], y[:4]), torch.linalg.solve(lifted, G.T).T, rtol=1e-8,
+                               atol=1e-10)

@@ -480,3 +480,71 @@ def test_float32_models_keep_their_dtype():
         est = cls(model, rank=10, regularization=0.01, random_state=0).fit(X, y)
         assert est._factors["eigenvectors"].dtype == torch.float32 and est.eigenvalues_.dtype == torch.float64
         assert est.influences(X[:2], y[:2]).dtype == torch.float32
+
+
+@pytest.mark.parametrize("cls", [ArnoldiInfluence, NystroemInfluence])
+def test_regularization_zero_leaves_out_eigenvalues_at_the_rounding_level_of_a_wide_layer(cls):
+    # 63 parameters, Gauss-Newton of rank 6 from 3 points: the eigendecomposition leaves the 57 zero
+    # eigenvalues at a few eps times the largest (up to 6 here), within the rounding level of 63 values, so
+    # they are left out as the pseudo-inverse does; inverting them would multiply the components of other
+    # points' gradients along them by about 1 / (eps * largest).
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(20, 3).double()
+    generator = torch.Generator().manual_seed(0)
+    X = torch.randn(8, 20, generator=generator, dtype=torch.float64)
+    X = X * torch.logspace(0, 1, 20, dtype=torch.float64)
+    y = torch.randint(0, 3, (8,), generator=generator)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NotPositiveDefiniteWarning)
+        est = cls(layer, regularization=0.0, rank=63, second_order="gauss_newton", random_state=0)
+        est.fit(X[:3], y[:3])
+    curvature = reference_gauss_newton(layer, X[:3], y[:3], F.cross_entropy)
+    pseudo_inverse = torch.linalg.pinv(curvature, rtol=1e-10, hermitian=True)
+    G = reference_gradients(layer, X[3:], y[3:], F.cross_entropy)
+    torch.testing.assert_close(est.transform(X[3:], y[3:]), G @ pseudo_inverse, rtol=1e-7, atol=1e-9)
+
+
+def linear_loss(output, target):
+    """A loss linear in the output: of a linear model, its Hessian and Gauss-Newton matrix are zero."""
+    return (output * target).sum()
+
+
+@pytest.mark.parametrize("second_order", ["hessian", "gauss_newton"])
+@pytest.mark.parametrize("cls", [ArnoldiInfluence, NystroemInfluence])
+def test_a_curvature_that_is_zero_gives_the_gradients_over_regularization(cls, second_order):
+    # (0 + lambda I)^-1 g = g / lambda; the sketch of a zero curvature is empty (rank_ 0), Lanczos's pairs all
+    # zero. At regularization 0 every direction is without curvature: the pseudo-inverse is zero.
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3).double()
+    generator = torch.Generator().manual_seed(0)
+    X = torch.randn(20, 4, generator=generator, dtype=torch.float64)
+    y = torch.randn(20, 3, generator=generator, dtype=torch.float64)
+    gradients = torch.cat([(y[:5, :, None] * X[:5, None, :]).reshape(5, -1), y[:5]], dim=1)
+    est = cls(model, loss=linear_loss, regularization=0.5, rank=15, second_order=second_order,
+              random_state=0).fit(X, y)
+    assert est.rank_ == (0 if cls is NystroemInfluence else 15)
+    torch.testing.assert_close(est.transform(X[:5], y[:5]), gradients / 0.5, rtol=1e-12, atol=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NotPositiveDefiniteWarning)
+        est.set_params(regularization=0.0).fit(X, y)
+    assert torch.equal(est.transform(X[:5], y[:5]), torch.zeros(5, 15, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("factor", [1e-8, 1e8])
+def test_lanczos_convergence_is_relative_to_the_size_of_the_operator(factor):
+    # tol is relative to the largest Ritz value: the same operator scaled by 1e-8 or 1e8 takes the same
+    # products, converges to the same relative residuals, and is never reported converged early (absolute
+    # residuals of 1e-8 tiny) or never (of 1e8).
+    matrix = symmetric_with_spectrum(SPECTRA["decaying"])
+
+    def run(scale):
+        return block_lanczos(MatrixOperator(scale * matrix).matmat, 80, 6, krylov_dimension=20, block_size=4,
+                             tol=1e-10, max_products=2000, generator=torch.Generator().manual_seed(0),
+                             dtype=torch.float64, device="cpu")
+
+    reference, scaled = run(1.0), run(factor)
+    assert bool(scaled.converged.all()) and scaled.n_products == reference.n_products
+    torch.testing.assert_close(scaled.eigenvalues / factor, reference.eigenvalues, rtol=1e-12, atol=0)
+    residuals = factor * matrix @ scaled.eigenvectors - scaled.eigenvectors * scaled.eigenvalues
+    true = torch.linalg.vector_norm(residuals, dim=0)
+    assert float(true.max()) <= 1e-10 * float(scaled.eigenvalues.abs().max())

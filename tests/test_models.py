@@ -114,6 +114,14 @@ def test_unpenalized_intercept_is_exactly_the_models_objective():
     gradients = (p - y)[:, None] * design  # d loss / d(coef, intercept) with logits [0, z]
     np.testing.assert_allclose(est.transform(X[:5], y[:5]), np.linalg.solve(hessian, gradients[:5].T).T,
                                rtol=1e-8, atol=1e-10)
+    # The eigendecomposition inverts the same matrix; its eigenvalues_ are those of that Hessian less
+    # regularization_ (the penalty of the coefficients, 1 / (C n)).
+    eigh = DirectInfluence(model, regularization="auto", solver="eigh").fit(X, y)
+    assert eigh.solver_ == "eigh" and eigh.regularization_ == pytest.approx(1 / (0.3 * len(X)))
+    np.testing.assert_allclose(eigh.transform(X[:5], y[:5]), np.linalg.solve(hessian, gradients[:5].T).T,
+                               rtol=1e-8, atol=1e-10)
+    np.testing.assert_allclose(eigh.eigenvalues_, np.linalg.eigvalsh(hessian)[::-1] - eigh.regularization_,
+                               rtol=1e-9, atol=1e-12)
     # A number leaves every parameter regularized; the other estimators do so even with "auto".
     assert DirectInfluence(model, regularization=0.01).fit(X, y).unpenalized_parameters_ == []
 

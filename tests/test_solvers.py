@@ -282,3 +282,45 @@ def test_freed_memory_is_handed_back_where_the_allocator_allows():
     _memory.release_freed_memory()  # never fails
     if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
         assert _memory._malloc_trim() is not None
+
+
+def test_jacobi_preconditioner_divides_by_the_regularized_diagonal_floored_where_there_is_no_curvature():
+    # preconditioner_.diagonal is diag(C_GN) + lambda (exact for a few classes). At regularization 0 the
+    # parameters without curvature (a layer the forward pass skips) would divide by zero: they are floored at
+    # sqrt(eps) times the mean, which bounds the preconditioner's condition number.
+    from test_ekfac import _WithUnusedLayer
+
+    torch.manual_seed(0)
+    model = _WithUnusedLayer().double()
+    generator = torch.Generator().manual_seed(1)
+    X = torch.randn(30, 4, generator=generator, dtype=torch.float64)
+    y = torch.randint(0, 3, (30,), generator=generator)
+    curvature = DirectInfluence(model, second_order="gauss_newton").fit(X, y)._factors["curvature"]
+    exact = torch.diagonal(curvature)
+    assert (exact[:15] > 0).all() and (exact[15:] == 0).all()
+    regularized = CgInfluence(model, preconditioner="jacobi", regularization=0.1, random_state=0).fit(X, y)
+    torch.testing.assert_close(regularized.preconditioner_.diagonal, exact + 0.1, rtol=1e-9, atol=1e-12)
+    diagonal = CgInfluence(model, preconditioner="jacobi", regularization=0.0, random_state=0).fit(X, y)
+    diagonal = diagonal.preconditioner_.diagonal
+    torch.testing.assert_close(diagonal[:15], exact[:15], rtol=1e-9, atol=1e-12)
+    floor = float(exact.mean()) * torch.finfo(torch.float64).eps ** 0.5
+    torch.testing.assert_close(diagonal[15:], torch.full((15,), floor, dtype=torch.float64), rtol=1e-9,
+                               atol=0)
+
+
+@pytest.mark.parametrize("preconditioner", ["nystroem", "ekfac", None])
+def test_cg_on_a_curvature_that_is_zero_gives_the_gradients_over_regularization(preconditioner):
+    # A loss linear in the output of a linear model has zero Hessian and Gauss-Newton matrix: the solves are
+    # g / lambda exactly, whatever the preconditioner (Nystroem's sketch of it is empty, EK-FAC's factors
+    # zero).
+    from test_low_rank import linear_loss
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3).double()
+    generator = torch.Generator().manual_seed(0)
+    X = torch.randn(20, 4, generator=generator, dtype=torch.float64)
+    y = torch.randn(20, 3, generator=generator, dtype=torch.float64)
+    gradients = torch.cat([(y[:5, :, None] * X[:5, None, :]).reshape(5, -1), y[:5]], dim=1)
+    est = CgInfluence(model, loss=linear_loss, regularization=0.5, preconditioner=preconditioner,
+                      random_state=0).fit(X, y)
+    torch.testing.assert_close(est.transform(X[:5], y[:5]), gradients / 0.5, rtol=1e-12, atol=0)

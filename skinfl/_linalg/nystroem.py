@@ -63,7 +63,9 @@ def _combine(coefficients, rows, dtype):
 
 
 def _kept(values, dtype):
-    """Values clearly above rounding, relative to the largest."""
+    """Values clearly above rounding, relative to the largest (none of none: a curvature without any)."""
+    if not len(values):
+        return torch.zeros(0, dtype=torch.bool, device=values.device)
     return values > values.max().clamp(min=0) * torch.finfo(dtype).eps * len(values)
 
 
