@@ -100,4 +100,4 @@ def loss_on_device(loss, device):
     """``loss`` with its loss module copied to ``device`` (its class weights must live with the outputs)."""
     if not isinstance(loss.function, nn.Module):
         return loss
-    return LossSpec(loss.kind, copy.deepcopy(loss.function).to(device), loss.normalizer, loss.takes_probabilities)
+    return loss.replace(function=copy.deepcopy(loss.function).to(device))
