@@ -408,6 +408,9 @@ class BaseInfluence(FactorCache, SolveReporting, TransformerMixin, BaseEstimator
         """
         if mode not in ("up", "perturbation"):
             raise ValueError(f"mode must be 'up' or 'perturbation', got {mode!r}.")
+        if mode == "perturbation" and isinstance(self.input_shape_, dict):
+            raise ValueError("mode='perturbation' differentiates with respect to the inputs, which must be one "
+                             f"floating-point array; this estimator was fitted on keyword inputs {list(self.input_shape_)}.")
         test = self._check_data(X_test, y_test, names=("X_test", "y_test"))
         train = self._training_data(X, y)
         shape = (len(test), len(train)) if mode == "up" else (len(test), len(train), *self.input_shape_)
