@@ -236,5 +236,6 @@ class FactorCache:
         return fingerprint(
             "skinfl-factors", __version__, type(self).__name__, settings, self.second_order,
             self.model_, self.trainable_parameters_, self.loss_.kind, self.loss_.function,
-            self.loss_.normalizer, self.loss_.takes_probabilities, self._fit_data.X, self._fit_data.y,
+            self.loss_.normalizer, self.loss_.takes_probabilities, self.loss_.sequence, self.loss_.shift,
+            self._fit_data.X, self._fit_data.y,
         )

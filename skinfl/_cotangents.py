@@ -57,11 +57,42 @@ def output_cotangents(loss, output, target, fisher, n_target_draws, generator):
     output = output.detach()
     if fisher == "empirical":
         return [(1.0, _loss_gradient(loss, output, target))]
+    if loss.sequence:
+        return _position_cotangents(loss, output, target, n_target_draws, generator)
     if n_target_draws is not None:
         return [(1.0 / n_target_draws, sampled_cotangents(loss, output, target, generator))
                 for _ in range(n_target_draws)]
     roots = output_hessian_roots(loss, output, target)  # (n, d, d)
     return [(1.0, roots[:, :, column].reshape(output.shape)) for column in range(roots.shape[2])]
+
+
+def _position_cotangents(loss, output, target, n_target_draws, generator):
+    """:func:`output_cotangents` of a loss summed over positions (tokens).
+
+    Its output Hessian is block-diagonal, one block per predicted position:
+    drawn targets are drawn independently at every position (independent
+    zero-mean draws have no cross terms in expectation), and the exact roots
+    are one cotangent per position and class, nonzero at that position only.
+    """
+    position_loss = loss.position_loss()
+    logits, targets = loss.positions(output, target)
+    n, n_positions, n_classes = logits.shape
+    flat_logits, flat_targets = logits.reshape(-1, n_classes), targets.reshape(-1)
+    if n_target_draws is not None:
+        return [(1.0 / n_target_draws,
+                 loss.scatter_positions(sampled_cotangents(position_loss, flat_logits, flat_targets, generator)
+                                        .reshape(logits.shape), output))
+                for _ in range(n_target_draws)]
+    roots = output_hessian_roots(position_loss, flat_logits, flat_targets).reshape(n, n_positions, n_classes, -1)
+
+    def columns():
+        for position in range(n_positions):
+            for column in range(roots.shape[-1]):
+                at_position = torch.zeros_like(logits)
+                at_position[:, position] = roots[:, position, :, column]
+                yield 1.0, loss.scatter_positions(at_position, output)
+
+    return columns()
 
 
 def _loss_gradient(loss, output, target):

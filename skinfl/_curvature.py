@@ -19,6 +19,7 @@ import math
 import torch
 from torch.func import grad, jvp, vjp, vmap
 
+from ._batches import n_rows, take_rows
 from ._cotangents import (
     cross_entropy_curvature_scale,
     elementwise_curvature,
@@ -68,6 +69,22 @@ def _output_hessian_products(loss, output, target):
     operations per vector; any other loss takes a forward-mode derivative of
     its output gradient per vector.
     """
+    if loss.sequence:
+        # Summed over positions: the Hessian is block-diagonal, one softmax block per predicted position.
+        logits, targets = loss.positions(output, target)
+        n_classes = logits.shape[-1]
+        scale = cross_entropy_curvature_scale(loss.position_loss(), logits.reshape(-1, n_classes),
+                                              targets.reshape(-1)).reshape(logits.shape[:2])
+        probabilities = torch.softmax(logits, dim=-1)
+        scaled = scale[..., None] * probabilities
+
+        def position_products(u):
+            u_positions, _ = loss.positions(u.reshape(-1, *output.shape[1:]))
+            u_positions = u_positions.reshape(*u.shape[:-output.ndim], *logits.shape)
+            products = scaled * (u_positions - (u_positions * probabilities).sum(dim=-1, keepdim=True))
+            return loss.scatter_positions(products, output)
+
+        return position_products
     if loss.kind == "cross_entropy" and output.ndim == 2 and output.shape[1] > 1:
         scale = cross_entropy_curvature_scale(loss, output, target)
         probabilities = torch.softmax(output, dim=1)
@@ -124,10 +141,10 @@ def saved_floats_per_sample(fmodel, data):
         params = {name: p.detach().requires_grad_(True) for name, p in fmodel.params.items()}
         y_n = None if y is None else y[:n]
         with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            fmodel.per_sample_objective(params, x[:n], y_n).sum()
+            fmodel.per_sample_objective(params, take_rows(x, slice(0, n)), y_n).sum()
         return total
 
-    if len(x) < 2:
+    if n_rows(x) < 2:
         return max(count(1), 1)
     return max(count(2) - count(1), 1)
 

@@ -7,23 +7,38 @@ it needs them, converting each batch to the model's dtype and moving it to
 the device (through pinned memory, without blocking, on CUDA). A memmap thus
 stays on disk. Lists and tuples are turned into one numpy array, and pandas
 objects into their numpy values, since they are in memory already.
+
+Inputs may also be a dict of such arrays sharing the first axis, for a
+model called with keyword arguments (``model(**batch)``): each is kept by
+reference, and a batch is the dict of their rows.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from ._validation import as_target_tensor, check_input_shape, input_chunk_to_tensor
+from ._validation import as_target_tensor, check_input_shape, check_keyword_input_shapes, input_chunk_to_tensor
 
 # Rows read at a time when a whole data set is checked or hashed: about this many bytes.
 _VALIDATION_CHUNK_BYTES = 32 * 2**20
 
 
 def reference(data, name="X"):
-    """``data`` as something indexed by rows, without copying arrays and tensors."""
+    """``data`` as something indexed by rows, without copying arrays and tensors (a dict: each value)."""
+    if hasattr(data, "toarray") or hasattr(data, "tocsr"):  # scipy.sparse (a dok_matrix is a dict, too)
+        raise TypeError(f"Sparse data is not supported for {name}; convert it with {name}.toarray().")
+    if isinstance(data, Mapping):
+        if not data:
+            raise ValueError(f"{name} is an empty dict; pass the model's keyword inputs as arrays.")
+        bad = [key for key in data if not isinstance(key, str)]
+        if bad:
+            raise TypeError(f"The keys of a dict {name} are the model's keyword arguments, so they must be "
+                            f"strings; got {bad[:3]}.")
+        return {key: reference(value, f"{name}[{key!r}]") for key, value in data.items()}
     if isinstance(data, torch.Tensor) and data.layout != torch.strided:
         raise TypeError(f"Sparse tensors are not supported for {name}; convert with {name}.to_dense().")
     if isinstance(data, (torch.Tensor, np.ndarray)):
@@ -39,6 +54,8 @@ def reference(data, name="X"):
 
 def rows_of(data, index):
     """Rows ``index`` (a slice or a 1-D integer array) of referenced data."""
+    if isinstance(data, dict):
+        return {key: rows_of(value, index) for key, value in data.items()}
     if isinstance(index, slice) or isinstance(data, np.ndarray):
         return data[index]
     if isinstance(data, torch.Tensor):
@@ -50,7 +67,9 @@ def rows_of(data, index):
 
 
 def sample_shape(data):
-    """Shape of the whole data set, read from its first row when it has no ``shape``."""
+    """Shape of the whole data set, read from its first row when it has no ``shape`` (a dict: of each value)."""
+    if isinstance(data, dict):
+        return {key: sample_shape(value) for key, value in data.items()}
     shape = getattr(data, "shape", None)
     if shape is not None:
         return tuple(int(s) for s in shape)
@@ -62,7 +81,8 @@ def sample_shape(data):
 def chunk_rows(shape, itemsize=8, budget=None):
     """Rows per chunk so that one chunk holds about ``budget`` bytes (default ``_VALIDATION_CHUNK_BYTES``)."""
     budget = _VALIDATION_CHUNK_BYTES if budget is None else budget
-    per_row = max(1, int(np.prod(shape[1:], dtype=np.int64)) * itemsize)
+    shapes = shape.values() if isinstance(shape, dict) else [shape]
+    per_row = max(1, sum(int(np.prod(s[1:], dtype=np.int64)) for s in shapes) * itemsize)
     return max(1, budget // per_row)
 
 
@@ -108,8 +128,9 @@ class DataSource:
 
     Parameters
     ----------
-    X : array-like or torch.Tensor
+    X : array-like, torch.Tensor or dict of them
         Inputs, samples on the first axis; kept by reference (see :func:`reference`).
+        A dict holds keyword inputs of the model, sharing the first axis.
     y : array-like, torch.Tensor or None
         Targets, or None (the prediction measurement is used instead).
     input_dtype : torch.dtype
@@ -134,14 +155,21 @@ class DataSource:
         self.targets = targets
         self.names = names
         self.shape = sample_shape(self.X)
-        check_input_shape(self.shape, names[0])
+        if isinstance(self.X, dict):
+            check_keyword_input_shapes(self.shape, names[0])
+        else:
+            check_input_shape(self.shape, names[0])
 
     def __len__(self):
+        if isinstance(self.shape, dict):
+            return next(iter(self.shape.values()))[0]
         return self.shape[0]
 
     @property
     def input_shape(self):
-        """Per-sample input shape."""
+        """Per-sample input shape (a dict of them for keyword inputs)."""
+        if isinstance(self.shape, dict):
+            return {key: shape[1:] for key, shape in self.shape.items()}
         return self.shape[1:]
 
     def with_targets(self, targets):
@@ -158,9 +186,15 @@ class DataSource:
             return tensor.pin_memory().to(self.device, non_blocking=True)
         return tensor.to(self.device)
 
+    def _input_tensor(self, chunk, name):
+        return self._to_device(input_chunk_to_tensor(chunk, self.input_dtype, name))
+
     def inputs(self, index):
-        """Inputs of rows ``index`` on the device."""
-        return self._to_device(input_chunk_to_tensor(rows_of(self.X, index), self.input_dtype, self.names[0]))
+        """Inputs of rows ``index`` on the device (a dict of tensors for keyword inputs)."""
+        if isinstance(self.X, dict):
+            return {key: self._input_tensor(rows_of(value, index), f"{self.names[0]}[{key!r}]")
+                    for key, value in self.X.items()}
+        return self._input_tensor(rows_of(self.X, index), self.names[0])
 
     def batch(self, index):
         """``(inputs, targets)`` of rows ``index`` on the device; targets None without y."""
@@ -185,9 +219,14 @@ class DataSource:
                     f"{self.names[0]} and {self.names[1]} have different numbers of samples: {n} and {n_targets}."
                 )
         rows = chunk_rows(self.shape)
+        keyword = isinstance(self.X, dict)
         for start in range(0, n, rows):
             index = slice(start, min(start + rows, n))
-            input_chunk_to_tensor(rows_of(self.X, index), self.input_dtype, self.names[0])
+            if keyword:
+                for key, value in self.X.items():
+                    input_chunk_to_tensor(rows_of(value, index), self.input_dtype, f"{self.names[0]}[{key!r}]")
+            else:
+                input_chunk_to_tensor(rows_of(self.X, index), self.input_dtype, self.names[0])
             if self.y is not None and self.targets is not None:
                 self.targets.convert(rows_of(self.y, index), self.names[1])
         return self

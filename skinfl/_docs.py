@@ -60,11 +60,27 @@ def _model(cls, phrases, own):
 
 def _loss(cls, phrases, own):
     return _entry(
-        f'loss : {{"auto", "cross_entropy", "mse", "bce_with_logits"}}, torch.nn loss module or callable, '
-        f"default={_default(cls, 'loss')}",
-        'The training loss. ``"auto"`` is the loss a skorch net or scikit-learn model was trained with, '
-        'and ``"cross_entropy"`` for a torch module. A callable takes ``(output, target)`` and returns the '
-        "scalar mean loss of a batch, and must be picklable to save the estimator.",
+        f'loss : {{"auto", "cross_entropy", "mse", "bce_with_logits", "causal_lm"}}, torch.nn loss module or '
+        f"callable, default={_default(cls, 'loss')}",
+        'The training loss. ``"auto"`` is the loss a skorch net or scikit-learn model was trained with, the '
+        "one a transformers model's class and config say (``*ForCausalLM``: ``\"causal_lm\"``; "
+        "``*ForSequenceClassification``: by ``problem_type``; ``*ForTokenClassification``: cross-entropy "
+        'over tokens), and ``"cross_entropy"`` for any other torch module; resolved in ``loss_``. '
+        "Cross-entropy on outputs ``(n, T, n_classes)`` with targets ``(n, T)`` is taken per token, and a "
+        "sample's loss is the sum over its tokens, targets -100 left out; ``\"causal_lm\"`` is the same "
+        "after the next-token shift (logits at ``t`` against ``y[:, t + 1]``). A callable takes "
+        "``(output, target)`` and returns the scalar mean loss of a batch, and must be picklable to save "
+        "the estimator.",
+    )
+
+
+def _parameters(cls, phrases, own):
+    return _entry(
+        "parameters : list of str or None, default=None",
+        "The parameters influence is taken over: ``fnmatch`` patterns matched against the names of "
+        '``model.named_parameters()`` (``["transformer.h.1.*", "lm_head.*"]``); the others are held '
+        "fixed. None takes every parameter that requires gradients (a peft model's adapters, say). "
+        "Resolved in ``trainable_parameters_``.",
     )
 
 
@@ -183,6 +199,7 @@ def _fitted_attributes(cls, phrases, own):
 _SHARED = {
     "model": _model,
     "loss": _loss,
+    "parameters": _parameters,
     "regularization": _regularization,
     "second_order": _second_order,
     "max_iter": _max_iter,

@@ -6,6 +6,7 @@ import numpy as np
 import torch
 from torch.func import grad, vjp, vmap
 
+from ._batches import as_batch_of_one, n_rows, over_samples, take_rows
 from ._progress import progress_bar
 
 
@@ -43,12 +44,13 @@ def gradient_batch(fmodel, x, y, out=None):
     ``out``, a tensor of that shape, receives them.
     """
     piece = max(1, _GRADIENT_PIECE_BYTES // (fmodel.n_params * fmodel.dtype.itemsize))
-    if out is None and len(x) <= piece:
+    n = n_rows(x)
+    if out is None and n <= piece:
         return _flat_gradients(fmodel, x, y)
     if out is None:
-        out = torch.empty(len(x), fmodel.n_params, dtype=fmodel.dtype, device=fmodel.device)
-    for rows in batch_slices(len(x), piece):
-        out[rows] = _flat_gradients(fmodel, x[rows], None if y is None else y[rows])
+        out = torch.empty(n, fmodel.n_params, dtype=fmodel.dtype, device=fmodel.device)
+    for rows in batch_slices(n, piece):
+        out[rows] = _flat_gradients(fmodel, take_rows(x, rows), None if y is None else y[rows])
     return out
 
 
@@ -56,18 +58,20 @@ def pullback_batch(fmodel, x, cotangents):
     """Flat per-sample ``J_i^T u_i``: the gradients of ``<output_i, u_i>``, shape ``(len(x), n_params)``."""
 
     def pseudo_loss(params, x_i, u_i):
-        return (fmodel.output(params, x_i.unsqueeze(0))[0] * u_i).sum()
+        return (fmodel.output(params, as_batch_of_one(x_i))[0] * u_i).sum()
 
     with torch.no_grad():
-        return fmodel.layout.flatten(vmap(grad(pseudo_loss), in_dims=(None, 0, 0))(fmodel.params, x, cotangents))
+        per_sample = over_samples(grad(pseudo_loss), fmodel.module, in_dims=(None, 0, 0))
+        return fmodel.layout.flatten(per_sample(fmodel.params, x, cotangents))
 
 
 def _flat_gradients(fmodel, x, y):
     if y is None:
-        per_sample = vmap(grad(lambda p, x_i: fmodel.sample_objective(p, x_i, None)), in_dims=(None, 0))
+        per_sample = over_samples(grad(lambda p, x_i: fmodel.sample_objective(p, x_i, None)), fmodel.module,
+                                  in_dims=(None, 0))
         gradients = per_sample(fmodel.params, x)
     else:
-        per_sample = vmap(grad(fmodel.sample_objective), in_dims=(None, 0, 0))
+        per_sample = over_samples(grad(fmodel.sample_objective), fmodel.module, in_dims=(None, 0, 0))
         gradients = per_sample(fmodel.params, x, y)
     return fmodel.layout.flatten(gradients)
 

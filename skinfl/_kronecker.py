@@ -17,11 +17,22 @@ block per module that owns trainable parameters:
   the block is ``G (x) A`` (row-major ``W``): exact for one position and
   one sample, and under KFC's assumptions (spatially homogeneous,
   uncorrelated derivatives) otherwise.
+- transformers' ``Conv1D`` (GPT-2's layers: a ``Linear`` whose weight is
+  stored transposed, ``(in, out)``) gets the same block as a ``Linear``.
+- ``nn.Embedding`` is a ``Linear`` on one-hot inputs, with the weight
+  ``(n_embeddings, dim)`` as its transpose: its activation factor is
+  diagonal, ``A = mean_i (1/T) sum_t e_{x_t} e_{x_t}^T`` (token counts; the
+  padding index, which gets no gradient, left out), so ``Q_A = I`` and
+  neither a one-hot vector nor a dense ``A`` is ever formed (K-FAC's
+  diagonal input factor).
+- A module whose output has one row for the whole batch (GPT-2's position
+  embeddings, broadcast over the batch) has its output expanded to one row
+  per sample during the pass, so that its output gradients are per sample.
 - EK-FAC keeps the Kronecker eigenbasis ``Q_G (x) Q_A`` and refits the
   eigenvalues on the data: ``Lambda = mean_i sum_c (Q_G^T d_ic Q_A)**2``,
   the exact diagonal of the block in that basis (George et al. 2018).
-- Every other trainable parameter (norm layers, embeddings, custom
-  parameters, grouped or tied convolutions) gets the exact diagonal of its
+- Every other trainable parameter (norm layers, custom parameters,
+  grouped or tied convolutions, tied embeddings) gets the exact diagonal of its
   block, ``mean_i sum_c d_ic**2``, from the same pass.
 
 Memory is that of a batch: activations, output gradients and the
@@ -36,6 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._batches import n_rows
 from ._cotangents import output_cotangents
 from ._gradients import batch_slices, pullback_batch
 from ._layers import module_blocks
@@ -52,8 +64,9 @@ class LayerPlan:
     ----------
     name : str
         The module's name (``""`` for the root module).
-    kind : {"linear", "conv2d", "diagonal"}
-        Kronecker block of a ``Linear`` or ``Conv2d``, or exact diagonal.
+    kind : {"linear", "conv1d", "conv2d", "embedding", "diagonal"}
+        Kronecker block of a ``Linear``, a transformers ``Conv1D``, a
+        ``Conv2d`` or an ``Embedding``, or exact diagonal.
     block : ParameterBlock
         The parameters, and where they lie in the flat vector.
     reason : str
@@ -75,7 +88,9 @@ class LayerPlan:
 
     def describe(self):
         """One line for ``layers_``-style documentation."""
-        text = {"linear": "Kronecker (Linear)", "conv2d": "Kronecker (Conv2d, KFC)", "diagonal": "diagonal"}[self.kind]
+        text = {"linear": "Kronecker (Linear)", "conv1d": "Kronecker (Conv1D, a transposed Linear)",
+                "conv2d": "Kronecker (Conv2d, KFC)", "embedding": "Kronecker (Embedding, diagonal input factor)",
+                "diagonal": "diagonal"}[self.kind]
         return f"{text}: {', '.join(self.block.parameter_names)}" + (f" ({self.reason})" if self.reason else "")
 
 
@@ -88,9 +103,15 @@ def plan_layers(fmodel):
     return plans
 
 
+def is_transposed_linear(module):
+    """Whether ``module`` is transformers' ``Conv1D``: ``x @ weight + bias`` with ``weight`` of shape ``(in, out)``."""
+    return (type(module).__name__ == "Conv1D" and hasattr(module, "nf")
+            and getattr(module, "weight", None) is not None and module.weight.ndim == 2)
+
+
 def _kronecker_kind(block):
     module = block.module
-    if not isinstance(module, (nn.Linear, nn.Conv2d)):
+    if not (isinstance(module, (nn.Linear, nn.Conv2d, nn.Embedding)) or is_transposed_linear(module)):
         return "diagonal", ""
     if "weight" not in block.local_names:
         return "diagonal", "its weight is frozen"
@@ -102,6 +123,12 @@ def _kronecker_kind(block):
         if module.padding_mode != "zeros" or isinstance(module.padding, str):
             return "diagonal", "padding other than explicit zero padding"
         return "conv2d", ""
+    if isinstance(module, nn.Embedding):
+        if module.max_norm is not None or module.scale_grad_by_freq:
+            return "diagonal", "max_norm or scale_grad_by_freq changes its gradients"
+        return "embedding", ""
+    if is_transposed_linear(module):
+        return "conv1d", ""
     return "linear", ""
 
 
@@ -109,7 +136,8 @@ def _kronecker_kind(block):
 class _Recorder:
     """Forward hooks on the Kronecker modules: their inputs and outputs in one forward pass."""
 
-    def __init__(self, plans):
+    def __init__(self, plans, n_samples):
+        self.n_samples = n_samples
         self.plans = [plan for plan in plans if plan.is_kronecker]
         self.inputs = {plan.name: [] for plan in self.plans}
         self.outputs = {plan.name: [] for plan in self.plans}
@@ -119,9 +147,17 @@ class _Recorder:
     def __enter__(self):
         for plan in self.plans:
             def hook(module, args, output, name=plan.name):
-                if self.recording:
-                    self.inputs[name].append(args[0].detach())
-                    self.outputs[name].append(output)
+                if not self.recording:
+                    return None
+                inputs = args[0].detach()
+                if output.shape[0] == 1 and self.n_samples > 1:
+                    # One row for the whole batch, broadcast later (position embeddings): one row per sample,
+                    # the same values, so that the gradients reaching it are per sample.
+                    output = output.expand(self.n_samples, *output.shape[1:]).contiguous()
+                    inputs = inputs.expand(self.n_samples, *inputs.shape[1:])
+                self.inputs[name].append(inputs)
+                self.outputs[name].append(output)
+                return output
             self._handles.append(plan.block.module.register_forward_hook(hook))
         return self
 
@@ -153,7 +189,45 @@ def _activations(plan, inputs):
 def _factor_sizes(plan):
     """``(in, out)``: the sizes of the activation factor (with the bias column) and of the gradient factor."""
     weight = plan.block.module.weight
+    if plan.kind in ("conv1d", "embedding"):  # the weight is the transpose of a Linear's
+        return weight.shape[0] + int(plan.has_bias), weight.shape[1]
     return weight[0].numel() + int(plan.has_bias), weight.shape[0]
+
+
+def _token_ids(plan, inputs):
+    """An embedding's inputs as ``(n, T)`` ids, and which of them count (not its padding index)."""
+    ids = torch.cat([x.reshape(x.shape[0], -1) for x in inputs], dim=1)
+    padding = plan.block.module.padding_idx
+    return ids, (ids != padding) if padding is not None else torch.ones_like(ids, dtype=torch.bool)
+
+
+def _embedding_activation_factor(plan, inputs, dtype):
+    """The diagonal of ``sum_i (1/T) sum_t e_{x_t} e_{x_t}^T`` of one batch: token counts over positions."""
+    ids, counted = _token_ids(plan, inputs)
+    n_embeddings = plan.block.module.num_embeddings
+    counts = torch.bincount(ids[counted], minlength=n_embeddings).to(dtype)
+    return counts / ids.shape[1]
+
+
+def _embedding_corrected_squares(plan, inputs, rotated_gradients):
+    """``sum_i (Q_G^T d_i)**2`` as ``(dim, n_embeddings)`` for one batch, ``d_i = sum_t g_t e_{x_t}^T``.
+
+    ``d_i`` has a column per distinct token of sample ``i``: the rotated
+    output gradients are summed per (sample, token) pair, squared, and added
+    to their token's column, never forming the ``(n, dim, n_embeddings)`` ``d``.
+    """
+    ids, counted = _token_ids(plan, inputs)
+    n, positions = ids.shape
+    n_embeddings = plan.block.module.num_embeddings
+    samples = torch.arange(n, device=ids.device)[:, None].expand(n, positions)
+    pairs = (samples * n_embeddings + ids)[counted]
+    unique_pairs, which = torch.unique(pairs, return_inverse=True)
+    dim = rotated_gradients.shape[-1]
+    sums = torch.zeros(len(unique_pairs), dim, dtype=rotated_gradients.dtype, device=rotated_gradients.device)
+    sums.index_add_(0, which, rotated_gradients.reshape(n, positions, dim)[counted])
+    squares = torch.zeros(n_embeddings, dim, dtype=sums.dtype, device=sums.device)
+    squares.index_add_(0, unique_pairs % n_embeddings, sums * sums)
+    return squares.T
 
 
 def _output_gradients_by_position(plan, output_gradients):
@@ -199,13 +273,13 @@ class LayerStatistics:
         leaves = {name: p.detach().requires_grad_(True) for name, p in fmodel.params.items()}
         for batch in batch_slices(len(self.data), self.batch_size):
             x, target = self.data.batch(batch)
-            with torch.enable_grad(), _Recorder(self.plans) as recorder:
+            with torch.enable_grad(), _Recorder(self.plans, n_rows(x)) as recorder:
                 output = fmodel.output(leaves, x)
                 recorder.recording = False
                 cotangents = output_cotangents(fmodel.loss, output, target, self.fisher, self.n_target_draws,
                                                self.generator)
                 yield recorder, output, cotangents, x
-            self.bar.update(len(x))
+            self.bar.update(n_rows(x))
 
     def _output_gradients(self, recorder, output, cotangent):
         """Gradients of ``<output, cotangent>`` with respect to each Kronecker module's outputs."""
@@ -238,8 +312,11 @@ class LayerStatistics:
             for plan in recorder.plans:
                 if not recorder.inputs[plan.name]:
                     continue  # a module the forward pass did not call: no curvature
-                a = _activations(plan, recorder.inputs[plan.name])
-                A = torch.einsum("nti,ntj->ij", a, a) / a.shape[1]
+                if plan.kind == "embedding":
+                    A = _embedding_activation_factor(plan, recorder.inputs[plan.name], dtype)
+                else:
+                    a = _activations(plan, recorder.inputs[plan.name])
+                    A = torch.einsum("nti,ntj->ij", a, a) / a.shape[1]
                 sums[plan.name] = [A, 0.0] if plan.name not in sums else [sums[plan.name][0] + A, sums[plan.name][1]]
             for weight, cotangent in cotangents:
                 gradients = self._output_gradients(recorder, output, cotangent)
@@ -257,7 +334,8 @@ class LayerStatistics:
             if plan.is_kronecker:
                 A, G = sums.get(plan.name, (None, 0.0))
                 n_in, n_out = _factor_sizes(plan)
-                factors[plan.name] = (torch.zeros(n_in, n_in, dtype=dtype, device=device) if A is None else A.detach() / n,
+                empty = (n_in,) if plan.kind == "embedding" else (n_in, n_in)
+                factors[plan.name] = (torch.zeros(empty, dtype=dtype, device=device) if A is None else A.detach() / n,
                                       torch.zeros(n_out, n_out, dtype=dtype, device=device) if A is None
                                       else G.detach() / n)
         return factors, (None if diagonal is None else diagonal / n)
@@ -272,7 +350,10 @@ class LayerStatistics:
         for recorder, output, cotangents, _ in self._batches():
             # Rotate each factor first: sum_t (Q_G^T g_t)(Q_A^T a_t)^T is Q_G^T d Q_A.
             rotated_activations = {plan.name: _activations(plan, recorder.inputs[plan.name]) @ bases[plan.name][0]
-                                   for plan in recorder.plans if recorder.inputs[plan.name]}
+                                   for plan in recorder.plans
+                                   if recorder.inputs[plan.name] and plan.kind != "embedding"}
+            embeddings = {plan.name for plan in recorder.plans
+                          if recorder.inputs[plan.name] and plan.kind == "embedding"}
             # With one position (a Linear layer on (n, in) inputs) d_ic is the outer product g_ic a_i^T,
             # and sum_c (g_ic a_i^T)**2 = (sum_c g_ic**2) (a_i**2)^T: the squares of the rotated factors
             # are summed over the cotangents first, and one product per batch replaces n outer products.
@@ -281,6 +362,10 @@ class LayerStatistics:
             for weight, cotangent in cotangents:
                 gradients = self._output_gradients(recorder, output, cotangent)
                 for plan in recorder.plans:
+                    if plan.name in embeddings:
+                        g = _output_gradients_by_position(plan, gradients[plan.name]) @ bases[plan.name][1]
+                        add(plan.name, weight * _embedding_corrected_squares(plan, recorder.inputs[plan.name], g))
+                        continue
                     if plan.name not in rotated_activations:
                         continue
                     g = _output_gradients_by_position(plan, gradients[plan.name]) @ bases[plan.name][1]
@@ -322,10 +407,13 @@ def compute_ekfac_factors(fmodel, data, batch_size, fisher, n_target_draws, corr
         if not plan.is_kronecker:
             continue
         A, G = factors[plan.name]
-        activation_values, activation_vectors = eigenbasis(A)
         gradient_values, gradient_vectors = eigenbasis(G)
+        if plan.kind == "embedding":  # a diagonal activation factor: its eigenbasis is the identity
+            activation_values, activation_vectors = A, None
+        else:
+            activation_values, activation_vectors = eigenbasis(A)
+            tensors[f"{index}.activation_eigenvectors"] = activation_vectors
         bases[plan.name] = (activation_vectors, gradient_vectors)
-        tensors[f"{index}.activation_eigenvectors"] = activation_vectors
         tensors[f"{index}.gradient_eigenvectors"] = gradient_vectors
         tensors[f"{index}.eigenvalues"] = torch.outer(gradient_values, activation_values)
     if correct_eigenvalues and bases:
@@ -388,17 +476,28 @@ class EkfacInverse:
 
     def _kronecker_solve_into(self, result, index, plan, rows):
         block = plan.block
-        out_features = block.module.weight.shape[0]
+        transposed = plan.kind in ("conv1d", "embedding")  # weight (in, out): a Linear's transpose
+        n_in, n_out = _factor_sizes(plan)
         weight_slice = block.slice_of("weight")
-        weight = rows[:, weight_slice].reshape(len(rows), out_features, -1)
+        if transposed:
+            weight = rows[:, weight_slice].reshape(len(rows), n_in - int(plan.has_bias), n_out).transpose(1, 2)
+        else:
+            weight = rows[:, weight_slice].reshape(len(rows), n_out, -1)
         matrix = weight if not plan.has_bias else torch.cat(
             [weight, rows[:, block.slice_of("bias")].unsqueeze(2)], dim=2)
-        activation_vectors = self._tensors[f"{index}.activation_eigenvectors"]
+        activation_vectors = self._tensors.get(f"{index}.activation_eigenvectors")  # None: the identity
         gradient_vectors = self._tensors[f"{index}.gradient_eigenvectors"]
-        rotated = gradient_vectors.T @ matrix @ activation_vectors
+        rotated = gradient_vectors.T @ matrix
+        if activation_vectors is not None:
+            rotated = rotated @ activation_vectors
         rotated = rotated * self._inverse_values[index]
-        solved = gradient_vectors @ rotated @ activation_vectors.T
-        result[:, weight_slice] = solved[:, :, :weight.shape[2]].reshape(len(rows), -1)
+        solved = gradient_vectors @ rotated
+        if activation_vectors is not None:
+            solved = solved @ activation_vectors.T
+        solved_weight = solved[:, :, :weight.shape[2]]
+        if transposed:
+            solved_weight = solved_weight.transpose(1, 2)
+        result[:, weight_slice] = solved_weight.reshape(len(rows), -1)
         if plan.has_bias:
             result[:, block.slice_of("bias")] = solved[:, :, -1]
 

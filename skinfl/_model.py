@@ -9,6 +9,8 @@ no target is given), evaluated with :func:`torch.func.functional_call` so that
 from __future__ import annotations
 
 import copy
+import fnmatch
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -16,7 +18,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, vmap
 
-BUILTIN_LOSSES = ("cross_entropy", "mse", "bce_with_logits")
+from ._batches import as_batch_of_one, call_module, is_mapping
+
+BUILTIN_LOSSES = ("cross_entropy", "mse", "bce_with_logits", "causal_lm")
+# Targets skipped by cross-entropy unless the loss module sets another: torch's and transformers' padding label.
+DEFAULT_IGNORE_INDEX = -100
 
 # torch loss modules computed here from their options (class weights, label
 # smoothing, positive weights), so that their per-sample losses and their
@@ -66,12 +72,22 @@ class LossSpec:
         With ``"nll"``: the model outputs probabilities ``p``, and the loss is
         ``NLLLoss`` on ``log(p + eps)``, ``eps`` the machine epsilon of the
         output's dtype, as skorch's ``NeuralNetClassifier`` computes it.
+    sequence : bool
+        Cross-entropy over positions: outputs ``(n, *positions, n_classes)``
+        (classes on the last axis, as language models give them), targets
+        ``(n, *positions)``. A sample's loss is the **sum** of its positions'
+        losses; targets equal to ``ignore_index`` (-100) count for nothing.
+    shift : int
+        With ``sequence``: outputs at position ``t`` predict the target at
+        ``t + shift`` (1 for a causal language model, 0 otherwise).
     """
 
     kind: str
     function: object = None
     normalizer: float = 1.0
     takes_probabilities: bool = False
+    sequence: bool = False
+    shift: int = 0
 
     @classmethod
     def resolve(cls, loss, device=None):
@@ -79,6 +95,8 @@ class LossSpec:
         if isinstance(loss, LossSpec):
             return loss
         if isinstance(loss, str):
+            if loss == "causal_lm":
+                return cls(kind="cross_entropy", sequence=True, shift=1)
             return cls(kind=loss)
         if isinstance(loss, nn.Module) and device is not None:
             loss = copy.deepcopy(loss).to(device)
@@ -86,6 +104,62 @@ class LossSpec:
             if type(loss) is module_type:
                 return cls(kind=kind, function=loss)
         return cls(kind="custom", function=loss)
+
+    @property
+    def name(self):
+        """The loss as its ``loss`` parameter names it: ``"causal_lm"``, ``"cross_entropy"``, ..."""
+        return "causal_lm" if self.shift else self.kind
+
+    def replace(self, **changes):
+        """A copy with ``changes``."""
+        return LossSpec(**{**self.__dict__, **changes})
+
+    def for_outputs(self, output_shape):
+        """This spec for a model whose samples have outputs of ``output_shape``.
+
+        Cross-entropy on outputs with more than one axis per sample is taken
+        over positions (``sequence``), classes on the last axis.
+        """
+        if self.kind == "cross_entropy" and len(output_shape) >= 2 and not self.sequence:
+            return self.replace(sequence=True)
+        if self.sequence and (self.kind != "cross_entropy" or len(output_shape) < 2 or
+                              (self.shift and len(output_shape) != 2)):
+            raise ValueError(
+                f"loss={self.name!r} needs outputs of shape (n, sequence_length, n_classes) per batch "
+                f"(logits at every position); the model outputs per-sample shape {tuple(output_shape)}."
+            )
+        return self
+
+    @property
+    def ignore_index(self):
+        return self._option("ignore_index", DEFAULT_IGNORE_INDEX)
+
+    def positions(self, output, target=None):
+        """``(outputs, targets)`` of the predicted positions: ``(n, P, n_classes)`` and ``(n, P)``.
+
+        With ``shift``, outputs at ``t`` are paired with targets at ``t + shift``.
+        """
+        n, n_classes = output.shape[0], output.shape[-1]
+        output = output.reshape(n, -1, n_classes)
+        if target is not None:
+            target = target.reshape(n, -1)
+        if self.shift:
+            output = output[:, :-self.shift]
+            target = None if target is None else target[:, self.shift:]
+        return output, target
+
+    def scatter_positions(self, values, output):
+        """Values ``(..., n, P, n_classes)`` per predicted position back into the shape of ``output``
+        (zeros at the positions that predict nothing)."""
+        n, n_classes = output.shape[0], output.shape[-1]
+        leading = values.shape[:-3]
+        full = values.new_zeros(*leading, n, output[0].numel() // n_classes, n_classes)
+        full[..., :values.shape[-2], :] = values
+        return full.reshape(*leading, *output.shape)
+
+    def position_loss(self):
+        """The loss of one position: the same options, on ``(m, n_classes)`` outputs and ``(m,)`` targets."""
+        return self.replace(sequence=False, shift=0)
 
     @property
     def is_classification(self):
@@ -104,8 +178,11 @@ class LossSpec:
         return getattr(self.function, name, default) if self.is_module else default
 
     def sample_weights(self, target):
-        """Per-sample weights ``w[y_i]`` of the weighted mean, or None when unweighted."""
-        if not self.takes_class_indices:
+        """Per-sample weights ``w[y_i]`` of the weighted mean, or None when unweighted.
+
+        Sequence losses are sums over positions, never weighted means: None.
+        """
+        if not self.takes_class_indices or self.sequence:
             return None
         weight = self._option("weight")
         ignore_index = self._option("ignore_index", -100)
@@ -128,7 +205,7 @@ class LossSpec:
                 "Every training sample has zero weight under the loss's class weights (or ignore_index); "
                 "the training loss is undefined."
             )
-        return LossSpec(self.kind, self.function, total / count, self.takes_probabilities)
+        return self.replace(normalizer=total / count)
 
     def log_probabilities(self, output):
         """The model's output as log-probabilities, for ``"nll"``."""
@@ -136,7 +213,23 @@ class LossSpec:
             return torch.log(output + torch.finfo(output.dtype).eps)
         return output
 
+    def _cross_entropy_options(self):
+        return dict(weight=self._option("weight"), ignore_index=self.ignore_index,
+                    label_smoothing=self._option("label_smoothing", 0.0))
+
+    def _summed_over_positions(self, output, target):
+        """Each sample's cross-entropy summed over its predicted positions, shape ``(n,)``."""
+        output, target = self.positions(output, target)
+        n, n_positions, n_classes = output.shape
+        if n_positions == 0:
+            return output.sum(dim=(1, 2)) * 0
+        losses = F.cross_entropy(output.reshape(-1, n_classes), target.reshape(-1), reduction="none",
+                                 **self._cross_entropy_options())
+        return losses.reshape(n, n_positions).sum(dim=1)
+
     def _unnormalized(self, output, target):
+        if self.sequence:
+            return self._summed_over_positions(output, target)
         if self.kind == "cross_entropy":
             return F.cross_entropy(
                 output, target, reduction="none", weight=self._option("weight"),
@@ -176,6 +269,11 @@ class LossSpec:
         negative log-probability of the predicted class. Regression: the sum
         of the model's outputs (the output itself for one output).
         """
+        if self.sequence:
+            predicted = output.argmax(dim=-1).detach()
+            if self.shift:  # the positions' own predictions, where they predict a next token
+                predicted = torch.cat([predicted[:, :self.shift], predicted[:, :-self.shift]], dim=1)
+            return self.replace(function=None)._summed_over_positions(output, predicted)
         if self.kind == "cross_entropy":
             predicted = output.argmax(dim=1).detach()
             return F.cross_entropy(output, predicted, reduction="none")
@@ -249,7 +347,7 @@ def evaluation_copy(model, device, example=None):
     copied = copy.deepcopy(model).eval().to(device)
     if example is not None and has_lazy_parameters(copied):
         with torch.no_grad():
-            copied(example)
+            call_module(copied, example)
     for parameter in copied.parameters():
         parameter.requires_grad_(False)
     return copied
@@ -291,7 +389,10 @@ class FunctionalModel:
         return next(iter(self.params.values())).device
 
     def output(self, params, x):
-        return functional_call(self.module, {**params, **self.fixed}, (x,))
+        """The model's output on inputs ``x`` (a tensor, or a dict of keyword inputs); see :func:`output_tensor`."""
+        if is_mapping(x):
+            return output_tensor(functional_call(self.module, {**params, **self.fixed}, (), dict(x)))
+        return output_tensor(functional_call(self.module, {**params, **self.fixed}, (x,)))
 
     def per_sample_objective(self, params, x, target):
         """Per-sample losses, or measurements when ``target`` is None."""
@@ -303,4 +404,42 @@ class FunctionalModel:
     def sample_objective(self, params, x_i, target_i):
         """Objective of one sample given without its batch axis (for vmap)."""
         target = None if target_i is None else target_i.unsqueeze(0)
-        return self.per_sample_objective(params, x_i.unsqueeze(0), target)[0]
+        return self.per_sample_objective(params, as_batch_of_one(x_i), target)[0]
+
+
+def output_tensor(output):
+    """The tensor skinfl differentiates: the output itself, or the ``logits`` of a mapping output (a
+    transformers ``ModelOutput``, a dict). Anything else is returned as it is, and refused by the caller."""
+    if isinstance(output, Mapping) and "logits" in output:
+        return output["logits"]
+    return output
+
+
+def select_parameters(module, patterns):
+    """Names of the parameters influence is taken over, in ``named_parameters`` order.
+
+    ``patterns=None``: every parameter that requires gradients. Otherwise
+    the parameters whose names match any ``fnmatch`` pattern of
+    ``patterns``, whether they require gradients or not (the user chose
+    them); a pattern that matches nothing is an error.
+    """
+    named = list(module.named_parameters())
+    if patterns is None:
+        selected = [name for name, p in named if p.requires_grad]
+        if not selected:
+            raise ValueError(
+                "The model has no trainable parameters (none has requires_grad=True); influence is taken "
+                "with respect to trainable parameters, or to those chosen with parameters=[...]."
+            )
+        return selected
+    if isinstance(patterns, str):
+        patterns = [patterns]
+    names = [name for name, _ in named]
+    unmatched = [pattern for pattern in patterns if not fnmatch.filter(names, pattern)]
+    if unmatched:
+        examples = ", ".join(repr(name) for name in names[:6]) + (", ..." if len(names) > 6 else "")
+        raise ValueError(
+            f"parameters={list(patterns)!r}: the pattern(s) {unmatched} match no parameter of the model. "
+            f"Its parameters are named like {examples} ({len(names)} in all; see model.named_parameters())."
+        )
+    return [name for name in names if any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns)]

@@ -70,7 +70,7 @@ class ModelSource:
 def model_source(model, loss):
     """The :class:`ModelSource` of a ``model`` parameter and a ``loss`` parameter."""
     if isinstance(model, nn.Module):
-        return ModelSource(model, LossSpec.resolve(DEFAULT_TORCH_LOSS if _is_auto(loss) else loss))
+        return ModelSource(model, LossSpec.resolve(torch_module_loss(model) if _is_auto(loss) else loss))
     if _skorch_nets.is_skorch_net(model):
         module, net_loss = _skorch_nets.module_and_loss(model)
         resolved = net_loss if _is_auto(loss) else LossSpec.resolve(loss)
@@ -92,6 +92,34 @@ def model_source(model, loss):
     )
 
 
+# transformers' task heads, by the end of the class name, and the loss each is trained with.
+_TASK_SUFFIXES = (
+    ("ForCausalLM", "causal_lm"),
+    ("LMHeadModel", "causal_lm"),
+    ("ForSequenceClassification", "sequence_classification"),
+    ("ForTokenClassification", "cross_entropy"),
+)
+
+
+def torch_module_loss(module):
+    """The loss ``"auto"`` means for a torch module: from a transformers (or peft) model's class and
+    config, ``"cross_entropy"`` for any other module."""
+    name = type(module).__name__
+    for suffix, loss in _TASK_SUFFIXES:
+        if not name.endswith(suffix):
+            continue
+        if loss != "sequence_classification":
+            return loss
+        config = getattr(module, "config", None)
+        problem_type = getattr(config, "problem_type", None)
+        if problem_type == "regression" or (problem_type is None and getattr(config, "num_labels", 2) == 1):
+            return "mse"
+        if problem_type == "multi_label_classification":
+            return "bce_with_logits"
+        return "cross_entropy"
+    return DEFAULT_TORCH_LOSS
+
+
 def _is_auto(loss):
     return isinstance(loss, str) and loss == "auto"
 
@@ -100,4 +128,4 @@ def loss_on_device(loss, device):
     """``loss`` with its loss module copied to ``device`` (its class weights must live with the outputs)."""
     if not isinstance(loss.function, nn.Module):
         return loss
-    return LossSpec(loss.kind, copy.deepcopy(loss.function).to(device), loss.normalizer, loss.takes_probabilities)
+    return loss.replace(function=copy.deepcopy(loss.function).to(device))

@@ -97,7 +97,10 @@ def save(estimator, path, include_data=True):
     data = estimator._fit_data
     saved_data = include_data and data is not None
     if saved_data:
-        tensors["data.X"] = _savable(data.X, "X")
+        if isinstance(data.X, dict):
+            tensors.update({f"data.X.{key}": _savable(value, f"X[{key!r}]") for key, value in data.X.items()})
+        else:
+            tensors["data.X"] = _savable(data.X, "X")
         if data.y is not None:
             tensors["data.y"] = _savable(data.y, "y")
     metadata = {
@@ -116,7 +119,8 @@ def save(estimator, path, include_data=True):
         "factor_metadata": estimator._factor_metadata,
         "factor_seed": estimator._factor_seed,
         "seed": estimator._seed,
-        "data": {"included": bool(saved_data), "input_dtype": str(estimator._input_dtype)},
+        "data": {"included": bool(saved_data), "input_dtype": str(estimator._input_dtype),
+                 "keys": list(data.X) if saved_data and isinstance(data.X, dict) else None},
     }
     write(path, tensors, metadata)
     return Path(path)
@@ -141,6 +145,8 @@ def _jsonable(value):
         return float(value)
     if isinstance(value, (list, tuple)):
         return [_jsonable(item) for item in value]
+    if isinstance(value, dict):
+        return {str(key): _jsonable(item) for key, item in value.items()}
     if isinstance(value, torch.device):
         return str(value)
     if isinstance(value, os.PathLike):
@@ -252,17 +258,21 @@ def _restore(file, meta, model, loss):
         raise ValueError(f"{file.path} names an unknown input dtype {meta['data']['input_dtype']!r}.")
     example = None
     if has_lazy_parameters(module):
-        example = torch.zeros((1, *fitted["input_shape_"]), dtype=input_dtype, device=device)
+        shape = fitted["input_shape_"]
+        example = ({key: torch.zeros((1, *value), dtype=input_dtype, device=device) for key, value in shape.items()}
+                   if isinstance(shape, dict) else torch.zeros((1, *shape), dtype=input_dtype, device=device))
     estimator.model_ = evaluation_copy(module, device, example=example)
     resolved = loss_on_device(source.loss, device)
-    estimator.loss_ = LossSpec(resolved.kind, resolved.function, float(meta["loss_normalizer"]),
-                               resolved.takes_probabilities)
+    estimator.loss_ = resolved.for_outputs(tuple(fitted["output_shape_"])).replace(
+        normalizer=float(meta["loss_normalizer"]))
     if source.classes is not None:
         estimator.classes_ = source.classes
     estimator.device_ = device
     for name in _FITTED:
         value = fitted[name]
-        setattr(estimator, name, tuple(value) if name.endswith("shape_") else value)
+        if name.endswith("shape_"):
+            value = ({key: tuple(shape) for key, shape in value.items()} if isinstance(value, dict) else tuple(value))
+        setattr(estimator, name, value)
     if meta.get("feature_names_in") is not None:
         estimator.feature_names_in_ = np.asarray(meta["feature_names_in"], dtype=object)
     estimator._input_dtype = input_dtype
@@ -338,7 +348,8 @@ def _saved_data(file, meta, estimator):
         mapped = file.memmap(name)
         return mapped if mapped is not None else file.tensor(name)
 
-    X = array("data.X")
+    keys = meta["data"].get("keys")
+    X = {key: array(f"data.X.{key}") for key in keys} if keys is not None else array("data.X")
     y = array("data.y") if "data.y" in file.table else None
     targets = TargetSpec(estimator.loss_, estimator.output_shape_, model_dtype(estimator.model_),
                          getattr(estimator, "classes_", None))

@@ -24,7 +24,9 @@ __all__ = [
 
 
 def returns_torch(data):
-    """Whether results for ``data`` are returned as torch tensors."""
+    """Whether results for ``data`` are returned as torch tensors (for a dict of inputs: all of them are)."""
+    if isinstance(data, dict):
+        return all(isinstance(value, torch.Tensor) for value in data.values())
     return isinstance(data, torch.Tensor)
 
 
@@ -78,6 +80,22 @@ def check_input_shape(shape, name="X"):
             f"Found array with 0 feature(s) (shape={tuple(shape)}) while a minimum of 1 is required: "
             f"{name} has no input values per sample."
         )
+
+
+def check_keyword_input_shapes(shapes, name="X"):
+    """Check a dict of keyword inputs: each with samples on axis 0, all with the same number of samples."""
+    for key, shape in shapes.items():
+        if len(shape) < 1:
+            raise ValueError(f"{name}[{key!r}] is a scalar; every input needs one entry per sample on its first axis.")
+    lengths = {key: shape[0] for key, shape in shapes.items()}
+    if len(set(lengths.values())) > 1:
+        described = ", ".join(f"{key!r}: {tuple(shape)}" for key, shape in shapes.items())
+        raise ValueError(
+            f"The inputs of {name} must share their first axis (one row per sample), but they have "
+            f"{sorted(set(lengths.values()))} rows: shapes {{{described}}}."
+        )
+    if not next(iter(lengths.values())):
+        raise ValueError(f"Found array with 0 sample(s) while a minimum of 1 is required: {name} is empty.")
 
 
 def input_chunk_to_tensor(chunk, dtype, name="X"):
@@ -146,6 +164,8 @@ def as_target_tensor(y, loss, output_shape, dtype, device=None, name="y"):
     if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
         raise ValueError(f"Input {name} contains NaN or infinity; every target must be finite.")
 
+    if loss.sequence:
+        return _position_labels(tensor, loss, output_shape, name, device)
     if loss.takes_class_indices:
         return _class_labels(tensor, output_shape, name, device)
     if loss.kind in ("mse", "bce_with_logits"):
@@ -163,6 +183,37 @@ def as_target_tensor(y, loss, output_shape, dtype, device=None, name="y"):
 
 def _moved(tensor, device):
     return tensor if device is None else tensor.to(device)
+
+
+def _integer_labels(tensor, name, loss_name):
+    if tensor.is_floating_point() and not bool((tensor == tensor.round()).all()):
+        raise ValueError(
+            f"{name} must hold integer class indices for loss={loss_name!r}, got non-integer values; "
+            "for regression targets use loss='mse'."
+        )
+    return tensor.to(torch.long)
+
+
+def _position_labels(tensor, loss, output_shape, name, device):
+    """Targets of a loss over positions: one class index per position, ``ignore_index`` allowed."""
+    positions, n_classes = tuple(output_shape[:-1]), output_shape[-1]
+    if tuple(tensor.shape[1:]) != positions:
+        what = "sequence length" if len(positions) == 1 else "positions"
+        raise ValueError(
+            f"{name} has shape {tuple(tensor.shape)}, but the model outputs shape (n, {', '.join(map(str, output_shape))}) "
+            f"per batch: for loss={loss.name!r} {name} needs one class index per position, shape "
+            f"(n, {', '.join(map(str, positions))}); check the {what} of {name} against the inputs'."
+        )
+    labels = _integer_labels(tensor, name, loss.name)
+    counted = labels[labels != loss.ignore_index]
+    if counted.numel():
+        low, high = int(counted.min()), int(counted.max())
+        if low < 0 or high >= n_classes:
+            raise ValueError(
+                f"{name} holds class indices from {low} to {high}, but the model has {n_classes} outputs per "
+                f"position, so they must lie in 0..{n_classes - 1} (or be {loss.ignore_index}, ignored)."
+            )
+    return _moved(labels, device)
 
 
 def _class_labels(tensor, output_shape, name, device):

@@ -46,11 +46,13 @@ from ._deprecation import renamed_attribute, resolve_renamed_parameters
 from ._devices import available_device, first_device, moved
 from ._gradients import batch_slices, gradients_of, iter_gradients, perturbation_batch
 from ._model_source import loss_on_device, model_source
+from ._batches import describe, floating_inputs, is_mapping
 from ._model import (
     BUILTIN_LOSSES,
     FunctionalModel,
     evaluation_copy,
     mode_dependent_modules_in_training,
+    select_parameters,
 )
 from ._progress import progress
 from ._reporting import SolveReporting, reporting_solves
@@ -95,6 +97,7 @@ class BaseInfluence(FactorCache, SolveReporting, TransformerMixin, BaseEstimator
     _parameter_constraints = {
         "model": [nn.Module, HasMethods(["fit", "get_params"])],
         "loss": [StrOptions({"auto", *BUILTIN_LOSSES}), callable],
+        "parameters": [None, str, list, tuple],
         "regularization": [Interval(Real, 0, None, closed="left"), StrOptions({"auto"})],
         "second_order": [StrOptions(set(SECOND_ORDER_MODES))],
         "batch_size": [Interval(Integral, 1, None, closed="left")],
@@ -190,12 +193,7 @@ class BaseInfluence(FactorCache, SolveReporting, TransformerMixin, BaseEstimator
             )
         source = model_source(self.model, self.loss)
         device = self._resolve_device(source.module)
-        trainable = [name for name, p in source.module.named_parameters() if p.requires_grad]
-        if not trainable:
-            raise ValueError(
-                "The model has no trainable parameters (none has requires_grad=True); "
-                "influence is taken with respect to trainable parameters."
-            )
+        trainable = select_parameters(source.module, self.parameters)
         in_training = mode_dependent_modules_in_training(source.module)
         if in_training and not source.predicts_in_eval_mode:
             warn(
@@ -211,6 +209,8 @@ class BaseInfluence(FactorCache, SolveReporting, TransformerMixin, BaseEstimator
         module = _evaluation_copy_for(source.module, device, first)
         fmodel = FunctionalModel(module, loss, trainable)
         output_shape = _probe_output_shape(fmodel, first)
+        loss = loss.for_outputs(tuple(output_shape))
+        fmodel = FunctionalModel(module, loss, trainable)
         targets_as = TargetSpec(loss, tuple(output_shape), fmodel.dtype, source.classes)
         data = inputs.with_targets(targets_as).validate()
 
@@ -229,13 +229,14 @@ class BaseInfluence(FactorCache, SolveReporting, TransformerMixin, BaseEstimator
         self.device_ = device
         self.n_params_ = fmodel.n_params
         self.n_samples_fit_ = len(data)
-        self.input_shape_ = tuple(data.input_shape)
-        self.n_features_in_ = int(np.prod(self.input_shape_, dtype=int))
+        self.input_shape_ = _shape_attribute(data.input_shape)
+        self.n_features_in_ = _n_features(self.input_shape_)
         self.output_shape_ = tuple(output_shape)
         # feature_names_in_ when X is a DataFrame with string column names (removed otherwise), so that
         # later calls with reordered or other columns are caught as in scikit-learn.
         self._check_input_feature_names(X, reset=True)
-        self._input_dtype = first.dtype  # integer for token ids: what a lazy module is materialised on
+        # Integer for token ids: what a lazy module is materialised on (for keyword inputs, the first one's).
+        self._input_dtype = (next(iter(first.values())) if is_mapping(first) else first).dtype
         self._fit_data = data
         self._last_solve = {}  # filled by the solves of later calls (see _summarize_solves)
         # One seed for all of this fit's randomness, drawn now when random_state is None: saved with the
@@ -407,6 +408,9 @@ class BaseInfluence(FactorCache, SolveReporting, TransformerMixin, BaseEstimator
         """
         if mode not in ("up", "perturbation"):
             raise ValueError(f"mode must be 'up' or 'perturbation', got {mode!r}.")
+        if mode == "perturbation" and isinstance(self.input_shape_, dict):
+            raise ValueError("mode='perturbation' differentiates with respect to the inputs, which must be one "
+                             f"floating-point array; this estimator was fitted on keyword inputs {list(self.input_shape_)}.")
         test = self._check_data(X_test, y_test, names=("X_test", "y_test"))
         train = self._training_data(X, y)
         shape = (len(test), len(train)) if mode == "up" else (len(test), len(train), *self.input_shape_)
@@ -619,9 +623,10 @@ class BaseInfluence(FactorCache, SolveReporting, TransformerMixin, BaseEstimator
             batch_size = max(1, min(self.batch_size, _MAX_PERTURBATION_PAIRS // len(inverse_gradients)))
             for batch in batch_slices(len(train), batch_size):
                 x, y = train.batch(batch)
-                if not x.is_floating_point():
+                if is_mapping(x) or not floating_inputs(x):
                     raise ValueError(
-                        "mode='perturbation' differentiates with respect to the inputs, which must be floating point."
+                        "mode='perturbation' differentiates with respect to the inputs, which must be one "
+                        f"floating-point array; got {describe(x)}."
                     )
                 with torch.no_grad():
                     write(result, (held, batch), perturbation_batch(fmodel, inverse_gradients, x, y))
@@ -707,19 +712,47 @@ class BaseInfluence(FactorCache, SolveReporting, TransformerMixin, BaseEstimator
     def _check_data(self, X, y, names=("X", "y")):
         check_is_fitted(self)
         self._check_input_feature_names(X, reset=False)
-        targets = TargetSpec(self.loss_, self.output_shape_, self._dtype(), getattr(self, "classes_", None))
-        data = DataSource(X, y, input_dtype=self._dtype(), device=self.device_, targets=targets, names=names)
-        if tuple(data.input_shape) != self.input_shape_:
-            if len(data.input_shape) == 1 and len(self.input_shape_) == 1:
-                raise ValueError(
-                    f"{names[0]} has {data.input_shape[0]} features, but {type(self).__name__} is expecting "
-                    f"{self.input_shape_[0]} features as input."
-                )
+        data = DataSource(X, y, input_dtype=self._dtype(), device=self.device_, names=names)
+        output_shape = self._check_input_shape(data, names[0])
+        targets = TargetSpec(self.loss_, output_shape, self._dtype(), getattr(self, "classes_", None))
+        return data.with_targets(targets).validate()
+
+    def _check_input_shape(self, data, name):
+        """Check ``data``'s inputs against the fitted ones; the model's per-sample output shape on them.
+
+        Integer inputs (token ids, attention masks) may be sequences of another length than the fitted
+        ones: the output shape is then that of the model on their first sample.
+        """
+        shape = _shape_attribute(data.input_shape)
+        if shape == self.input_shape_:
+            return self.output_shape_
+        fitted = self.input_shape_ if isinstance(self.input_shape_, dict) else {None: self.input_shape_}
+        given = shape if isinstance(shape, dict) else {None: shape}
+        if isinstance(shape, dict) != isinstance(self.input_shape_, dict) or set(given) != set(fitted):
             raise ValueError(
-                f"{names[0]} has per-sample shape {tuple(data.input_shape)}, but {type(self).__name__} "
-                f"was fitted on inputs of per-sample shape {self.input_shape_}."
+                f"{name} has inputs {_describe_shape(shape)}, but {type(self).__name__} was fitted on "
+                f"{_describe_shape(self.input_shape_)}: pass the same inputs (the same keys, for a dict)."
             )
-        return data.validate()
+        arrays = data.X if isinstance(data.X, dict) else {None: data.X}
+        for key, fitted_shape in fitted.items():
+            if given[key] == fitted_shape:
+                continue
+            if not (_holds_integers(arrays[key]) and len(given[key]) == len(fitted_shape) >= 1
+                    and given[key][1:] == fitted_shape[1:]):
+                self._refuse_input_shape(data, name, shape)
+        first = data.inputs(slice(0, 1))
+        return tuple(_probe_output_shape(self._functional_model(), first))
+
+    def _refuse_input_shape(self, data, name, shape):
+        if not isinstance(shape, dict) and len(shape) == 1 and len(self.input_shape_) == 1:
+            raise ValueError(
+                f"{name} has {shape[0]} features, but {type(self).__name__} is expecting "
+                f"{self.input_shape_[0]} features as input."
+            )
+        raise ValueError(
+            f"{name} has per-sample shape {_describe_shape(shape)}, but {type(self).__name__} "
+            f"was fitted on inputs of per-sample shape {_describe_shape(self.input_shape_)}."
+        )
 
     # -------------------------------------------------------------- pickling
     def __getstate__(self):
@@ -766,6 +799,33 @@ def _seed_of(random_state):
     return int(check_random_state(random_state).randint(2**31 - 1))
 
 
+def _shape_attribute(input_shape):
+    """``input_shape_``: a tuple, or for keyword inputs a dict of tuples by key."""
+    if isinstance(input_shape, dict):
+        return {key: tuple(shape) for key, shape in input_shape.items()}
+    return tuple(input_shape)
+
+
+def _n_features(input_shape):
+    """Input values per sample (summed over keyword inputs)."""
+    shapes = input_shape.values() if isinstance(input_shape, dict) else [input_shape]
+    return int(sum(np.prod(shape, dtype=int) for shape in shapes))
+
+
+def _describe_shape(shape):
+    if isinstance(shape, dict):
+        return "{" + ", ".join(f"{key!r}: {tuple(value)}" for key, value in shape.items()) + "}"
+    return str(tuple(shape))
+
+
+def _holds_integers(array):
+    """Whether an input array holds integers (token ids, masks), whose sequence length may vary."""
+    dtype = getattr(array, "dtype", None)
+    if isinstance(dtype, torch.dtype):
+        return not dtype.is_floating_point and not dtype.is_complex
+    return dtype is not None and np.dtype(dtype).kind in "iub"
+
+
 def model_dtype(model):
     """Floating dtype of ``model``'s parameters (lazy ones too)."""
     for parameter in model.parameters():
@@ -775,6 +835,12 @@ def model_dtype(model):
 
 def _inputs_do_not_fit(x, error):
     """The error for a model that cannot be evaluated on the first sample."""
+    if is_mapping(x):
+        return ValueError(
+            f"The model could not be evaluated as model(**X[:1]) on X[:1] = {describe(x)} "
+            f"({type(error).__name__}: {error}). A dict X is passed as keyword arguments: its keys must be "
+            "the names of the model's forward arguments, all that it needs, with samples on the first axis."
+        )
     hint = (
         " X holds integers, which are passed to the model as they are (as token ids for an "
         "embedding layer would be); cast X to float for a model that takes real values."
@@ -804,8 +870,10 @@ def _probe_output_shape(fmodel, first):
         raise _inputs_do_not_fit(first, error) from error
     if not isinstance(output, torch.Tensor) or output.ndim == 0 or output.shape[0] != 1:
         raise ValueError(
-            "The model must return one output tensor with samples on the first axis; "
+            "The model must return one output tensor with samples on the first axis, or a mapping (a "
+            "transformers ModelOutput) with its 'logits'; "
             f"on a batch of one sample it returned {type(output).__name__} "
-            f"of shape {tuple(getattr(output, 'shape', ()))}."
+            f"of shape {tuple(getattr(output, 'shape', ()))}. Wrap the model in a module whose forward "
+            "returns the tensor the loss takes (see the user guide, 'Models')."
         )
     return output.shape[1:]

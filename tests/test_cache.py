@@ -33,7 +33,7 @@ NAMES = [name for name, _ in ESTIMATORS]
 N_FIT = 90
 
 # Constructor parameters that are not about the factors' inputs (model, data, loss, second_order).
-NOT_SETTINGS = {"model", "loss", "second_order", "memory", "device", "progress"}
+NOT_SETTINGS = {"model", "loss", "parameters", "second_order", "memory", "device", "progress"}
 # A value different from make()'s for each setting (by estimator where they differ); factor parameters
 # must miss the cache, others hit.
 OTHER_VALUES = {

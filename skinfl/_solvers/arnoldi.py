@@ -57,6 +57,7 @@ class ArnoldiInfluence(_LowRankInfluence):
     ----------
     {model}
     {loss}
+    {parameters}
     {regularization}
         ``lambda >= 0`` added as ``lambda * I`` to the curvature. It is also
         the curvature the discarded directions are given, so it should be
@@ -219,6 +220,7 @@ class ArnoldiInfluence(_LowRankInfluence):
         model,
         *,
         loss="auto",
+        parameters=None,
         regularization=1e-3,
         second_order="hessian",
         rank=50,
@@ -235,6 +237,7 @@ class ArnoldiInfluence(_LowRankInfluence):
     ):
         self.model = model
         self.loss = loss
+        self.parameters = parameters
         self.regularization = regularization
         self.second_order = second_order
         self.rank = rank

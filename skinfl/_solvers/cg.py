@@ -207,6 +207,7 @@ class CgInfluence(BaseInfluence):
     ----------
     {model}
     {loss}
+    {parameters}
     {regularization}
         ``lambda >= 0`` added as ``lambda * I`` to the curvature. Conjugate
         gradient needs ``C + lambda I`` positive definite.
@@ -324,6 +325,7 @@ class CgInfluence(BaseInfluence):
         model,
         *,
         loss="auto",
+        parameters=None,
         regularization=1e-3,
         second_order="hessian",
         rtol=1e-4,
@@ -341,6 +343,7 @@ class CgInfluence(BaseInfluence):
     ):
         self.model = model
         self.loss = loss
+        self.parameters = parameters
         self.regularization = regularization
         self.second_order = second_order
         self.rtol = rtol

@@ -123,6 +123,7 @@ class DataInfInfluence(BaseInfluence):
     ----------
     {model}
     {loss}
+    {parameters}
     {regularization}
         ``lambda > 0`` added to each rank-one term ``g g^T`` (the formula
         divides by it, so 0 is an error). Influences scale as ``1 /
@@ -218,6 +219,7 @@ class DataInfInfluence(BaseInfluence):
         model,
         *,
         loss="auto",
+        parameters=None,
         regularization=0.1,
         second_order="gauss_newton",
         block_structure="layer",
@@ -230,6 +232,7 @@ class DataInfInfluence(BaseInfluence):
     ):
         self.model = model
         self.loss = loss
+        self.parameters = parameters
         self.regularization = regularization
         self.second_order = second_order
         self.block_structure = block_structure

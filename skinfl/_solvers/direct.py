@@ -42,6 +42,7 @@ class DirectInfluence(BaseInfluence):
     ----------
     {model}
     {loss}
+    {parameters}
     {regularization}
     {second_order}
     solver : {"auto", "cholesky", "eigh"}, default="auto"
@@ -100,6 +101,7 @@ class DirectInfluence(BaseInfluence):
         model,
         *,
         loss="auto",
+        parameters=None,
         regularization=1e-3,
         second_order="hessian",
         solver="auto",
@@ -112,6 +114,7 @@ class DirectInfluence(BaseInfluence):
     ):
         self.model = model
         self.loss = loss
+        self.parameters = parameters
         self.regularization = regularization
         self.second_order = second_order
         self.solver = solver

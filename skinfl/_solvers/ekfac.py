@@ -57,6 +57,7 @@ class EkfacInfluence(BaseInfluence):
     ----------
     {model}
     {loss}
+    {parameters}
     {regularization}
         ``lambda >= 0`` added as ``lambda * I`` to every block.
     {second_order}
@@ -148,6 +149,7 @@ class EkfacInfluence(BaseInfluence):
         model,
         *,
         loss="auto",
+        parameters=None,
         regularization=1e-3,
         second_order="gauss_newton",
         fisher="true",
@@ -161,6 +163,7 @@ class EkfacInfluence(BaseInfluence):
     ):
         self.model = model
         self.loss = loss
+        self.parameters = parameters
         self.regularization = regularization
         self.second_order = second_order
         self.fisher = fisher

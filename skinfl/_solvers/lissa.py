@@ -279,6 +279,7 @@ class LissaInfluence(BaseInfluence):
     ----------
     {model}
     {loss}
+    {parameters}
     {regularization}
     {second_order}
     scale : "auto" or float, default="auto"
@@ -383,6 +384,7 @@ class LissaInfluence(BaseInfluence):
         model,
         *,
         loss="auto",
+        parameters=None,
         regularization=1e-3,
         second_order="hessian",
         scale="auto",
@@ -399,6 +401,7 @@ class LissaInfluence(BaseInfluence):
     ):
         self.model = model
         self.loss = loss
+        self.parameters = parameters
         self.regularization = regularization
         self.second_order = second_order
         self.scale = scale

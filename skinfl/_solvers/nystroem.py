@@ -47,6 +47,7 @@ class NystroemInfluence(_LowRankInfluence):
     ----------
     {model}
     {loss}
+    {parameters}
     {regularization}
         ``lambda >= 0`` added as ``lambda * I`` to the curvature, and the
         curvature given to the directions outside the sketch: choose it at
@@ -111,6 +112,7 @@ class NystroemInfluence(_LowRankInfluence):
         model,
         *,
         loss="auto",
+        parameters=None,
         regularization=1e-3,
         second_order="hessian",
         rank=50,
@@ -122,6 +124,7 @@ class NystroemInfluence(_LowRankInfluence):
     ):
         self.model = model
         self.loss = loss
+        self.parameters = parameters
         self.regularization = regularization
         self.second_order = second_order
         self.rank = rank
