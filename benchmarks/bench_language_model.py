@@ -23,16 +23,19 @@ the regularization (damping) and batches the same everywhere:
   out)``) replaced by the equivalent ``nn.Linear`` (checked: same logits);
   a Task whose loss is the summed token cross-entropy, with targets drawn
   from the model's predictive distribution for the factors (true Fisher).
-  Blocks: its tracked modules, the 9 Linear layers (embeddings and layer
-  norms are not tracked).
-- ``skinfl``: ``EkfacInfluence(model, loss="causal_lm")`` on the model as
-  transformers builds it (Conv1D), every parameter (each block as
-  ``layer_approximations_`` reports); one drawn target per token.
-- ``skinfl (9 Linear)``: skinfl on the Linear model with only the Linear
-  layers trainable: the same blocks as kronfluence's.
-- A deterministic check: both on the Linear model with the empirical Fisher
+  Its blocks are the modules it tracks: the 8 Linear layers of the
+  transformer blocks and the output layer (embeddings and layer norms are
+  not tracked).
+- ``skinfl (all parameters)``: ``EkfacInfluence(model, loss="causal_lm")``
+  on the model as transformers builds it (Conv1D), every parameter, one
+  drawn target per token (its blocks: ``layer_approximations_``, in the
+  notes of the results).
+- ``skinfl (9 layers)``: the same with ``parameters=`` the 9 layers
+  kronfluence tracks: the same blocks.
+- A deterministic check: both on the 9 layers with the empirical Fisher
   (the training targets, nothing drawn): the same computation, so their
-  matrices should agree to float32 rounding.
+  matrices should agree to float32 rounding (skinfl on Conv1D, kronfluence
+  on Linear).
 
 Ground truth: the same recipe (same initialisation, same order seed)
 retrained on random halves of the training set; each retrained model's
@@ -212,17 +215,6 @@ def linear_model(model, X):
     return converted.eval(), {"replaced": replaced, "max_abs_logit_difference": difference}
 
 
-def only_linear_trainable(model):
-    """Freeze every parameter not owned by an ``nn.Linear`` (kronfluence's blocks); returns the Linear names."""
-    import torch
-
-    names = [name for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
-    for module in model.modules():
-        for p in module.parameters(recurse=False):
-            p.requires_grad_(isinstance(module, torch.nn.Linear))
-    return names
-
-
 def sequence_losses(model, X, batch=100):
     """Summed next-token cross-entropy of each sequence (float64 numpy)."""
     import torch
@@ -313,17 +305,28 @@ def run_training(setup, work, jobs, args, n_workers):
 
 
 # ---------------------------------------------------------- influence worker
+# The 9 layers kronfluence tracks (its Linear layers once Conv1D is replaced), as skinfl's parameters= patterns.
+TRACKED = ["transformer.h.*.attn.c_attn.*", "transformer.h.*.attn.c_proj.*", "transformer.h.*.mlp.c_fc.*",
+           "transformer.h.*.mlp.c_proj.*", "lm_head.*"]
 VARIANTS = {
-    # name: (library, model, trainable, fisher)
-    "kronfluence": ("kronfluence", "linear", "linear", "true"),
-    "skinfl": ("skinfl", "original", "all", "true"),
-    "skinfl_linear": ("skinfl", "linear", "linear", "true"),
-    "kronfluence_empirical": ("kronfluence", "linear", "linear", "empirical"),
-    "skinfl_linear_empirical": ("skinfl", "linear", "linear", "empirical"),
+    # name: (library, parameters, fisher, regularization / --regularization); kronfluence always gets the Linear
+    # model and tracks its 9 layers
+    "kronfluence": ("kronfluence", "tracked", "true", 1.0),
+    "skinfl": ("skinfl", "all", "true", 1.0),
+    "skinfl_tracked": ("skinfl", "tracked", "true", 1.0),
+    "kronfluence_empirical": ("kronfluence", "tracked", "empirical", 1.0),
+    "skinfl_tracked_empirical": ("skinfl", "tracked", "empirical", 1.0),
+    "kronfluence_empirical_small": ("kronfluence", "tracked", "empirical", 0.1),
+    "skinfl_tracked_empirical_small": ("skinfl", "tracked", "empirical", 0.1),
 }
-LABELS = {"kronfluence": "kronfluence (9 Linear)", "skinfl": "skinfl (all parameters, Conv1D model)",
-          "skinfl_linear": "skinfl (9 Linear)", "kronfluence_empirical": "kronfluence, empirical Fisher",
-          "skinfl_linear_empirical": "skinfl (9 Linear), empirical Fisher"}
+LABELS = {"kronfluence": "kronfluence (9 layers)", "skinfl": "skinfl (all parameters)",
+          "skinfl_tracked": "skinfl (9 layers)", "kronfluence_empirical": "kronfluence, empirical Fisher",
+          "skinfl_tracked_empirical": "skinfl (9 layers), empirical Fisher",
+          "kronfluence_empirical_small": "kronfluence, empirical Fisher, regularization / 10",
+          "skinfl_tracked_empirical_small": "skinfl (9 layers), empirical Fisher, regularization / 10"}
+MAIN_VARIANTS = ("kronfluence", "skinfl", "skinfl_tracked")
+CHECK_PAIRS = (("skinfl_tracked_empirical", "kronfluence_empirical"),
+               ("skinfl_tracked_empirical_small", "kronfluence_empirical_small"))
 
 
 def _kronfluence_estimator():
@@ -390,7 +393,7 @@ class _Run:
     """One variant's estimator: ``fit(X)``, ``influences(X_query)``, what it reports."""
 
     def __init__(self, variant, model, settings, scratch):
-        lib, _, _, fisher = VARIANTS[variant]
+        lib, parameters, fisher, _ = VARIANTS[variant]
         self.lib = lib
         if lib == "kronfluence":
             try:
@@ -401,9 +404,10 @@ class _Run:
         else:
             import skinfl
 
-            self.est = skinfl.EkfacInfluence(model, loss="causal_lm", regularization=settings["regularization"],
-                                             batch_size=settings["batch_size"], fisher=fisher,
-                                             n_target_draws=1 if fisher == "true" else "auto", random_state=0)
+            self.est = skinfl.EkfacInfluence(
+                model, loss="causal_lm", parameters=TRACKED if parameters == "tracked" else None,
+                regularization=settings["regularization"], batch_size=settings["batch_size"], fisher=fisher,
+                n_target_draws=1 if fisher == "true" else "auto", random_state=0)
 
     def fit(self, X):
         return self.est.fit(X) if self.lib == "kronfluence" else self.est.fit(X, X)
@@ -416,18 +420,21 @@ class _Run:
             return {"mean_eigenvalue": self.est.mean_eigenvalue()}
         est = self.est
         return {"layers_": list(est.layers_), "layer_approximations_": dict(est.layer_approximations_),
-                "n_target_draws_": est.n_target_draws_}
+                "n_target_draws_": est.n_target_draws_, "loss_": repr(est.loss_), "n_params_": est.n_params_}
 
 
 def _prepare(variant, model, X):
-    """The model of ``variant``: Linear layers for kronfluence's, only Linear trainable; a summary."""
-    _, kind, trainable, _ = VARIANTS[variant]
+    """kronfluence: the model with Linear layers for Conv1D (checked); skinfl: the model as it is. A summary."""
+    import fnmatch
+
+    lib, parameters, _, _ = VARIANTS[variant]
     info = {}
-    if kind == "linear":
+    if lib == "kronfluence":
         model, info["conversion"] = linear_model(model, X[:100])
-    if trainable == "linear":
-        info["trainable_modules"] = only_linear_trainable(model)
-    info["n_trainable"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    names = [n for n, _ in model.named_parameters()]
+    if parameters == "tracked":
+        names = [n for n in names if any(fnmatch.fnmatchcase(n, pattern) for pattern in TRACKED)]
+    info["n_trainable"] = sum(p.numel() for n, p in model.named_parameters() if n in names)
     return model, info
 
 
@@ -486,7 +493,7 @@ def influence_entry(spec):
     record.update(warmup_s=time.perf_counter() - start, rss_warm_mb=H.maxrss_mb())
     model, info = _prepare(variant, load_model(work / "model.pt"), X)
     record.update(info)
-    if VARIANTS[variant][0] == "skinfl":
+    if variant == "skinfl":
         record["statistics_tensors"] = statistics_tensors(model, settings["batch_size"], X)
     torch.manual_seed(0)  # kronfluence's drawn targets: the global generator
     with tempfile.TemporaryDirectory(dir=scratch_root) as scratch:
@@ -536,6 +543,16 @@ def prepare(setup, args):
     return work, truth, costs
 
 
+def dropped_directions(record):
+    """skinfl's NotPositiveDefiniteWarning: how many eigen-directions its pseudo-inverse left out, or None."""
+    import re
+
+    for message in record.get("warnings", []):
+        if m := re.search(r"NotPositiveDefiniteWarning: ([\d,]+) of the ([\d,]+) eigenvalues", message):
+            return f"{m.group(1)} of {m.group(2)}"
+    return None
+
+
 def main(argv=None):
     p = H.parser(__doc__, "200 training / 20 query sequences, 10 epochs, 12 subsets")
     p.add_argument("--n-subsets", type=int, help="retrainings on random halves (default 50; --quick 12)")
@@ -556,15 +573,15 @@ def main(argv=None):
     work, truth, costs = prepare(setup, args)
     model_info = json.loads((work / "model.json").read_text())
     data_info = json.loads((work / "data.json").read_text())
-    settings = {"regularization": args.regularization, "batch_size": setup.batch_size}
 
     variants = [v for v in VARIANTS if not (no_kronfluence and VARIANTS[v][0] == "kronfluence")
                 and not (args.skip_skinfl and VARIANTS[v][0] == "skinfl")
-                and not (args.skip_check and v.endswith("_empirical"))]
+                and not (args.skip_check and v not in MAIN_VARIANTS)]
     records, matrices = {}, {}
     for variant in variants:
         lib = VARIANTS[variant][0]
         output = work / f"{variant}.npy"
+        settings = {"regularization": args.regularization * VARIANTS[variant][3], "batch_size": setup.batch_size}
         spec = {"entry": "bench_language_model:influence_entry", "variant": variant, "settings": settings,
                 "work": str(work.relative_to(H.REPO_ROOT)), "output": str(output.relative_to(H.REPO_ROOT))}
         if output.exists():
@@ -584,50 +601,58 @@ def main(argv=None):
                         "per_query": [float(x) for x in score.per_query]}
 
     # ------------------------------------------------------------------ tables
-    def get(variant, key, spec=".1f"):
-        return H.fmt(records.get(variant, {}).get(key) if records.get(variant, {}).get("status") == "ok" else None,
-                     spec)
+    def ok(variant):
+        return records.get(variant, {}).get("status") == "ok"
+
+    def get(variant, key, spec=".2f"):
+        return H.fmt(records[variant].get(key) if ok(variant) else None, spec)
 
     def interval(variant):
         e = lds.get(variant)
         return "-" if not e else f"{e['lds']:.3f} [{e['interval'][0]:.3f}, {e['interval'][1]:.3f}]"
 
-    def status(variant):
+    def label(variant):
         s = records.get(variant, {}).get("status", "not run")
-        return "" if s == "ok" else f" ({s})"
+        return LABELS[variant] + ("" if s == "ok" else f" ({s})")
 
-    main_variants = [v for v in ("kronfluence", "skinfl", "skinfl_linear") if v in records]
-    body = [[LABELS[v] + status(v), H.fmt(records[v].get("n_trainable"), "d"), get(v, "fit_s", ".2f"),
-             get(v, "influences_s", ".2f"), get(v, "total_s", ".2f"), get(v, "peak_mb", ".0f"),
-             H.fmt(records[v]["rss_after_fit_mb"] - records[v]["rss_warm_mb"] if records[v].get("status") == "ok"
-                   else None, ".0f"), get(v, "work_mb", ".0f"), interval(v)] for v in main_variants]
-    table_main = H.table(["estimator", "parameters", "fit s", "scores s", "total s", "peak MB", "fit +MB",
-                          "total +MB", f"LDS [{CONFIDENCE:.0%} CI]"], body, 1)
-    ratios = []
-    for v in ("skinfl", "skinfl_linear"):
-        k, s = records.get("kronfluence", {}), records.get(v, {})
-        if k.get("status") == "ok" and s.get("status") == "ok":
-            ratios.append([LABELS[v], f"{k['fit_s'] / s['fit_s']:.2f}", f"{k['influences_s'] / s['influences_s']:.2f}",
-                           f"{k['total_s'] / s['total_s']:.2f}", f"{k['peak_mb'] / s['peak_mb']:.2f}"])
-    table_ratio = H.table(["kronfluence / ...", "fit", "scores", "total", "peak MB"], ratios, 1) if ratios else \
-        "(needs both libraries)"
-    pairs = [("skinfl", "kronfluence"), ("skinfl_linear", "kronfluence"), ("skinfl", "skinfl_linear"),
-             ("skinfl_linear_empirical", "kronfluence_empirical")]
-    agreement = {}
-    rows = []
+    def fit_mb(variant):
+        return records[variant]["rss_after_fit_mb"] - records[variant]["rss_warm_mb"] if ok(variant) else None
+
+    shown = [v for v in MAIN_VARIANTS if v in records]
+    table_main = H.table(
+        ["estimator", "parameters", "fit s", "scores s", "total s", "peak MB", "fit +MB", "total +MB",
+         f"LDS [{CONFIDENCE:.0%} CI]"],
+        [[label(v), H.fmt(records[v].get("n_trainable"), ","), get(v, "fit_s"), get(v, "influences_s"),
+          get(v, "total_s"), get(v, "peak_mb", ".0f"), H.fmt(fit_mb(v), ".0f"), get(v, "work_mb", ".0f"),
+          interval(v)] for v in shown], 1)
+    ratios = {}
+    for v in ("skinfl", "skinfl_tracked"):
+        if ok("kronfluence") and ok(v):
+            k, s = records["kronfluence"], records[v]
+            ratios[v] = {key: k[key] / s[key] for key in ("fit_s", "influences_s", "total_s", "peak_mb")}
+    table_ratio = H.table(["kronfluence / ...", "fit", "scores", "total", "peak MB"],
+                          [[LABELS[v]] + [f"{r[k]:.2f}" for k in ("fit_s", "influences_s", "total_s", "peak_mb")]
+                           for v, r in ratios.items()], 1) if ratios else "(needs both libraries)"
+    pairs = [("skinfl_tracked", "kronfluence"), ("skinfl", "kronfluence"), ("skinfl", "skinfl_tracked"),
+             *CHECK_PAIRS]
+    agreement, rows = {}, []
     for a, b in pairs:
         if a in matrices and b in matrices:
             s, c = H.agreement(matrices[a], matrices[b]), H.cross(matrices[a], matrices[b])
             agreement[f"{a} vs {b}"] = {**s, **(c or {})}
             rows.append([LABELS[a], LABELS[b], f"{s['pearson']:.6f}", f"{s['spearman_rows']:.6f}",
                          f"{s['max_rel_diff']:.2e}", f"{c['norm_ratio']:.4f}" if c else "-"])
-    table_agree = H.table(["A", "B", "Pearson", "Spearman per query", "max|A-B|/max|B|", "norm ratio A/B"], rows, 2) \
-        if rows else "(needs two matrices)"
-    check_rows = [[LABELS[v] + status(v), get(v, "fit_s", ".2f"), get(v, "influences_s", ".2f"), interval(v)]
-                  for v in ("kronfluence_empirical", "skinfl_linear_empirical") if v in records]
+    table_agree = H.table(["A", "B", "Pearson", "Spearman per query", "max|A-B|/max|B|", "norm ratio A/B"], rows,
+                          2) if rows else "(needs two matrices)"
+    check = [v for pair in CHECK_PAIRS for v in pair[::-1] if v in records]
+    table_check = H.table(
+        ["estimator", "regularization", "fit s", "scores s", "directions skinfl left out",
+         f"LDS [{CONFIDENCE:.0%} CI]"],
+        [[label(v), f"{args.regularization * VARIANTS[v][3]:g}", get(v, "fit_s"), get(v, "influences_s"),
+          (dropped_directions(records[v]) or "none") if VARIANTS[v][0] == "skinfl" and ok(v) else "",
+          interval(v)] for v in check], 1) if check else "(not run)"
 
-    tensors = next((records[v].get("statistics_tensors") for v in ("skinfl", "skinfl_linear")
-                    if records.get(v, {}).get("status") == "ok"), None)
+    tensors = records.get("skinfl", {}).get("statistics_tensors") if ok("skinfl") else None
     tensors_table = "(skinfl did not run)"
     if tensors:
         tensors_table = H.table(
@@ -635,15 +660,14 @@ def main(argv=None):
             [[n, t["type"], " x ".join(map(str, t["input"])), f"{t['input_mb']:.2f}", f"{t['output_gradient_mb']:.2f}",
               f"{t['per_sample_gradient_mb']:.2f}"] for n, t in tensors.items()], 2)
 
-    conversion = next((records[v].get("conversion") for v in ("kronfluence", "skinfl_linear", "kronfluence_empirical")
-                       if records.get(v, {}).get("conversion")), None)
+    conversion = next((records[v]["conversion"] for v in records if records[v].get("conversion")), None)
     approximations = records.get("skinfl", {}).get("layer_approximations_")
     mean_eigenvalue = records.get("kronfluence", {}).get("mean_eigenvalue")
     retraining = costs.get("retraining_s")
     setup_table = H.table(["", "value"], [
-        ["data", f"{data_info['docstrings']} docstrings of {data_info['files']} stdlib files (Python "
+        ["data", f"{data_info['docstrings']:,} docstrings of {data_info['files']} stdlib files (Python "
                  f"{data_info['python']}), {data_info['bytes']:,} bytes, {data_info['sequences']:,} distinct "
-                 f"sequences of {SEQ_LEN}; text sha1 {data_info['text_sha1']}"],
+                 f"sequences of {SEQ_LEN} bytes; text sha1 {data_info['text_sha1']}"],
         ["training / query sequences", f"{setup.n_train} / {setup.n_query}"],
         ["model", f"GPT-2, {CONFIG['n_layer']} layers, width {CONFIG['n_embd']}, {CONFIG['n_head']} heads, "
                   f"context {SEQ_LEN}, untied output layer: {model_info['n_params']:,} parameters"],
@@ -657,9 +681,10 @@ def main(argv=None):
             if retraining else " (cached)")],
         ["regularization (= kronfluence damping_factor)", f"{args.regularization:g}"
          + (f" (kronfluence's mean EK-FAC eigenvalue: {mean_eigenvalue:.3g})" if mean_eigenvalue else "")],
-        ["batch (statistics, scores)", str(setup.batch_size)],
-        ["Conv1D -> Linear", f"{conversion['replaced']} modules, max |logit difference| "
-                             f"{conversion['max_abs_logit_difference']:.2e}" if conversion else "-"],
+        ["batch (statistics passes, scores)", str(setup.batch_size)],
+        ["Conv1D -> Linear (kronfluence's model)",
+         f"{conversion['replaced']} modules, max |logit difference| {conversion['max_abs_logit_difference']:.2e}"
+         if conversion else "-"],
     ], 1)
     sections = [
         ("Setup", None, setup_table),
@@ -667,18 +692,22 @@ def main(argv=None):
          f"Fit = factors (covariances, eigendecompositions, eigenvalue correction); scores = the {setup.n_query} x "
          f"{setup.n_train} influence matrix. Peak MB: the worker's ru_maxrss; +MB: what the fit, and the whole "
          "timed work, added to it after a warm-up run on an untrained model. True Fisher, one drawn target per "
-         "token.", table_main),
-        ("Time ratio kronfluence / skinfl", None, table_ratio),
+         "token. 9 layers: the 8 Conv1D/Linear layers of the transformer blocks and the output layer, kronfluence's "
+         "blocks.", table_main),
+        ("Time ratio kronfluence / skinfl", "Above 1: skinfl is faster (or uses less memory).", table_ratio),
         ("Agreement between the influence matrices", None, table_agree),
-        ("Deterministic check: empirical Fisher on the same 9 Linear layers",
-         "Nothing drawn: both libraries compute the same EK-FAC, so their matrices should agree to float32 "
-         "rounding (the agreement table above).",
-         H.table(["estimator", "fit s", "scores s", f"LDS [{CONFIDENCE:.0%} CI]"], check_rows, 1)
-         if check_rows else "(not run)"),
+        ("Deterministic check: the empirical Fisher on the same 9 layers",
+         "Nothing drawn: the two libraries compute the same EK-FAC (skinfl on the Conv1D layers, kronfluence on "
+         "their Linear copies), so their matrices agree to float32 rounding when skinfl inverts every direction "
+         "(agreement table). Where an eigenvalue plus the regularization is at the rounding level of its block "
+         "(float32 eps times the order of the larger factor times the largest eigenvalue), skinfl leaves the "
+         "direction out (a pseudo-inverse, with a NotPositiveDefiniteWarning); kronfluence divides by it.",
+         table_check),
         ("skinfl's statistics pass: tensors per batch and layer",
          f"From the shapes of one batch of {setup.batch_size} sequences (one forward pass with hooks), not "
-         "measured: what a pass over a batch holds per module at least (float32). The measured memory of the "
-         "whole fit is \"fit +MB\" above.", tensors_table),
+         "measured: the inputs, output gradients and per-sample gradients of each module with parameters (float32), "
+         "what a statistics pass over a batch holds for it at least. The measured memory of the whole fit is "
+         "\"fit +MB\" above.", tensors_table),
     ]
     notes = [
         "Per-sequence loss (influences, LDS): the sum of its 63 next-token cross-entropies; training minimises the "
@@ -686,29 +715,33 @@ def main(argv=None):
         "Regularization: skinfl inverts (C + regularization I) per block, C the mean over training sequences of "
         "the Gauss-Newton matrix of a sequence's summed loss. kronfluence's EK-FAC eigenvalues are the mean over "
         "training sequences of the squared per-sequence gradients in the eigenbasis (its lambda matrix divided "
-        "by the number of sequences) and damping_factor is added to them as it is: damping_factor = "
-        "regularization. The covariances' normalisation (kronfluence: per token for both factors) changes only "
-        "the eigenvalues the correction replaces, not the eigenbasis.",
-        "Sign: kronfluence's pairwise score is <preconditioned query-loss gradient, training-loss gradient>, "
-        "skinfl's influence the same quantity: both positive = helpful (keeping the training sequence lowers the "
-        "query loss). LDS uses -sum_{j in S} influences[i, j] as the predicted query loss.",
-        "The true Fisher draws one target per token in each library (their own generators): the two matrices "
-        "differ by sampling noise; the empirical-Fisher check draws nothing.",
-        "kronfluence does not know transformers' Conv1D: it runs on the model with each Conv1D replaced by "
-        "nn.Linear (weight transposed), whose logits are checked against the original's.",
+        "by the number of sequences), and damping_factor is added to them as it is: damping_factor = "
+        "regularization. Its covariances are normalised per token (both factors), skinfl's input factor per token "
+        "and its gradient factor per sequence: this scales the factors, not their eigenbasis, and the eigenvalue "
+        "correction replaces their eigenvalues.",
+        "Sign: kronfluence's pairwise score is <preconditioned query-loss gradient, training-loss gradient>, and "
+        "skinfl's influence the same quantity: positive = helpful (keeping the training sequence lowers the query "
+        "loss), for both. LDS: the Spearman correlation between -sum_{j in S} influences[i, j] (the predicted "
+        "loss) and the retrained model's loss of query i, across subsets S, averaged over queries; Student-t "
+        "interval over queries.",
+        "The true Fisher draws one target per token in each library (from its own generator): the two matrices "
+        "differ by sampling noise there; the empirical-Fisher check draws nothing.",
+        "kronfluence does not know transformers' Conv1D: it runs on a copy of the model with each Conv1D replaced "
+        "by nn.Linear (weight transposed, same bias), whose logits are checked against the original's.",
     ]
     if approximations:
-        notes.append("skinfl's blocks on the Conv1D model: " + "; ".join(f"{k or '(root)'}: {v}"
-                                                                         for k, v in approximations.items()))
+        notes.append("skinfl's blocks with all parameters: " + "; ".join(f"{k or '(root)'}: {v}"
+                                                                          for k, v in approximations.items()))
     for v, r in records.items():
         if r.get("status") != "ok" and r.get("error"):
             notes.append(f"{LABELS[v]}: {r['status']}: ..." + r["error"].strip()[-600:].replace("\n", " | "))
     run.write(name, f"Language model: EK-FAC influences on a byte-level GPT-2 ({setup.n_train} training / "
               f"{setup.n_query} query sequences)", sections, records=list(records.values()), notes=notes,
-              settings={"setup": asdict(setup), "n_subsets": args.n_subsets, "alpha": ALPHA, **settings,
-                        "config": CONFIG, "recipe_dir": str(work.relative_to(H.REPO_ROOT))},
-              extra={"lds": lds, "agreement": agreement, "model": model_info, "data": data_info, "costs": costs,
-                     "conversion": conversion})
+              settings={"setup": asdict(setup), "n_subsets": args.n_subsets, "alpha": ALPHA,
+                        "regularization": args.regularization, "config": CONFIG,
+                        "recipe_dir": str(work.relative_to(H.REPO_ROOT))},
+              extra={"lds": lds, "agreement": agreement, "ratios": ratios, "model": model_info, "data": data_info,
+                     "costs": costs, "conversion": conversion})
     return 0 if all(r["status"] in H.OK for r in records.values()) else 1
 
 
