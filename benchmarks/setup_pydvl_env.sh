@@ -5,8 +5,11 @@
 # kronfluence declares torchvision, which it never imports and which would bring another torch: it is installed
 # without dependencies, and its other declared dependencies by name under the same constraints.
 # `pip check` then reports only "kronfluence requires torchvision", which is accepted.
+# transformers (bench_language_model.py's GPT-2 on kronfluence's side) is installed with it, at the version of
+# skinfl's environment (5.25.0, which takes numpy 1.26), under the same constraints (TRANSFORMERS=0 skips it).
 # Each part does nothing if it is already installed.
-# Usage: bash benchmarks/setup_pydvl_env.sh   (PYTHON=<interpreter> to choose the venv's Python, KRONFLUENCE=0)
+# Usage: bash benchmarks/setup_pydvl_env.sh   (PYTHON=<interpreter> to choose the venv's Python, KRONFLUENCE=0,
+#        TRANSFORMERS=0)
 set -euo pipefail
 
 VENV="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/.venv-pydvl"
@@ -43,6 +46,17 @@ else
         "opt-einsum==3.4.0" "safetensors==0.8.0" "tqdm>=4.66.4"
     "$VENV/bin/python" -m pip install --no-deps "kronfluence==1.0.1"
 fi
+TRANSFORMERS_VERSION="${TRANSFORMERS_VERSION:-5.25.0}"
+if [ "${TRANSFORMERS:-1}" = "0" ]; then
+    echo "TRANSFORMERS=0: transformers not installed (bench_language_model.py's kronfluence runs fail)."
+elif "$VENV/bin/python" -c "
+from importlib.metadata import version
+assert version('transformers') == '$TRANSFORMERS_VERSION'
+from transformers import GPT2LMHeadModel" 2>/dev/null; then
+    echo "transformers $TRANSFORMERS_VERSION already installed in $VENV."
+else
+    "$VENV/bin/python" -m pip install -c "$CONSTRAINTS" "transformers==$TRANSFORMERS_VERSION"
+fi
 broken="$("$VENV/bin/python" -m pip check 2>&1 | grep -v -e '^kronfluence [0-9.]* requires torchvision' \
     -e '^No broken requirements found' || true)"
 if [ -n "$broken" ]; then
@@ -54,3 +68,6 @@ if "$VENV/bin/python" -c "import torchvision" 2>/dev/null; then
     exit 1
 fi
 "$VENV/bin/python" -c "import kronfluence, accelerate; print('kronfluence', kronfluence.__version__, 'accelerate', accelerate.__version__)"
+if [ "${TRANSFORMERS:-1}" != "0" ]; then
+    "$VENV/bin/python" -c "import transformers, numpy; print('transformers', transformers.__version__, 'numpy', numpy.__version__)"
+fi
