@@ -470,7 +470,8 @@ def statistics_tensors(model, batch_size, X):
 
 
 def influence_entry(spec):
-    """Worker entry: ``spec["variant"]`` fitted on the training sequences, the query x training influences."""
+    """Worker entry: ``spec["variant"]`` fitted on the training sequences, the query x training influences
+    (``spec["fit_only"]``: the fit alone, for its memory)."""
     import tempfile
 
     import torch
@@ -494,7 +495,7 @@ def influence_entry(spec):
     record.update(warmup_s=time.perf_counter() - start, rss_warm_mb=H.maxrss_mb())
     model, info = _prepare(variant, load_model(work / "model.pt"), X)
     record.update(info)
-    if variant == "skinfl":
+    if variant == "skinfl" and not spec.get("fit_only"):
         record["statistics_tensors"] = statistics_tensors(model, settings["batch_size"], X)
     torch.manual_seed(0)  # kronfluence's drawn targets: the global generator
     with tempfile.TemporaryDirectory(dir=scratch_root) as scratch:
@@ -502,6 +503,9 @@ def influence_entry(spec):
         t0 = time.perf_counter()
         run.fit(X)
         record.update(fit_s=time.perf_counter() - t0, rss_after_fit_mb=H.maxrss_mb())
+        record["fit_mb"] = record["rss_after_fit_mb"] - record["rss_warm_mb"]
+        if spec.get("fit_only"):
+            return record
         t0 = time.perf_counter()
         values = run.influences(Xq)
         record["influences_s"] = time.perf_counter() - t0
@@ -563,12 +567,18 @@ def main(argv=None):
     p.add_argument("--skip-kronfluence", action="store_true", help="skinfl only")
     p.add_argument("--skip-skinfl", action="store_true", help="kronfluence only")
     p.add_argument("--skip-check", action="store_true", help="leave out the empirical-Fisher check")
+    p.add_argument("--memory-batches", help="batch sizes at which the fits' memory is measured, fits alone "
+                                            "(default 10,50,100; --quick 10,50; '' for none)")
     p.add_argument("--repeat", type=int, default=1,
                    help="fresh processes per estimator of the main table: the fastest is kept (default 1)")
     args = p.parse_args(argv)
     H.check_pydvl(p, args)
     setup = SETUPS["quick" if args.quick else "full"]
     args.n_subsets = args.n_subsets or setup.n_subsets
+    if args.memory_batches is None:
+        args.memory_batches = "10,50" if args.quick else "10,50,100"
+    args.memory_batches = sorted({setup.batch_size, *(int(b) for b in args.memory_batches.split(",") if b)}) \
+        if args.memory_batches else []
     no_kronfluence = args.skip_pydvl or args.skip_kronfluence
     name = args.output or ("language_model" + "_quick" * args.quick + "_skinfl" * no_kronfluence
                            + "_kronfluence" * args.skip_skinfl + "_no-check" * args.skip_check)
@@ -595,6 +605,20 @@ def main(argv=None):
         records[variant] = record
         if record.get("status") == "ok":
             matrices[variant] = np.load(output)
+
+    # The memory of the fit against the batch of the statistics passes: fits alone, in fresh workers.
+    memory = {}
+    for batch in args.memory_batches:
+        for variant in (v for v in ("kronfluence", "skinfl") if v in variants):
+            spec = {"entry": "bench_language_model:influence_entry", "variant": variant, "fit_only": True,
+                    "settings": {"regularization": args.regularization, "batch_size": batch},
+                    "work": str(work.relative_to(H.REPO_ROOT))}
+            record = records[variant] if batch == setup.batch_size and variant in records else H.launch(
+                spec, VARIANTS[variant][0], args)
+            if batch != setup.batch_size:
+                H.say(record, f"{LABELS[variant]}, fit alone, batch {batch}")
+            memory.setdefault(batch, {})[variant] = {k: record.get(k) for k in ("status", "fit_s", "fit_mb",
+                                                                                 "peak_mb")}
 
     from skinfl import metrics
 
@@ -656,6 +680,13 @@ def main(argv=None):
           (dropped_directions(records[v]) or "none") if VARIANTS[v][0] == "skinfl" and ok(v) else "",
           interval(v)] for v in check], 1) if check else "(not run)"
 
+    def fit_memory(entry):
+        if not entry or entry.get("status") != "ok":
+            return (entry or {}).get("status", "-")
+        return f"{entry['fit_mb']:.0f} MB, {entry['fit_s']:.1f} s"
+
+    memory_rows = [[str(batch)] + [fit_memory(m.get(v)) for v in ("kronfluence", "skinfl")]
+                   for batch, m in sorted(memory.items())]
     tensors = records.get("skinfl", {}).get("statistics_tensors") if ok("skinfl") else None
     tensors_table = "(skinfl did not run)"
     if tensors:
@@ -709,6 +740,12 @@ def main(argv=None):
          "(float32 eps times the order of the larger factor times the largest eigenvalue), skinfl leaves the "
          "direction out (a pseudo-inverse, with a NotPositiveDefiniteWarning); kronfluence divides by it.",
          table_check),
+        ("The fit's memory against the batch of the statistics passes",
+         "What the fit added to the warmed-up worker's peak resident memory (fit +MB), and its time, with "
+         "batches of this many training sequences; each a fit alone in a fresh worker (the main batch: the "
+         "workers above).",
+         H.table(["batch", "kronfluence (9 layers)", "skinfl (all parameters)"], memory_rows, 1)
+         if memory_rows else "(not measured: --memory-batches '')"),
         ("skinfl's statistics pass: tensors per batch and layer",
          f"From the shapes of one batch of {setup.batch_size} sequences (one forward pass with hooks), not "
          "measured: the inputs, output gradients and per-sample gradients of each module with parameters (float32), "
@@ -744,10 +781,11 @@ def main(argv=None):
     run.write(name, f"Language model: EK-FAC influences on a byte-level GPT-2 ({setup.n_train} training / "
               f"{setup.n_query} query sequences)", sections, records=list(records.values()), notes=notes,
               settings={"setup": asdict(setup), "n_subsets": args.n_subsets, "alpha": ALPHA,
-                        "regularization": args.regularization, "repeat": args.repeat, "config": CONFIG,
+                        "regularization": args.regularization, "repeat": args.repeat,
+                        "memory_batches": args.memory_batches, "config": CONFIG,
                         "recipe_dir": str(work.relative_to(H.REPO_ROOT))},
               extra={"lds": lds, "agreement": agreement, "ratios": ratios, "model": model_info, "data": data_info,
-                     "costs": costs, "conversion": conversion})
+                     "costs": costs, "conversion": conversion, "memory": memory})
     return 0 if all(r["status"] in H.OK for r in records.values()) else 1
 
 
