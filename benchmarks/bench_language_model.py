@@ -37,13 +37,22 @@ the regularization (damping) and batches the same everywhere:
   matrices should agree to float32 rounding (skinfl on Conv1D, kronfluence
   on Linear).
 
+Regularization 0.1 for every estimator (skinfl's ``regularization`` is
+kronfluence's ``damping_factor``: see the README); the check also runs at
+0.01, where skinfl's pseudo-inverse leaves some directions out.
+
 Ground truth: the same recipe (same initialisation, same order seed)
-retrained on random halves of the training set; each retrained model's
+retrained on 50 random halves of the training set; each retrained model's
 summed query losses. LDS = mean over queries of the Spearman correlation,
 across subsets, between the loss predicted by the influences (``-sum`` over
 the subset of a query's influences: more helpful sequences kept, lower
 loss) and the actual loss, with a Student-t 95% interval over queries
 (``skinfl.metrics.linear_datamodeling_score``).
+
+Memory: each worker's peak resident memory and what the fit and the
+scores added to it; the fits alone with batches of 10, 50 and 100
+sequences; and, from the shapes, the tensors per layer of one batch of
+skinfl's statistics pass.
 
 The data, the model and the retrainings are cached in
 ``benchmarks/.work/lm/`` (``lm_quick``). Results:
@@ -541,8 +550,11 @@ def prepare(setup, args):
         print(f"retraining on {len(todo)} of {args.n_subsets} random halves ({args.n_jobs} workers)", flush=True)
         start = time.perf_counter()
         records = run_training(setup, work, todo, args, args.n_jobs)
-        costs["retraining_wall_s"] = time.perf_counter() - start
-        costs["retraining_s"] = [j["seconds"] for r in records for j in r["jobs"]]
+        costs = {"retraining_wall_s": time.perf_counter() - start, "n_retrained": len(todo), "n_jobs": args.n_jobs,
+                 "retraining_s": [j["seconds"] for r in records for j in r["jobs"]], "cached": False}
+        (work / "retraining.json").write_text(json.dumps(costs, indent=1))
+    elif (work / "retraining.json").exists():  # what the retrainings cost when they ran
+        costs = {**json.loads((work / "retraining.json").read_text()), "cached": True}
     losses = np.stack([np.load(subset_file(work, masks, s)) for s in range(args.n_subsets)], axis=1)
     truth = metrics.DatamodelTruth(masks=masks, losses=losses)
     return work, truth, costs
@@ -647,12 +659,17 @@ def main(argv=None):
         return records[variant]["rss_after_fit_mb"] - records[variant]["rss_warm_mb"] if ok(variant) else None
 
     shown = [v for v in MAIN_VARIANTS if v in records]
+    def left_out(variant):
+        if VARIANTS[variant][0] != "skinfl" or not ok(variant):
+            return ""
+        return dropped_directions(records[variant]) or "none"
+
     table_main = H.table(
         ["estimator", "parameters", "fit s", "scores s", "total s", "peak MB", "fit +MB", "total +MB",
-         f"LDS [{CONFIDENCE:.0%} CI]"],
+         "directions skinfl left out", f"LDS [{CONFIDENCE:.0%} CI]"],
         [[label(v), H.fmt(records[v].get("n_trainable"), ","), get(v, "fit_s"), get(v, "influences_s"),
           get(v, "total_s"), get(v, "peak_mb", ".0f"), H.fmt(fit_mb(v), ".0f"), get(v, "work_mb", ".0f"),
-          interval(v)] for v in shown], 1)
+          left_out(v), interval(v)] for v in shown], 1)
     ratios = {}
     for v in ("skinfl", "skinfl_tracked"):
         if ok("kronfluence") and ok(v):
@@ -677,8 +694,7 @@ def main(argv=None):
         ["estimator", "regularization", "fit s", "scores s", "directions skinfl left out",
          f"LDS [{CONFIDENCE:.0%} CI]"],
         [[label(v), f"{args.regularization * VARIANTS[v][3]:g}", get(v, "fit_s"), get(v, "influences_s"),
-          (dropped_directions(records[v]) or "none") if VARIANTS[v][0] == "skinfl" and ok(v) else "",
-          interval(v)] for v in check], 1) if check else "(not run)"
+          left_out(v), interval(v)] for v in check], 1) if check else "(not run)"
 
     def fit_memory(entry):
         if not entry or entry.get("status") != "ok":
@@ -712,8 +728,9 @@ def main(argv=None):
          f"{model_info['untrained_query_loss_per_token']:.3f} / {model_info['train_loss_per_token']:.3f} / "
          f"{model_info['query_loss_per_token']:.3f}"],
         ["ground truth", f"{args.n_subsets} retrainings on random halves, same initialisation and order seed"
-         + (f"; {costs['retraining_wall_s']:.0f} s wall ({np.mean(retraining):.1f} s each, {args.n_jobs} workers)"
-            if retraining else " (cached)")],
+         + (f"; {costs['retraining_wall_s']:.0f} s wall for {costs['n_retrained']} ({np.mean(retraining):.1f} s "
+            f"each, {costs['n_jobs']} workers of one thread)" + " (cached: the run that computed them)"
+            * costs["cached"] if retraining else " (cached)")],
         ["regularization (= kronfluence damping_factor)", f"{args.regularization:g}"
          + (f" (kronfluence's mean EK-FAC eigenvalue: {mean_eigenvalue:.3g})" if mean_eigenvalue else "")],
         ["batch (statistics passes, scores)", str(setup.batch_size)],
@@ -730,7 +747,8 @@ def main(argv=None):
          + (f"; the fastest of {args.repeat} fresh processes (peak MB: the largest)" if args.repeat > 1 else "")
          + ". True Fisher, one drawn target per "
          "token. 9 layers: the 8 Conv1D/Linear layers of the transformer blocks and the output layer, kronfluence's "
-         "blocks.", table_main),
+         "blocks. Directions left out: skinfl's pseudo-inverse (see the check below); with all parameters, mostly "
+         "the embedding rows of bytes that never or rarely occur.", table_main),
         ("Time ratio kronfluence / skinfl", "Above 1: skinfl is faster (or uses less memory).", table_ratio),
         ("Agreement between the influence matrices", None, table_agree),
         ("Deterministic check: the empirical Fisher on the same 9 layers",
