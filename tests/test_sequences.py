@@ -6,17 +6,15 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import exact_classes, exact_estimator
+from references import Reference, token_cross_entropy
+from test_exact import assert_exact
 from torch import nn
 
 import skinfl
 from skinfl import DirectInfluence, EkfacInfluence
 from skinfl._cotangents import output_cotangents
 from skinfl._model import LossSpec
-
-from conftest import exact_classes, exact_estimator
-from references import Reference, token_cross_entropy
-from registry import check_of
-from test_exact import assert_exact
 
 VOCABULARY, CLASSES, LENGTH = 7, 4, 5
 

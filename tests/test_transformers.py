@@ -5,11 +5,10 @@ import joblib
 import pytest
 import torch
 import torch.nn.functional as F
+from references import Reference, token_cross_entropy
 
 import skinfl
 from skinfl import DirectInfluence, EkfacInfluence
-
-from references import Reference, token_cross_entropy
 
 transformers = pytest.importorskip("transformers")
 VOCABULARY, LENGTH = 11, 5
