@@ -21,7 +21,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ._validation import as_target_tensor, check_input_shape, check_keyword_input_shapes, input_chunk_to_tensor
+from ._validation import (
+    as_target_tensor,
+    check_input_shape,
+    check_keyword_input_shapes,
+    input_chunk_to_tensor,
+)
 
 # Rows read at a time when a whole data set is checked or hashed: about this many bytes.
 _VALIDATION_CHUNK_BYTES = 32 * 2**20

@@ -104,6 +104,9 @@ _TASK_SUFFIXES = (
 def torch_module_loss(module):
     """The loss ``"auto"`` means for a torch module: from a transformers (or peft) model's class and
     config, ``"cross_entropy"`` for any other module."""
+    base = getattr(module, "get_base_model", None)  # a peft model: its task is its base model's
+    if callable(base) and not type(module).__name__.endswith(tuple(suffix for suffix, _ in _TASK_SUFFIXES)):
+        module = base()
     name = type(module).__name__
     for suffix, loss in _TASK_SUFFIXES:
         if not name.endswith(suffix):

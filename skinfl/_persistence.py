@@ -27,7 +27,7 @@ from ._cache import Factors, directory_of
 from ._data import DataSource, TargetSpec
 from ._deprecation import renamed_params
 from ._devices import available_device
-from ._model import LossSpec, evaluation_copy, has_lazy_parameters
+from ._model import evaluation_copy, has_lazy_parameters
 from ._model_source import loss_on_device, model_source
 from ._sklearn_models import is_sklearn_model
 from ._skorch_nets import is_skorch_net

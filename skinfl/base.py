@@ -39,14 +39,13 @@ from sklearn.utils import check_random_state
 from sklearn.utils.validation import _check_feature_names, _check_feature_names_in, check_is_fitted
 from torch import nn
 
+from ._batches import describe, floating_inputs, is_mapping
 from ._cache import FactorCache
 from ._curvature import SECOND_ORDER_MODES, CurvatureOperator, ReportingCurvature
 from ._data import DataSource, TargetSpec
 from ._deprecation import renamed_attribute, resolve_renamed_parameters
 from ._devices import available_device, first_device, moved
 from ._gradients import batch_slices, gradients_of, iter_gradients, perturbation_batch
-from ._model_source import loss_on_device, model_source
-from ._batches import describe, floating_inputs, is_mapping
 from ._model import (
     BUILTIN_LOSSES,
     FunctionalModel,
@@ -54,6 +53,7 @@ from ._model import (
     mode_dependent_modules_in_training,
     select_parameters,
 )
+from ._model_source import loss_on_device, model_source
 from ._progress import progress
 from ._reporting import SolveReporting, reporting_solves
 from ._results import DEFAULT_MAX_RESULT_BYTES, RunningTopK, allocate, write

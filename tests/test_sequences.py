@@ -6,17 +6,15 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import exact_classes, exact_estimator
+from references import Reference, token_cross_entropy
+from test_exact import assert_exact
 from torch import nn
 
 import skinfl
 from skinfl import DirectInfluence, EkfacInfluence
 from skinfl._cotangents import output_cotangents
 from skinfl._model import LossSpec
-
-from conftest import exact_classes, exact_estimator
-from references import Reference, token_cross_entropy
-from registry import check_of
-from test_exact import assert_exact
 
 VOCABULARY, CLASSES, LENGTH = 7, 4, 5
 
@@ -207,7 +205,8 @@ def test_a_pattern_that_matches_nothing_names_real_parameters():
 
 
 # ---------------------------------------------------------------- EK-FAC's embedding block
-def test_ekfac_embedding_block_is_that_of_a_linear_layer_on_one_hot_inputs():
+@pytest.mark.parametrize("correct_eigenvalues", [True, False])
+def test_ekfac_embedding_block_is_that_of_a_linear_layer_on_one_hot_inputs(correct_eigenvalues):
     """An ``Embedding`` is a bias-free ``Linear`` on one-hot inputs with the transposed weight: EK-FAC gives
     both the same influences (token counts all different, so the one-hot layer's activation eigenbasis is
     the identity up to order and signs, as the embedding block's is exactly)."""
@@ -232,7 +231,7 @@ def test_ekfac_embedding_block_is_that_of_a_linear_layer_on_one_hot_inputs():
     tagger = Tagger().double()
     one_hot = OneHotTagger(tagger).double()
     X_one_hot = F.one_hot(X, VOCABULARY).double()
-    settings = dict(regularization=0.1, n_target_draws=None, batch_size=6)
+    settings = dict(regularization=0.1, n_target_draws=None, batch_size=6, correct_eigenvalues=correct_eigenvalues)
     embedding_est = EkfacInfluence(tagger, **settings).fit(X, y)
     linear_est = EkfacInfluence(one_hot, **settings).fit(X_one_hot, y)
     assert embedding_est.layer_approximations_["embedding"].startswith("Kronecker (Embedding")
@@ -256,6 +255,8 @@ def test_ekfac_embedding_leaves_its_padding_index_out():
     solved = est.transform(X[:4], y[:4])
     assert torch.count_nonzero(solved[:, :3]) == 0  # row 0 of the embedding weight
     assert torch.count_nonzero(solved[:, 3:3 * VOCABULARY]) > 0
+    eigenvalues = est._factors[f"{est.layers_.index('embedding')}.eigenvalues"]  # (dim, n_embeddings)
+    assert torch.count_nonzero(eigenvalues[:, 0]) == 0 and bool((eigenvalues[:, 1:] > 0).all())
 
 
 # ---------------------------------------------------------------- errors
