@@ -433,12 +433,14 @@ class EkfacInverse:
 
     Every block is diagonal in its basis (the Kronecker eigenbasis, or the
     parameters themselves), so the inverse is ``1 / (eigenvalue + lambda)``
-    there. Values at the rounding level of their block (``eps`` times its
-    largest value or ``lambda``, times the order of the larger Kronecker
-    factor, whose eigendecomposition rounds at that level; with ``lambda =
-    0``, directions without curvature: a dead unit, an unused layer) have
-    no meaningful inverse:
-    with ``singular="pseudo_inverse"`` their directions are left out (a
+    there. The eigenvalues are never negative (sums of squares, or products
+    of clamped factor eigenvalues), so with ``lambda > 0`` every direction is
+    inverted, by at most ``1 / lambda``. With ``lambda = 0``, values at the
+    rounding level of their block (``eps`` times its largest value, times the
+    order of the larger Kronecker factor, whose eigendecomposition rounds at
+    that level: directions without curvature, a dead unit, an unused layer,
+    a token never seen) have no meaningful inverse: with
+    ``singular="pseudo_inverse"`` their directions are left out (a
     pseudo-inverse, as the low-rank estimators do), with ``"clamp"`` they
     are divided by that rounding level instead (a positive definite
     preconditioner). ``n_singular`` and ``n_values`` count them.
@@ -463,6 +465,14 @@ class EkfacInverse:
             self._inverse_values[index] = self._inverted(values, order, singular)
 
     def _inverted(self, values, order, singular):
+        if self.regularization > 0:
+            # Eigenvalues are sums of squares (corrected) or products of a factor's clamped eigenvalues: never
+            # negative, so with lambda > 0 every direction has a bounded inverse, 1 / lambda at most. One at the
+            # rounding level is off by that level, not by its sign: dropping it would be far worse.
+            self.n_values += values.numel()
+            shifted = values.clamp_min(0) + self.regularization
+            self.smallest = min(self.smallest, float(shifted.min()) if values.numel() else self.smallest)
+            return 1.0 / shifted
         shifted = values + self.regularization
         scale = max(float(values.abs().max()) if values.numel() else 0.0, self.regularization)
         floor = order * torch.finfo(values.dtype).eps * scale

@@ -1,10 +1,14 @@
 """EkfacInfluence against explicit matrices: Kronecker factors, corrected eigenvalues, diagonal blocks."""
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from registry import ekfac_inverse, reference_gradients
 
 from skinfl import CgInfluence, DirectInfluence, EkfacInfluence
 from skinfl.exceptions import NotPositiveDefiniteWarning
@@ -424,21 +428,30 @@ def test_zero_regularization_gives_the_pseudo_inverse_also_for_gradients_outside
     torch.testing.assert_close(est.transform(X[10:15], y[10:15]), G @ pseudo_inverse, rtol=1e-8, atol=1e-10)
 
 
-def test_a_regularization_at_the_rounding_level_of_a_block_leaves_out_the_same_directions_as_zero():
-    # A block's eigendecomposition rounds at eps times its largest value times the order of its larger
-    # factor (31 here, for 30 inputs and a bias): a regularization below that cannot tell a direction without
-    # curvature from one with, and gives the pseudo-inverse of regularization 0, not a division by it.
+@pytest.mark.parametrize("level", ["moderate", "rounding"])
+def test_any_positive_regularization_inverts_every_direction_of_a_singular_curvature(level):
+    # 31 parameters per class row, 4 samples: most directions have no curvature. EK-FAC's eigenvalues are
+    # never negative, so lambda > 0 inverts all of them, by 1 / lambda where there is no curvature, as the
+    # explicit inverse does; nothing is left out and nothing warns, even with lambda below the rounding level
+    # of the block (4 eps times its largest eigenvalue; the eigendecomposition rounds at 31 eps times it).
     torch.manual_seed(0)
     layer = nn.Linear(30, 3).to(DOUBLE)
     X, y = classification_data(n=10, shape=(30,))
-    with pytest.warns(NotPositiveDefiniteWarning, match="pseudo-inverse"):
-        pseudo = EkfacInfluence(layer, regularization=0.0, n_target_draws=None).fit(X[:4], y[:4])
-    largest = float(pseudo._factors["0.eigenvalues"].max())
-    rounding = 4 * torch.finfo(DOUBLE).eps * largest  # above eps * largest, below 31 eps * largest
-    with pytest.warns(NotPositiveDefiniteWarning, match="pseudo-inverse"):
-        est = EkfacInfluence(layer, regularization=rounding, n_target_draws=None).fit(X[:4], y[:4])
-    assert est._inverse.n_singular == pseudo._inverse.n_singular > 0
-    torch.testing.assert_close(est.transform(X[4:], y[4:]), pseudo.transform(X[4:], y[4:]), rtol=1e-9, atol=0)
+    largest = float(EkfacInfluence(layer, n_target_draws=None).fit(X[:4], y[:4])._factors["0.eigenvalues"].max())
+    regularization = 1e-3 if level == "moderate" else 4 * torch.finfo(DOUBLE).eps * largest
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", NotPositiveDefiniteWarning)
+        est = EkfacInfluence(layer, regularization=regularization, n_target_draws=None).fit(X[:4], y[:4])
+    assert est._inverse.n_singular == 0
+    assert float(est._factors["0.eigenvalues"].min()) < 1e-12 * largest  # singular indeed
+    G = reference_gradients(layer, X[4:], y[4:], loss_fn=F.cross_entropy)
+    expected = G @ ekfac_inverse(layer, X[:4], y[:4], F.cross_entropy, "gauss_newton", regularization)
+    solved = est.transform(X[4:], y[4:])
+    if level == "moderate":
+        torch.testing.assert_close(solved, expected, rtol=1e-6, atol=1e-9 * float(expected.abs().max()))
+    else:  # eigenvalues at the rounding level are noise, in both: the same size, not the same digits
+        ratio = solved.norm(dim=1) / expected.norm(dim=1)
+        assert bool(((ratio > 0.1) & (ratio < 10)).all()), ratio
 
 
 @pytest.mark.parametrize("conv", [

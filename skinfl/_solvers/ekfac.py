@@ -214,7 +214,7 @@ class EkfacInfluence(BaseInfluence):
         if self._inverse.n_singular:
             warn(
                 f"{self._inverse.n_singular} of the {self._inverse.n_values} eigenvalues of the EK-FAC "
-                f"curvature plus regularization={self.regularization_:.3g} are zero to rounding (directions "
+                f"curvature are zero to rounding with regularization=0 (directions "
                 "without curvature: dead units, unused layers, or more parameters than the data constrain); "
                 "their directions are left out (a pseudo-inverse), and influences along them are zero. "
                 "Use regularization > 0 to invert every direction.",
