@@ -144,7 +144,7 @@ def sampled_cotangents(loss, output, target, generator):
     output = output.detach()
     if _is_softmax_cross_entropy(loss, output, target):
         probabilities = torch.softmax(output, dim=1)
-        drawn = torch.multinomial(probabilities, 1, generator=generator).squeeze(1)
+        drawn = _draw_classes(probabilities, generator)
         gradient = probabilities - torch.nn.functional.one_hot(drawn, output.shape[1]).to(output.dtype)
         return gradient * cross_entropy_curvature_scale(loss, output, target).clamp_min(0).sqrt()[:, None]
     if loss.kind == "bce_with_logits":
@@ -168,6 +168,20 @@ def sampled_cotangents(loss, output, target, generator):
         "loss='cross_entropy', 'bce_with_logits' or 'mse' (or their torch.nn modules), not a custom "
         "loss callable."
     )
+
+
+def _draw_classes(probabilities, generator):
+    """One class per row of ``probabilities``, by inverting the cumulative distribution at a uniform draw.
+
+    The same distribution as ``torch.multinomial``, which on the CPU spends most of its time drawing one
+    exponential variable per class: for a language model's vocabulary at every position, a tenth of
+    EK-FAC's fit.
+    """
+    cumulative = probabilities.cumsum(dim=1)
+    uniform = torch.rand(len(probabilities), 1, generator=generator, dtype=probabilities.dtype,
+                         device=probabilities.device)
+    drawn = torch.searchsorted(cumulative, uniform * cumulative[:, -1:]).squeeze(1)
+    return drawn.clamp_max(probabilities.shape[1] - 1)
 
 
 # ---------------------------------------------------------------- exact roots
