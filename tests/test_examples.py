@@ -110,3 +110,16 @@ def test_lds_example_selects_the_subset_regularization():
     assert re.search(r"selected: ([0-9.e-]+)", out).group(1) == half
     scores = [float(score) for score in re.findall(r"LDS ([0-9.]+)", out)]
     assert len(scores) == 7 and max(scores[:6]) == scores[6] > 0.95
+
+
+def test_language_model_example_names_the_training_text_behind_a_completion():
+    pytest.importorskip("transformers")
+    out = run_example("plot_language_model.py")
+    assert re.search(r"prompt 'Return the ' -> '.+'", out)
+    helpful = out.split("most helpful training sequences:\n")[1].split("most harmful")[0]
+    harmful = out.split("most harmful training sequences:\n")[1].split("\n\n")[0]
+    helpful_values = [float(line.split()[0]) for line in helpful.strip().splitlines()]
+    harmful_values = [float(line.split()[0]) for line in harmful.strip().splitlines()]
+    assert len(helpful_values) == len(harmful_values) == 3
+    assert helpful_values == sorted(helpful_values, reverse=True) and harmful_values == sorted(harmful_values)
+    assert min(helpful_values) > 0 > max(harmful_values)
