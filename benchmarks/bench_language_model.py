@@ -747,16 +747,14 @@ def main(argv=None):
          + (f"; the fastest of {args.repeat} fresh processes (peak MB: the largest)" if args.repeat > 1 else "")
          + ". True Fisher, one drawn target per "
          "token. 9 layers: the 8 Conv1D/Linear layers of the transformer blocks and the output layer, kronfluence's "
-         "blocks. Directions left out: skinfl's pseudo-inverse (see the check below); with all parameters, mostly "
-         "the embedding rows of bytes that never or rarely occur.", table_main),
+         "blocks. Directions left out: skinfl's pseudo-inverse, which only regularization=0 uses (none with a "
+         "positive regularization: EK-FAC's eigenvalues are never negative).", table_main),
         ("Time ratio kronfluence / skinfl", "Above 1: skinfl is faster (or uses less memory).", table_ratio),
         ("Agreement between the influence matrices", None, table_agree),
         ("Deterministic check: the empirical Fisher on the same 9 layers",
          "Nothing drawn: the two libraries compute the same EK-FAC (skinfl on the Conv1D layers, kronfluence on "
-         "their Linear copies), so their matrices agree to float32 rounding when skinfl inverts every direction "
-         "(agreement table). Where an eigenvalue plus the regularization is at the rounding level of its block "
-         "(float32 eps times the order of the larger factor times the largest eigenvalue), skinfl leaves the "
-         "direction out (a pseudo-inverse, with a NotPositiveDefiniteWarning); kronfluence divides by it.",
+         "their Linear copies), so their matrices agree to float32 rounding at every regularization: with a "
+         "positive one, skinfl inverts every direction, as kronfluence does.",
          table_check),
         ("The fit's memory against the batch of the statistics passes",
          "What the fit added to the warmed-up worker's peak resident memory (fit +MB), and its time, with "
