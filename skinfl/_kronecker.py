@@ -267,8 +267,14 @@ class LayerStatistics:
         self._diagonal_model = (FunctionalModel(fmodel.module, fmodel.loss, diagonal_names)
                                 if diagonal_names else None)
 
-    def _batches(self):
-        """Yield ``(recorder, cotangents, x)`` per batch: hooked inputs and outputs, and the output cotangents."""
+    def _for_each_batch(self, process):
+        """Call ``process(recorder, output, cotangents, x)`` for each batch: hooked inputs and outputs, the
+        model's output and the output cotangents, inside the batch's autograd graph.
+
+        One batch's graph is alive at a time: ``process`` returns before the next batch's forward pass, and
+        its references here are dropped first (a loop over a generator would keep the previous batch's
+        graph alive through that pass, doubling the pass's memory).
+        """
         fmodel = self.fmodel
         leaves = {name: p.detach().requires_grad_(True) for name, p in fmodel.params.items()}
         for batch in batch_slices(len(self.data), self.batch_size):
@@ -278,8 +284,9 @@ class LayerStatistics:
                 recorder.recording = False
                 cotangents = output_cotangents(fmodel.loss, output, target, self.fisher, self.n_target_draws,
                                                self.generator)
-                yield recorder, output, cotangents, x
+                process(recorder, output, cotangents, x)
             self.bar.update(n_rows(x))
+            del recorder, output, cotangents
 
     def _output_gradients(self, recorder, output, cotangent):
         """Gradients of ``<output, cotangent>`` with respect to each Kronecker module's outputs."""
@@ -308,7 +315,7 @@ class LayerStatistics:
         diagonal = None
         if self._diagonal_model is not None:
             diagonal = torch.zeros(self._diagonal_model.n_params, dtype=dtype, device=device)
-        for recorder, output, cotangents, x in self._batches():
+        def add_batch(recorder, output, cotangents, x):
             for plan in recorder.plans:
                 if not recorder.inputs[plan.name]:
                     continue  # a module the forward pass did not call: no curvature
@@ -327,7 +334,9 @@ class LayerStatistics:
                     sums[plan.name][1] = sums[plan.name][1] + weight * torch.einsum("nto,ntp->op", g, g)
                 if diagonal is not None:
                     d = self._diagonal_gradients(x, cotangent)
-                    diagonal += weight * (d * d).sum(dim=0)
+                    diagonal.add_(weight * (d * d).sum(dim=0))
+
+        self._for_each_batch(add_batch)
         n = len(self.data)
         factors = {}
         for plan in self.plans:
@@ -347,7 +356,7 @@ class LayerStatistics:
         def add(name, squares):
             corrected[name] = squares if name not in corrected else corrected[name] + squares
 
-        for recorder, output, cotangents, _ in self._batches():
+        def add_batch(recorder, output, cotangents, _):
             # Rotate each factor first: sum_t (Q_G^T g_t)(Q_A^T a_t)^T is Q_G^T d Q_A.
             rotated_activations = {plan.name: _activations(plan, recorder.inputs[plan.name]) @ bases[plan.name][0]
                                    for plan in recorder.plans
@@ -378,6 +387,8 @@ class LayerStatistics:
             for name, squares in gradient_squares.items():
                 activation = rotated_activations[name][:, 0]
                 add(name, squares.T @ (activation * activation))
+
+        self._for_each_batch(add_batch)
         n = len(self.data)
         return {plan.name: (corrected[plan.name].detach() / n if plan.name in corrected
                             else torch.zeros(tuple(reversed(_factor_sizes(plan))), dtype=self.fmodel.dtype,
