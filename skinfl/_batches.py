@@ -30,7 +30,7 @@ def n_rows(inputs):
 
 
 def take_rows(inputs, rows):
-    """Rows ``rows`` (a slice or an index tensor) of every input."""
+    """Rows ``rows`` (a slice, an index tensor, or one integer: a sample without its batch axis) of every input."""
     if is_mapping(inputs):
         return {key: value[rows] for key, value in inputs.items()}
     return inputs[rows]
@@ -48,12 +48,6 @@ def call_module(call, inputs):
     if is_mapping(inputs):
         return call(**inputs)
     return call(inputs)
-
-
-def floating_inputs(inputs):
-    """Whether every input is floating point (what differentiating with respect to inputs needs)."""
-    values = inputs.values() if is_mapping(inputs) else [inputs]
-    return all(value.is_floating_point() for value in values)
 
 
 def describe(inputs):
@@ -84,7 +78,7 @@ def over_samples(function, module, in_dims):
         n = n_rows(mapped_args[0])
         results = []
         for i in range(n):
-            results.append(function(*[arg if dim is None else _sample(arg, i) for arg, dim in zip(args, in_dims)]))
+            results.append(function(*[arg if dim is None else take_rows(arg, i) for arg, dim in zip(args, in_dims)]))
         return torch.utils._pytree.tree_map(lambda *pieces: torch.stack(pieces), *results)
 
     def run(*args):
@@ -100,8 +94,3 @@ def over_samples(function, module, in_dims):
 
     return run
 
-
-def _sample(value, i):
-    if is_mapping(value):
-        return {key: v[i] for key, v in value.items()}
-    return value[i]

@@ -39,7 +39,7 @@ from sklearn.utils import check_random_state
 from sklearn.utils.validation import _check_feature_names, _check_feature_names_in, check_is_fitted
 from torch import nn
 
-from ._batches import describe, floating_inputs, is_mapping
+from ._batches import describe, is_mapping
 from ._cache import FactorCache
 from ._curvature import SECOND_ORDER_MODES, CurvatureOperator, ReportingCurvature
 from ._data import DataSource, TargetSpec
@@ -209,8 +209,7 @@ class BaseInfluence(FactorCache, SolveReporting, TransformerMixin, BaseEstimator
         module = _evaluation_copy_for(source.module, device, first)
         fmodel = FunctionalModel(module, loss, trainable)
         output_shape = _probe_output_shape(fmodel, first)
-        loss = loss.for_outputs(tuple(output_shape))
-        fmodel = FunctionalModel(module, loss, trainable)
+        loss = fmodel.loss = loss.for_outputs(tuple(output_shape))  # token targets where outputs have positions
         targets_as = TargetSpec(loss, tuple(output_shape), fmodel.dtype, source.classes)
         data = inputs.with_targets(targets_as).validate()
 
@@ -623,7 +622,7 @@ class BaseInfluence(FactorCache, SolveReporting, TransformerMixin, BaseEstimator
             batch_size = max(1, min(self.batch_size, _MAX_PERTURBATION_PAIRS // len(inverse_gradients)))
             for batch in batch_slices(len(train), batch_size):
                 x, y = train.batch(batch)
-                if is_mapping(x) or not floating_inputs(x):
+                if not x.is_floating_point():  # keyword inputs are refused before any work
                     raise ValueError(
                         "mode='perturbation' differentiates with respect to the inputs, which must be one "
                         f"floating-point array; got {describe(x)}."
@@ -739,11 +738,11 @@ class BaseInfluence(FactorCache, SolveReporting, TransformerMixin, BaseEstimator
                 continue
             if not (_holds_integers(arrays[key]) and len(given[key]) == len(fitted_shape) >= 1
                     and given[key][1:] == fitted_shape[1:]):
-                self._refuse_input_shape(data, name, shape)
+                self._refuse_input_shape(name, shape)
         first = data.inputs(slice(0, 1))
         return tuple(_probe_output_shape(self._functional_model(), first))
 
-    def _refuse_input_shape(self, data, name, shape):
+    def _refuse_input_shape(self, name, shape):
         if not isinstance(shape, dict) and len(shape) == 1 and len(self.input_shape_) == 1:
             raise ValueError(
                 f"{name} has {shape[0]} features, but {type(self).__name__} is expecting "
