@@ -258,11 +258,23 @@ class CurvatureOperator:
                             total += block_products[name]
         return out
 
+    def sum_over_shards(self, statistic, *args, bar=None):
+        """``statistic(operator, *args, bar=bar)`` summed over the shards of the data.
+
+        This is the seam through which every pass over the training data
+        goes: a statistic returns *sums* over the samples of the operator it
+        is given (a tensor, or dicts, lists and tuples of them), never means,
+        so that sums over parts of the data add up to the sum over all of it.
+        Here the data is one shard, and the statistic runs on it; a sharded
+        operator (:class:`skinfl._shards.ShardedCurvature`) runs it on each
+        shard where the shard lives and adds the results. ``bar``, a progress
+        bar stepped by samples, is only passed where the statistic runs here.
+        """
+        return statistic(self, *args, bar=bar)
+
     def matmat(self, vectors):
         """Rows ``C v`` for the rows ``v`` of ``vectors`` (shape ``(k, n_params)``)."""
-        # Contiguous, whatever the layout of ``vectors``: products are written into views of its rows.
-        out = torch.empty(vectors.shape, dtype=vectors.dtype, device=vectors.device)
-        return self._accumulate(lambda rows: vectors[rows], out).div_(self.n_samples)
+        return self.sum_over_shards(summed_products, vectors).div_(self.n_samples)
 
     def dense(self, dtype=None):
         """The explicit ``(n_params, n_params)`` curvature matrix, symmetrised.
@@ -271,17 +283,7 @@ class CurvatureOperator:
         are accumulated into; float64 avoids a second copy for a float64
         factorisation.
         """
-        fmodel = self.fmodel
-        n_params = self.n_params
-        dtype = dtype or fmodel.dtype
-
-        def identity_rows(rows):
-            basis = torch.zeros(rows.stop - rows.start, n_params, dtype=fmodel.dtype, device=fmodel.device)
-            basis[:, rows].fill_diagonal_(1.0)
-            return basis
-
-        matrix = torch.empty(n_params, n_params, dtype=dtype, device=fmodel.device)
-        self._accumulate(identity_rows, matrix, "curvature matrix")
+        matrix = self.sum_over_shards(summed_dense, dtype or self.fmodel.dtype)
         matrix /= self.n_samples
         # Reverse-over-reverse products are symmetric only up to rounding.
         return symmetrize_(matrix)
@@ -299,19 +301,46 @@ class CurvatureOperator:
         ``1 / sqrt(draws)``). One gradient per sample and cotangent, never a
         per-sample Jacobian, so memory is that of a batch of gradients.
         """
-        fmodel = self.fmodel
-        draws = resolve_target_draws("auto", output_shape, fmodel.loss)
+        draws = resolve_target_draws("auto", output_shape, self.fmodel.loss)
         passes = 1 if draws is None else math.ceil(_MIN_DIAGONAL_DRAWS / self.n_samples)
-        diagonal = torch.zeros(self.n_params, dtype=fmodel.dtype, device=fmodel.device)
-        with torch.no_grad():
-            for _ in range(passes):
-                for batch in batch_slices(self.n_samples, self.batch_size):
-                    x, y = self.data.batch(batch)
-                    output = fmodel.output(fmodel.params, x)
-                    for weight, cotangent in output_cotangents(fmodel.loss, output, y, "true", draws, generator):
-                        gradients = pullback_batch(fmodel, x, cotangent)
-                        diagonal += weight * (gradients * gradients).sum(dim=0)
+        diagonal = self.sum_over_shards(summed_gauss_newton_diagonal, draws, passes, generator)
         return diagonal / (passes * self.n_samples)
+
+
+def summed_products(curvature, vectors, bar=None):
+    """Rows ``sum_i C_i v`` over the samples of ``curvature``, for the rows ``v`` of ``vectors``."""
+    # Contiguous, whatever the layout of ``vectors``: products are written into views of its rows.
+    out = torch.empty(vectors.shape, dtype=vectors.dtype, device=vectors.device)
+    return curvature._accumulate(lambda rows: vectors[rows], out)
+
+
+def summed_dense(curvature, dtype, bar=None):
+    """The explicit ``sum_i C_i`` over the samples of ``curvature``, accumulated in ``dtype``."""
+    fmodel = curvature.fmodel
+    n_params = curvature.n_params
+
+    def identity_rows(rows):
+        basis = torch.zeros(rows.stop - rows.start, n_params, dtype=fmodel.dtype, device=fmodel.device)
+        basis[:, rows].fill_diagonal_(1.0)
+        return basis
+
+    matrix = torch.empty(n_params, n_params, dtype=dtype, device=fmodel.device)
+    return curvature._accumulate(identity_rows, matrix, "curvature matrix")
+
+
+def summed_gauss_newton_diagonal(curvature, draws, passes, generator, bar=None):
+    """``sum_i sum_c w_ic (J_i^T u_ic)**2`` over ``passes`` passes (see :meth:`CurvatureOperator.gauss_newton_diagonal`)."""
+    fmodel = curvature.fmodel
+    diagonal = torch.zeros(curvature.n_params, dtype=fmodel.dtype, device=fmodel.device)
+    with torch.no_grad():
+        for _ in range(passes):
+            for batch in batch_slices(curvature.n_samples, curvature.batch_size):
+                x, y = curvature.data.batch(batch)
+                output = fmodel.output(fmodel.params, x)
+                for weight, cotangent in output_cotangents(fmodel.loss, output, y, "true", draws, generator):
+                    gradients = pullback_batch(fmodel, x, cotangent)
+                    diagonal += weight * (gradients * gradients).sum(dim=0)
+    return diagonal
 
 
 class ReportingCurvature:

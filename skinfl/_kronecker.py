@@ -285,7 +285,8 @@ class LayerStatistics:
                 cotangents = output_cotangents(fmodel.loss, output, target, self.fisher, self.n_target_draws,
                                                self.generator)
                 process(recorder, output, cotangents, x)
-            self.bar.update(n_rows(x))
+            if self.bar is not None:
+                self.bar.update(n_rows(x))
             del recorder, output, cotangents
 
     def _output_gradients(self, recorder, output, cotangent):
@@ -308,8 +309,9 @@ class LayerStatistics:
         """Per-sample gradients of ``<output_i, u_i>`` for the diagonal blocks' parameters, flat."""
         return pullback_batch(self._diagonal_model, x, cotangent)
 
-    def kronecker_factors(self):
-        """``(factors, diagonal)``: ``{name: (A, G)}`` for Kronecker blocks, and the diagonal blocks' diagonal."""
+    def kronecker_sums(self):
+        """``(sums, diagonal)``: ``{name: [A, G]}`` summed over samples for the Kronecker blocks the forward
+        pass called, and the diagonal blocks' summed squared gradients (None without diagonal blocks)."""
         dtype, device = self.fmodel.dtype, self.fmodel.device
         sums = {}
         diagonal = None
@@ -337,20 +339,11 @@ class LayerStatistics:
                     diagonal.add_(weight * (d * d).sum(dim=0))
 
         self._for_each_batch(add_batch)
-        n = len(self.data)
-        factors = {}
-        for plan in self.plans:
-            if plan.is_kronecker:
-                A, G = sums.get(plan.name, (None, 0.0))
-                n_in, n_out = _factor_sizes(plan)
-                empty = (n_in,) if plan.kind == "embedding" else (n_in, n_in)
-                factors[plan.name] = (torch.zeros(empty, dtype=dtype, device=device) if A is None else A.detach() / n,
-                                      torch.zeros(n_out, n_out, dtype=dtype, device=device) if A is None
-                                      else G.detach() / n)
-        return factors, (None if diagonal is None else diagonal / n)
+        return {name: [_detached(total) for total in pair] for name, pair in sums.items()}, diagonal
 
-    def corrected_eigenvalues(self, bases):
-        """``{name: Lambda}``: ``mean_i sum_c (Q_G^T d_ic Q_A)**2`` in each Kronecker block's eigenbasis."""
+    def corrected_sums(self, bases):
+        """``{name: Lambda}``: ``sum_i sum_c (Q_G^T d_ic Q_A)**2`` in the eigenbasis of each Kronecker block
+        the forward pass called."""
         corrected = {}
 
         def add(name, squares):
@@ -389,11 +382,11 @@ class LayerStatistics:
                 add(name, squares.T @ (activation * activation))
 
         self._for_each_batch(add_batch)
-        n = len(self.data)
-        return {plan.name: (corrected[plan.name].detach() / n if plan.name in corrected
-                            else torch.zeros(tuple(reversed(_factor_sizes(plan))), dtype=self.fmodel.dtype,
-                                             device=self.fmodel.device))
-                for plan in self.plans if plan.is_kronecker}
+        return {name: total.detach() for name, total in corrected.items()}
+
+
+def _detached(total):
+    return total.detach() if isinstance(total, torch.Tensor) else total
 
 
 def eigenbasis(matrix):
@@ -402,22 +395,46 @@ def eigenbasis(matrix):
     return values.clamp_min(0).to(matrix.dtype), vectors.to(matrix.dtype)
 
 
-def compute_ekfac_factors(fmodel, data, batch_size, fisher, n_target_draws, correct_eigenvalues, generator, bar):
-    """The tensors EK-FAC (or K-FAC) needs, by name, from one or two passes over ``data``.
+def kronecker_sums(curvature, fisher, n_target_draws, generator, bar=None):
+    """EK-FAC's first pass over the data of ``curvature``: see :meth:`LayerStatistics.kronecker_sums`."""
+    fmodel = curvature.fmodel
+    return LayerStatistics(fmodel, curvature.data, plan_layers(fmodel), curvature.batch_size, fisher,
+                           n_target_draws, generator, bar).kronecker_sums()
 
-    Kronecker block ``k`` has ``"{k}.activation_eigenvectors"`` ``Q_A``,
+
+def corrected_sums(curvature, bases, fisher, n_target_draws, generator, bar=None):
+    """EK-FAC's second pass over the data of ``curvature``: see :meth:`LayerStatistics.corrected_sums`."""
+    fmodel = curvature.fmodel
+    return LayerStatistics(fmodel, curvature.data, plan_layers(fmodel), curvature.batch_size, fisher,
+                           n_target_draws, generator, bar).corrected_sums(bases)
+
+
+def compute_ekfac_factors(curvature, fisher, n_target_draws, correct_eigenvalues, generator, bar=None):
+    """The tensors EK-FAC (or K-FAC) needs, by name, from one or two passes over ``curvature``'s data.
+
+    Each pass is a sum over samples taken through
+    :meth:`~skinfl._curvature.CurvatureOperator.sum_over_shards`, so that a
+    sharded operator computes it where the shards are; the eigenbases are
+    computed here, between the passes. Kronecker block ``k`` has
+    ``"{k}.activation_eigenvectors"`` ``Q_A``,
     ``"{k}.gradient_eigenvectors"`` ``Q_G`` and ``"{k}.eigenvalues"`` (the
     corrected ones, or the products of the factors' eigenvalues); the
     diagonal blocks share ``"diagonal"``, in the order of their parameters.
     """
+    fmodel = curvature.fmodel
+    dtype, device, n = fmodel.dtype, fmodel.device, curvature.n_samples
     plans = plan_layers(fmodel)
-    statistics = LayerStatistics(fmodel, data, plans, batch_size, fisher, n_target_draws, generator, bar)
-    factors, diagonal = statistics.kronecker_factors()
+    sums, diagonal = curvature.sum_over_shards(kronecker_sums, fisher, n_target_draws, generator, bar=bar)
     tensors, bases = {}, {}
     for index, plan in enumerate(plans):
         if not plan.is_kronecker:
             continue
-        A, G = factors[plan.name]
+        n_in, n_out = _factor_sizes(plan)
+        if plan.name in sums:
+            A, G = (total / n for total in sums[plan.name])
+        else:  # a module the forward pass never called: no curvature
+            A = torch.zeros((n_in,) if plan.kind == "embedding" else (n_in, n_in), dtype=dtype, device=device)
+            G = torch.zeros(n_out, n_out, dtype=dtype, device=device)
         gradient_values, gradient_vectors = eigenbasis(G)
         if plan.kind == "embedding":  # a diagonal activation factor: its eigenbasis is the identity
             activation_values, activation_vectors = A, None
@@ -428,11 +445,14 @@ def compute_ekfac_factors(fmodel, data, batch_size, fisher, n_target_draws, corr
         tensors[f"{index}.gradient_eigenvectors"] = gradient_vectors
         tensors[f"{index}.eigenvalues"] = torch.outer(gradient_values, activation_values)
     if correct_eigenvalues and bases:
-        for name, values in statistics.corrected_eigenvalues(bases).items():
-            index = next(i for i, plan in enumerate(plans) if plan.name == name)
-            tensors[f"{index}.eigenvalues"] = values
+        corrected = curvature.sum_over_shards(corrected_sums, bases, fisher, n_target_draws, generator, bar=bar)
+        for index, plan in enumerate(plans):
+            if plan.is_kronecker:
+                tensors[f"{index}.eigenvalues"] = (
+                    corrected[plan.name] / n if plan.name in corrected
+                    else torch.zeros(tuple(reversed(_factor_sizes(plan))), dtype=dtype, device=device))
     if diagonal is not None:
-        tensors["diagonal"] = diagonal
+        tensors["diagonal"] = diagonal / n
     return tensors
 
 

@@ -17,7 +17,6 @@ from .._linalg.block_cg import block_conjugate_gradient
 from .._linalg.cg import BREAKDOWN, CONVERGED, MAX_ITER, NEGATIVE_CURVATURE, STALLED, batched_conjugate_gradient
 from .._linalg.nystroem import nystroem_sketch
 from .._memory import release_freed_memory
-from .._progress import NO_PROGRESS
 from .._validation import Hidden, Interval, StrOptions
 from ..base import BaseInfluence
 from ..exceptions import CgConvergenceWarning
@@ -101,8 +100,7 @@ class EkfacPreconditioner:
     @staticmethod
     def compute_factors(curvature, rank, generator, output_shape):
         n_target_draws = resolve_target_draws("auto", output_shape, curvature.fmodel.loss)
-        return compute_ekfac_factors(curvature.fmodel, curvature.data, curvature.batch_size, "true", n_target_draws,
-                                     True, generator, NO_PROGRESS)
+        return compute_ekfac_factors(curvature, "true", n_target_draws, True, generator)
 
     @classmethod
     def build(cls, factors, regularization, fmodel):

@@ -28,38 +28,52 @@ def parameter_blocks(fmodel, block_structure):
     return blocks
 
 
-def mean_squared_gradient_norms(fmodel, data, batch_size, progress=False):
-    """``mean_i ||g_ip||^2`` for each parameter tensor ``p`` in layout order, in float64.
+def squared_gradient_norm_sums(curvature, bar=None):
+    """``sum_i ||g_ip||^2`` over the samples of ``curvature`` for each parameter tensor ``p`` in layout order,
+    in float64.
 
-    Summed over the tensors of a block, it is the trace of the block's
-    empirical Fisher. One pass over the data; nothing per sample is kept.
+    Divided by the number of samples and summed over the tensors of a
+    block, it is the trace of the block's empirical Fisher. One pass over
+    the data; nothing per sample is kept.
     """
+    fmodel = curvature.fmodel
     sizes = fmodel.layout.sizes
     totals = torch.zeros(len(sizes), dtype=torch.float64, device=fmodel.device)
-    for _, gradients in iter_gradients(fmodel, data, batch_size, progress=progress, desc="gradient norms"):
+    for _, gradients in iter_gradients(fmodel, curvature.data, curvature.batch_size,
+                                       progress=curvature.progress, desc="gradient norms"):
         for index, piece in enumerate(torch.split(gradients, sizes, dim=1)):
             totals[index] += (piece * piece).sum(dtype=torch.float64)
-    return totals / len(data)
+    return totals
 
 
-def harmonic_mean_solve(fmodel, data, batch_size, spans, regularizations, vectors):
-    """Rows ``(1/n) sum_i (g_il g_il^T + lambda_l I)^-1 v_l``, block by block, in one pass over ``data``.
+def sherman_morrison_sums(curvature, spans, regularizations, vectors, bar=None):
+    """Rows ``sum_i g_il (g_il.v_l) / (lambda_l + ||g_il||^2)`` over the samples of ``curvature``, block by block.
 
-    Sherman-Morrison per term: ``(g g^T + lambda I)^-1 v = (v - g (g.v) / (lambda + ||g||^2)) / lambda``,
-    so the mean over samples is ``(v - (1/n) sum_i g_i (g_i.v) / (lambda + ||g_i||^2)) / lambda``.
-    All rows are solved together: each batch of training gradients is used once for every
-    right-hand side, and the memory is one batch of gradients plus two copies of the rows.
+    All rows together: each batch of training gradients is used once for
+    every right-hand side, and the memory is one batch of gradients plus
+    the rows.
     """
     # In the rows' dtype: the per-batch products are rounded there anyway, and a float64
     # accumulator would triple the memory of the rows for a float32 model.
-    solution = torch.zeros_like(vectors)
-    for _, gradients in iter_gradients(fmodel, data, batch_size):
+    totals = torch.zeros_like(vectors)
+    for _, gradients in iter_gradients(curvature.fmodel, curvature.data, curvature.batch_size):
         for span, regularization in zip(spans, regularizations):
             block = gradients[:, span]
             weights = vectors[:, span] @ block.T
             weights /= regularization + (block * block).sum(dim=1)
-            solution[:, span] += weights @ block
-    solution.div_(-len(data)).add_(vectors)
+            totals[:, span] += weights @ block
+    return totals
+
+
+def harmonic_mean_solve(curvature, spans, regularizations, vectors):
+    """Rows ``(1/n) sum_i (g_il g_il^T + lambda_l I)^-1 v_l``, block by block, in one pass over the data.
+
+    Sherman-Morrison per term: ``(g g^T + lambda I)^-1 v = (v - g (g.v) / (lambda + ||g||^2)) / lambda``,
+    so the mean over samples is ``(v - (1/n) sum_i g_i (g_i.v) / (lambda + ||g_i||^2)) / lambda``: the sum
+    is taken over the shards of ``curvature``'s data (see :func:`sherman_morrison_sums`).
+    """
+    solution = curvature.sum_over_shards(sherman_morrison_sums, spans, regularizations, vectors)
+    solution.div_(-curvature.n_samples).add_(vectors)
     for span, regularization in zip(spans, regularizations):
         solution[:, span] /= regularization
     return solution
@@ -268,7 +282,7 @@ class DataInfInfluence(BaseInfluence):
     def _compute_factors(self, curvature):
         if not self.relative_regularization:
             return {}, {}
-        norms = mean_squared_gradient_norms(curvature.fmodel, curvature.data, self.batch_size, self.progress)
+        norms = curvature.sum_over_shards(squared_gradient_norm_sums) / curvature.n_samples
         return {"mean_squared_gradient_norms": norms}, {}
 
     def _build_inverse(self):
@@ -308,9 +322,7 @@ class DataInfInfluence(BaseInfluence):
     def _apply_inverse(self, gradients):
         # Through the curvature operator: its data is the fitted data, with the error for a
         # file saved without it.
-        curvature = self._curvature()
-        return harmonic_mean_solve(curvature.fmodel, curvature.data, self.batch_size, self._spans,
-                                   self._block_regularization, gradients)
+        return harmonic_mean_solve(self._curvature(), self._spans, self._block_regularization, gradients)
 
 
 class InverseHarmonicMeanInfluence(DataInfInfluence, alias_of="DataInfInfluence"):

@@ -188,14 +188,14 @@ class EkfacInfluence(BaseInfluence):
     fit.__doc__ = BaseInfluence.fit.__doc__
 
     def _compute_factors(self, curvature):
-        fmodel, data = curvature.fmodel, curvature.data
+        fmodel = curvature.fmodel
         passes = 2 if self.correct_eigenvalues else 1
-        with self._progress("EK-FAC statistics (samples)", total=passes * len(data), unit="sample") as bar:
+        with self._progress("EK-FAC statistics (samples)", total=passes * curvature.n_samples, unit="sample") as bar:
             # The empirical Fisher draws nothing.
             n_target_draws = None if self.fisher == "empirical" else resolve_target_draws(
                 self.n_target_draws, self.output_shape_, fmodel.loss)
-            tensors = compute_ekfac_factors(fmodel, data, self.batch_size, self.fisher, n_target_draws,
-                                            self.correct_eigenvalues, self._generator(), bar)
+            tensors = compute_ekfac_factors(curvature, self.fisher, n_target_draws, self.correct_eigenvalues,
+                                            self._generator(), bar)
         return tensors, {"n_target_draws": n_target_draws}
 
     def _computed_factors(self):
