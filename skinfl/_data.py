@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ._dask import check_known_chunks, compute, is_dask
 from ._validation import (
     as_target_tensor,
     check_input_shape,
@@ -61,6 +62,8 @@ def rows_of(data, index):
     """Rows ``index`` (a slice or a 1-D integer array) of referenced data."""
     if isinstance(data, dict):
         return {key: rows_of(value, index) for key, value in data.items()}
+    if is_dask(data):  # read into this process
+        return compute(data[index])[0]
     if isinstance(index, slice) or isinstance(data, np.ndarray):
         return data[index]
     if isinstance(data, torch.Tensor):
@@ -76,6 +79,8 @@ def sample_shape(data):
     if isinstance(data, dict):
         return {key: sample_shape(value) for key, value in data.items()}
     shape = getattr(data, "shape", None)
+    if is_dask(data):
+        check_known_chunks(data, "X")
     if shape is not None:
         return tuple(int(s) for s in shape)
     if len(data) == 0:
@@ -208,10 +213,16 @@ class DataSource:
             return x, None
         return x, self._to_device(self.targets.convert(rows_of(self.y, index), self.names[1]))
 
+    @property
+    def is_sharded(self):
+        """Whether the data are dask arrays: passes over them run where their blocks are."""
+        return is_dask(self.X) or is_dask(self.y)
+
     def validate(self):
         """Check every value (finite, of the right kind and shape), reading in chunks.
 
         Raises the same errors as the conversions do, before any work starts.
+        Dask arrays are checked block by block on the workers.
         """
         n = len(self)
         if self.y is not None:
@@ -223,6 +234,11 @@ class DataSource:
                 raise ValueError(
                     f"{self.names[0]} and {self.names[1]} have different numbers of samples: {n} and {n_targets}."
                 )
+        if self.is_sharded:
+            from ._dask import validate_blocks
+
+            validate_blocks(self)
+            return self
         rows = chunk_rows(self.shape)
         keyword = isinstance(self.X, dict)
         for start in range(0, n, rows):

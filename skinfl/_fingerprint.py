@@ -23,6 +23,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from ._dask import is_dask
+
 # Rows of an array hashed at a time.
 _CHUNK_BYTES = 32 * 2**20
 # Module attributes hashed otherwise: tensors through state_dict, submodules one by one.
@@ -48,6 +50,10 @@ class Fingerprint:
             self._tag(f"{type(value).__name__}:{value!r}")
         elif isinstance(value, torch.Tensor):
             self._add_tensor(value)
+        elif is_dask(value) and not isinstance(value, dict):
+            # A dask array's name is a token of its graph: of the content for arrays made from memory,
+            # of the store and path for arrays read from files. Hashing it reads nothing.
+            self._tag(f"dask:{value.name}:{value.shape}:{value.dtype}")
         elif isinstance(value, np.ndarray) or _is_array_like(value):
             self._add_array(value)
         elif isinstance(value, (list, tuple)):

@@ -42,10 +42,12 @@ from torch import nn
 from ._batches import describe, is_mapping
 from ._cache import FactorCache
 from ._curvature import SECOND_ORDER_MODES, CurvatureOperator, ReportingCurvature
-from ._data import DataSource, TargetSpec
+from ._dask import is_dask
+from ._data import DataSource, TargetSpec, sample_shape
 from ._deprecation import renamed_attribute, resolve_renamed_parameters
 from ._devices import available_device, first_device, moved
 from ._gradients import batch_slices, gradients_of, iter_gradients, perturbation_batch
+from ._lazy import lazy_influences, lazy_self_influence, lazy_top_influences, lazy_transform, store
 from ._model import (
     BUILTIN_LOSSES,
     FunctionalModel,
@@ -57,6 +59,7 @@ from ._model_source import loss_on_device, model_source
 from ._progress import progress
 from ._reporting import SolveReporting, reporting_solves
 from ._results import DEFAULT_MAX_RESULT_BYTES, RunningTopK, allocate, write
+from ._shards import ShardedCurvature
 from ._validation import HasMethods, Interval, StrOptions, returns_torch, to_output, validate_estimator_params
 from ._warnings import warn
 from .exceptions import TrainingModeWarning
@@ -113,6 +116,9 @@ class BaseInfluence(FactorCache, SolveReporting, TransformerMixin, BaseEstimator
     # resolved in fit) and fitted attributes (a property under the old name that warns).
     _renamed_parameters = {}
     _renamed_attributes = {}
+    # Whether _apply_inverse reads the training data (iterative solves against it): then it travels with
+    # the estimator to Dask workers.
+    _inverse_reads_data = False
 
     def __init_subclass__(cls, alias_of=None, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -350,6 +356,9 @@ class BaseInfluence(FactorCache, SolveReporting, TransformerMixin, BaseEstimator
         inverse_gradients : ndarray or torch.Tensor of shape (n_samples, n_params)
             A torch tensor on ``device_`` if ``X`` is one, else a numpy array.
         """
+        if is_dask(X) or is_dask(y):
+            self._check_lazy_data(X, y)
+            return lazy_transform(self, X, y)
         data = self._check_data(X, y)
         result = allocate((len(data), self.n_params_), self._dtype(), returns_torch(X), self.device_,
                           max_bytes=None)
@@ -410,6 +419,13 @@ class BaseInfluence(FactorCache, SolveReporting, TransformerMixin, BaseEstimator
         if mode == "perturbation" and isinstance(self.input_shape_, dict):
             raise ValueError("mode='perturbation' differentiates with respect to the inputs, which must be one "
                              f"floating-point array; this estimator was fitted on keyword inputs {list(self.input_shape_)}.")
+        if self._is_lazy(X_test, y_test, X, y):
+            if mode != "up":
+                raise ValueError("mode='perturbation' is not computed on dask arrays; pass numpy arrays or "
+                                 "tensors (in pieces of the test points, with out= a memmap, for a large result).")
+            self._check_lazy_data(X_test, y_test, X, y)
+            result = lazy_influences(self, X_test, y_test, X, y)
+            return result if out is None else store(result, out)
         test = self._check_data(X_test, y_test, names=("X_test", "y_test"))
         train = self._training_data(X, y)
         shape = (len(test), len(train)) if mode == "up" else (len(test), len(train), *self.input_shape_)
@@ -456,11 +472,16 @@ class BaseInfluence(FactorCache, SolveReporting, TransformerMixin, BaseEstimator
         """
         if which not in ("helpful", "harmful", "both"):
             raise ValueError(f"which must be 'helpful', 'harmful' or 'both', got {which!r}.")
+        orders = {"helpful": [True], "harmful": [False], "both": [True, False]}[which]
+        if self._is_lazy(X_test, y_test, X, y):
+            if not isinstance(k, Integral):
+                raise ValueError(f"k must be an integer, got {k!r}.")
+            self._check_lazy_data(X_test, y_test, X, y)
+            return lazy_top_influences(self, X_test, y_test, X, y, int(k), orders)
         test = self._check_data(X_test, y_test, names=("X_test", "y_test"))
         train = self._training_data(X, y)
         if not isinstance(k, Integral) or not 1 <= k <= len(train):
             raise ValueError(f"k must be an integer from 1 to the {len(train)} training points, got {k!r}.")
-        orders = {"helpful": [True], "harmful": [False], "both": [True, False]}[which]
         like_torch = returns_torch(X_test)
         shape = (len(test), k * len(orders))
         indices = allocate(shape, torch.int64, like_torch, self.device_, max_bytes=None)
@@ -498,6 +519,9 @@ class BaseInfluence(FactorCache, SolveReporting, TransformerMixin, BaseEstimator
         self_influence : ndarray or torch.Tensor of shape (n_samples,)
             A torch tensor on ``device_`` if ``X`` is one, else a numpy array.
         """
+        if is_dask(X) or is_dask(y):
+            self._check_lazy_data(X, y)
+            return lazy_self_influence(self, X, y)
         data = self._check_data(X, y)
         values = torch.empty(len(data), dtype=self._dtype(), device=self.device_)
         for position, gradients, solved in self._solved_batches(data, desc="self-influence"):
@@ -567,6 +591,41 @@ class BaseInfluence(FactorCache, SolveReporting, TransformerMixin, BaseEstimator
         solved = self._apply_inverse(gradients)
         residuals = self._curvature(data).matmat(solved) - gradients
         return float(-((residuals * residuals).sum(dim=1) / (gradients * gradients).sum(dim=1)).mean())
+
+    # ------------------------------------------------------------ dask arrays
+    def _is_lazy(self, X_test, y_test, X, y):
+        """Whether a result over these test and training data is a lazy dask array: when any of them
+        (the fitted data, for ``X=None``) is one."""
+        if any(is_dask(value) for value in (X_test, y_test, X, y)):
+            return True
+        return X is None and self._fit_data is not None and self._fit_data.is_sharded
+
+    def _check_lazy_data(self, X_test, y_test, X=None, y=None):
+        """The checks that need no pass over the data, here; the values are checked in each block's task."""
+        check_is_fitted(self)
+        self._check_input_feature_names(X_test, reset=False)
+        test = DataSource(X_test, y_test, input_dtype=self._dtype(), device=self.device_,
+                          names=("X_test", "y_test"))
+        _check_row_counts(test, "X_test", "y_test")
+        self._check_input_shape(test, "X_test")
+        if X is None and y is not None:
+            raise ValueError("y was given without X; pass both, or neither to score the fitted data.")
+        if X is None:
+            self._training_data(None, None)
+        elif y is None:
+            self._training_data(X, None)  # the error for missing targets
+        else:
+            train = DataSource(X, y, input_dtype=self._dtype(), device=self.device_)
+            _check_row_counts(train, "X", "y")
+            self._check_input_shape(train, "X")
+
+    def _worker_copy(self):
+        """This estimator as shipped to Dask workers: without its training data unless ``_apply_inverse``
+        reads them."""
+        worker = copy.copy(self)
+        if not self._inverse_reads_data:
+            worker._fit_data = None
+        return worker
 
     # --------------------------------------------------------------- streaming
     def _held_chunks(self, n_rows):
@@ -680,7 +739,8 @@ class BaseInfluence(FactorCache, SolveReporting, TransformerMixin, BaseEstimator
                     "and it needs curvature products over that data. Save it with include_data=True, or "
                     "fit it again."
                 )
-        return CurvatureOperator(self._functional_model(), data, self.second_order, self.batch_size, self.progress)
+        operator = ShardedCurvature if data.is_sharded else CurvatureOperator
+        return operator(self._functional_model(), data, self.second_order, self.batch_size, self.progress)
 
     def _training_data(self, X, y):
         """The training side of ``influences``: the fitted data, or checked ``(X, y)``."""
@@ -780,6 +840,12 @@ class BaseInfluence(FactorCache, SolveReporting, TransformerMixin, BaseEstimator
             device = target if key.endswith("_") or key.startswith("_") else available_device(devices.get(key))
             restored[key] = value if device is None else _portable(key, value, device, copy_modules=False)
         super().__setstate__(restored)
+
+
+def _check_row_counts(data, x_name, y_name):
+    if data.y is not None and len(sample_shape(data.y)) and sample_shape(data.y)[0] != len(data):
+        raise ValueError(f"{x_name} and {y_name} have different numbers of samples: {len(data)} and "
+                         f"{sample_shape(data.y)[0]}.")
 
 
 def _portable(key, value, device, copy_modules):

@@ -317,6 +317,7 @@ class CgInfluence(BaseInfluence):
     _renamed_parameters = {"method": "solver"}
     _renamed_attributes = {"method_": "solver_"}
     _factor_parameters = ("preconditioner", "preconditioner_rank", "random_state")
+    _inverse_reads_data = True  # solves run against the training data
 
     def __init__(
         self,

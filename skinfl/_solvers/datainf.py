@@ -227,6 +227,7 @@ class DataInfInfluence(BaseInfluence):
         "relative_regularization": ["boolean"],
     }
     _factor_parameters = ("relative_regularization",)
+    _inverse_reads_data = True  # solves run against the training data
 
     def __init__(
         self,

@@ -266,6 +266,9 @@ class EkfacInfluence(BaseInfluence):
         if mode != "up":
             raise ValueError("by_layer=True splits up-weighting influences (mode='up') by layer; "
                              f"mode={mode!r} is not split.")
+        if self._is_lazy(X_test, y_test, X, y):
+            raise ValueError("by_layer=True is not computed on dask arrays; pass numpy arrays or tensors (in "
+                             "pieces of the test points, with out= a memmap, for a large result).")
         test = self._check_data(X_test, y_test, names=("X_test", "y_test"))
         train = self._training_data(X, y)
         spans = [plan.block.span for plan in self._plans]

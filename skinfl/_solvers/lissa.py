@@ -378,6 +378,7 @@ class LissaInfluence(BaseInfluence):
         "check_every": [Interval(Integral, 1, None, closed="left")],
     }
     _factor_parameters = ()
+    _inverse_reads_data = True  # solves run against the training data
 
     def __init__(
         self,

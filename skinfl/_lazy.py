@@ -1,0 +1,217 @@
+"""Results as lazy dask arrays, computed block by block on the workers.
+
+When the data of a call are dask arrays, ``transform``, ``self_influence``,
+``influences`` and ``top_influences`` return dask arrays: nothing runs until
+they are computed, and then on the current Dask client (or dask's local
+scheduler). A fitted estimator is shipped to the workers once per
+computation, without its training data unless its inverse reads them (CG,
+LiSSA and DataInf solve against them).
+
+``influences`` is factor-first: one task per test block solves its
+inverse-curvature gradients, which stay on the workers; then one task per
+training block computes that block's gradients once and multiplies them by
+the factors of a group of test blocks (as many as fit in scikit-learn's
+``working_memory``). No gradient and no solve is computed twice for one
+test group. ``top_influences`` keeps the best ``k`` of each training
+block and merges them in a tree of tasks.
+"""
+
+from __future__ import annotations
+
+import functools
+import operator
+
+import numpy as np
+import torch
+from sklearn import get_config
+
+from ._dask import RowBlocks, import_dask, is_dask, tree_reduce
+from ._gradients import iter_gradients
+from ._results import RunningTopK, write
+
+
+def numpy_dtype(dtype):
+    """The numpy dtype of a torch dtype."""
+    return torch.empty((), dtype=dtype).numpy().dtype
+
+
+def _delayed(value):
+    dask, _ = import_dask()
+    return dask.delayed(value, traverse=False, pure=False)
+
+
+def _task(function):
+    dask, _ = import_dask()
+    return dask.delayed(function, pure=False)
+
+
+def _transform_block(estimator, x, y):
+    return estimator.transform(x, y)
+
+
+def _self_influence_block(estimator, x, y):
+    return estimator.self_influence(x, y)
+
+
+def _inverse_gradients_block(estimator, x, y):
+    data = estimator._check_data(x, y, names=("X_test", "y_test"))
+    return estimator._inverse_gradients_of(data, slice(0, len(data))).cpu()
+
+
+def _held(estimator, factors):
+    return torch.cat([factor.to(estimator.device_) for factor in factors])
+
+
+def _influence_block(estimator, factors, x, y):
+    """Influences of a group of test points (their ``factors``) on the training rows ``(x, y)``."""
+    held = _held(estimator, factors)
+    data = estimator._check_data(x, y)
+    result = np.empty((len(held), len(data)), dtype=numpy_dtype(held.dtype))
+    for position, gradients in iter_gradients(estimator._functional_model(), data, estimator.batch_size):
+        write(result, (slice(None), position), held @ gradients.T)
+    return result
+
+
+def _top_block(estimator, factors, x, y, k, orders, start):
+    """``(indices, values)``: the best ``k`` training rows of ``(x, y)`` per test point and order."""
+    held = _held(estimator, factors)
+    data = estimator._check_data(x, y)
+    tops = [RunningTopK(k, largest) for largest in orders]
+    for position, gradients in iter_gradients(estimator._functional_model(), data, estimator.batch_size):
+        block = held @ gradients.T
+        for top in tops:
+            top.update(block, start + position.start)
+    return (torch.cat([top.indices for top in tops], dim=1).cpu().numpy(),
+            torch.cat([top.values for top in tops], dim=1).cpu().numpy())
+
+
+def _merge_tops(first, second, k, orders):
+    """The best ``k`` per order of two ``(indices, values)`` results over disjoint training rows."""
+    merged_indices, merged_values = [], []
+    for order, largest in enumerate(orders):
+        pieces = [(torch.from_numpy(indices), torch.from_numpy(values))
+                  for indices, values in (first, second)]
+        widths = [indices.shape[1] // len(orders) for indices, _ in pieces]
+        indices = torch.cat([part[0][:, order * w:(order + 1) * w] for part, w in zip(pieces, widths)], dim=1)
+        values = torch.cat([part[1][:, order * w:(order + 1) * w] for part, w in zip(pieces, widths)], dim=1)
+        best = torch.topk(values, min(k, values.shape[1]), dim=1, largest=largest, sorted=True)
+        merged_values.append(best.values)
+        merged_indices.append(torch.gather(indices, 1, best.indices))
+    return torch.cat(merged_indices, dim=1).numpy(), torch.cat(merged_values, dim=1).numpy()
+
+
+def _test_groups(estimator, sizes):
+    """Lists of test blocks whose inverse-curvature gradients are held together: within ``working_memory``."""
+    itemsize = torch.tensor([], dtype=estimator._dtype()).element_size()
+    budget = max(1, get_config()["working_memory"] * 2**20 // (estimator.n_params_ * itemsize))
+    groups, current, rows = [], [], 0
+    for index, size in enumerate(sizes):
+        if current and rows + size > budget:
+            groups.append(current)
+            current, rows = [], 0
+        current.append(index)
+        rows += size
+    if current:
+        groups.append(current)
+    return groups
+
+
+def lazy_rows(estimator, function, X, y, n_columns=None):
+    """A dask array of ``function(estimator, x, y)`` over the row blocks of ``(X, y)``, concatenated."""
+    _, da = import_dask()
+    blocks = RowBlocks(X, y, estimator.batch_size)
+    worker = _delayed(estimator._worker_copy())
+    dtype = numpy_dtype(estimator._dtype())
+    parts = [da.from_delayed(_task(function)(worker, x, t), shape=(size,) if n_columns is None else (size, n_columns),
+                             dtype=dtype)
+             for x, t, size in zip(blocks.inputs, blocks.targets, blocks.sizes)]
+    return da.concatenate(parts, axis=0)
+
+
+def lazy_transform(estimator, X, y):
+    return lazy_rows(estimator, _transform_block, X, y, estimator.n_params_)
+
+
+def lazy_self_influence(estimator, X, y):
+    return lazy_rows(estimator, _self_influence_block, X, y)
+
+
+def _training_blocks(estimator, X, y):
+    if X is None:
+        data = estimator._training_data(None, None)
+        return RowBlocks(data.X, data.y, estimator.batch_size)
+    return RowBlocks(X, y, estimator.batch_size)
+
+
+def _factors(estimator, worker, test):
+    """Delayed inverse-curvature gradients of each test block, and the groups of blocks held together."""
+    factors = [_task(_inverse_gradients_block)(worker, x, t) for x, t in zip(test.inputs, test.targets)]
+    return factors, _test_groups(estimator, test.sizes)
+
+
+def lazy_influences(estimator, X_test, y_test, X, y):
+    """``influences`` as a dask array of shape ``(n_test, n_train)``, factor-first (see the module docstring)."""
+    _, da = import_dask()
+    test = RowBlocks(X_test, y_test, estimator.batch_size, ("X_test", "y_test"))
+    train = _training_blocks(estimator, X, y)
+    worker = _delayed(estimator._worker_copy())
+    factors, groups = _factors(estimator, worker, test)
+    dtype = numpy_dtype(estimator._dtype())
+    rows = []
+    for group in groups:
+        held = [factors[index] for index in group]
+        n_held = sum(test.sizes[index] for index in group)
+        rows.append(da.concatenate([
+            da.from_delayed(_task(_influence_block)(worker, held, x, t), shape=(n_held, size), dtype=dtype)
+            for x, t, size in zip(train.inputs, train.targets, train.sizes)], axis=1))
+    return da.concatenate(rows, axis=0)
+
+
+def lazy_top_influences(estimator, X_test, y_test, X, y, k, orders):
+    """``top_influences`` as a pair of dask arrays ``(indices, values)`` of shape ``(n_test, k * len(orders))``."""
+    dask, da = import_dask()
+    test = RowBlocks(X_test, y_test, estimator.batch_size, ("X_test", "y_test"))
+    train = _training_blocks(estimator, X, y)
+    n_train = sum(train.sizes)
+    if not 1 <= k <= n_train:
+        raise ValueError(f"k must be an integer from 1 to the {n_train} training points, got {k!r}.")
+    worker = _delayed(estimator._worker_copy())
+    factors, groups = _factors(estimator, worker, test)
+    dtype = numpy_dtype(estimator._dtype())
+    indices, values = [], []
+    for group in groups:
+        held = [factors[index] for index in group]
+        n_held = sum(test.sizes[index] for index in group)
+        parts = [_task(_top_block)(worker, held, x, t, k, orders, start)
+                 for x, t, start in zip(train.inputs, train.targets, train.starts)]
+        best = tree_reduce(parts, functools.partial(_merge_tops, k=k, orders=orders))
+        shape = (n_held, k * len(orders))
+        indices.append(da.from_delayed(dask.delayed(operator.getitem)(best, 0), shape=shape, dtype=np.int64))
+        values.append(da.from_delayed(dask.delayed(operator.getitem)(best, 1), shape=shape, dtype=dtype))
+    return da.concatenate(indices, axis=0), da.concatenate(values, axis=0)
+
+
+def store(result, out):
+    """Compute the dask array ``result`` into ``out`` and return ``out``.
+
+    An array the workers can write (a zarr array) is written by them, in
+    blocks aligned with its chunks; a numpy array, memmap or tensor here is
+    filled one row block at a time, computed on the workers.
+    """
+    _, da = import_dask()
+    if tuple(out.shape) != tuple(result.shape):
+        raise ValueError(f"out has shape {tuple(out.shape)}, but the result has shape {tuple(result.shape)}.")
+    if isinstance(out, (np.ndarray, torch.Tensor)):
+        if isinstance(out, np.ndarray) and not out.flags.writeable:
+            raise ValueError("out is read-only; open the memmap with mode='w+' or 'r+'.")
+        start = 0
+        for index in range(result.numblocks[0]):  # one row of blocks at a time
+            block = np.asarray(result.blocks[index].compute())
+            write(out, slice(start, start + len(block)), torch.from_numpy(block))
+            start += len(block)
+        return out
+    chunks = getattr(out, "chunks", None)
+    if chunks is not None and not is_dask(out):
+        result = result.rechunk(tuple(chunks))  # each task writes whole chunks: no two write one
+    da.store(result, out, lock=False)
+    return out
