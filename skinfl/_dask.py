@@ -15,11 +15,7 @@ import math
 import numpy as np
 import torch
 
-try:
-    from ._references import by_reference
-except ImportError:  # TEMPORARY until the references module lands
-    def by_reference(array):
-        return array
+from ._references import by_reference
 
 # Rows per block when data that is not a dask array (the fitted numpy data, a memmap, a zarr array)
 # is cut into blocks for tasks: about this many bytes of inputs each.

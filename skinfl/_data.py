@@ -4,9 +4,12 @@ An estimator never copies a data set whole, onto the device or anywhere
 else: it keeps a reference to what it was given (a numpy array or memmap, a
 torch tensor, any object indexable along axis 0) and reads row batches when
 it needs them, converting each batch to the model's dtype and moving it to
-the device (through pinned memory, without blocking, on CUDA). A memmap thus
-stays on disk. Lists and tuples are turned into one numpy array, and pandas
-objects into their numpy values, since they are in memory already.
+the device (through pinned memory, without blocking, on CUDA). A memmap, an
+h5py dataset or a zarr array (indexable, with a ``shape`` but no ``len``)
+thus stays on disk, and a pickled data source holds where a memmap or an
+h5py dataset lies, not its data (see :mod:`skinfl._references`). Lists and
+tuples are turned into one numpy array, and pandas objects into their numpy
+values, since they are in memory already.
 
 Inputs may also be a dict of such arrays sharing the first axis, for a
 model called with keyword arguments (``model(**batch)``): each is kept by
@@ -15,6 +18,7 @@ reference, and a batch is the dict of their rows.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -22,6 +26,7 @@ import numpy as np
 import torch
 
 from ._dask import check_known_chunks, compute, is_dask
+from ._references import is_h5py_dataset, portable, restored
 from ._validation import (
     as_target_tensor,
     check_input_shape,
@@ -35,6 +40,7 @@ _VALIDATION_CHUNK_BYTES = 32 * 2**20
 
 def reference(data, name="X"):
     """``data`` as something indexed by rows, without copying arrays and tensors (a dict: each value)."""
+    data = restored(data)  # a reference to an array on disk: the array
     if hasattr(data, "toarray") or hasattr(data, "tocsr"):  # scipy.sparse (a dok_matrix is a dict, too)
         raise TypeError(f"Sparse data is not supported for {name}; convert it with {name}.toarray().")
     if isinstance(data, Mapping):
@@ -53,7 +59,8 @@ def reference(data, name="X"):
         raise TypeError(f"Sparse data is not supported for {name}; convert it with {name}.toarray().")
     if hasattr(data, "iloc") and hasattr(data, "to_numpy"):  # pandas: [rows] would select columns
         return data.to_numpy()
-    if isinstance(data, (list, tuple)) or not (hasattr(data, "__getitem__") and hasattr(data, "__len__")):
+    has_rows = hasattr(data, "__len__") or len(getattr(data, "shape", None) or ()) > 0  # zarr: a shape, no len
+    if isinstance(data, (list, tuple)) or not (hasattr(data, "__getitem__") and has_rows):
         return np.asarray(data)
     return data
 
@@ -68,6 +75,11 @@ def rows_of(data, index):
         return data[index]
     if isinstance(data, torch.Tensor):
         return data[torch.as_tensor(index, device=data.device)]
+    if hasattr(data, "oindex"):  # zarr: an integer array selects along its axis with .oindex
+        return data.oindex[np.asarray(index)]
+    if is_h5py_dataset(data):  # h5py reads strictly increasing rows only: those, then in the order asked
+        rows, order = np.unique(np.asarray(index), return_inverse=True)
+        return data[rows][order]
     try:
         return data[index]
     except (TypeError, IndexError, KeyError, ValueError):  # indexables without fancy indexing
@@ -184,10 +196,27 @@ class DataSource:
 
     def with_targets(self, targets):
         """The same data, with targets converted by ``targets`` (a TargetSpec)."""
-        source = DataSource.__new__(DataSource)
-        source.__dict__.update(self.__dict__)
+        source = copy.copy(self)
         source.targets = targets
         return source
+
+    def __copy__(self):  # the same arrays, not arrays reopened from their pickled references
+        source = DataSource.__new__(DataSource)
+        source.__dict__.update(self.__dict__)
+        return source
+
+    def __getstate__(self):
+        # A memmap or an h5py dataset pickles as where it lies (a dict X: each value); the rest as itself.
+        state = dict(self.__dict__)
+        state["X"] = _each(self.X, portable)
+        state["y"] = portable(self.y)
+        return state
+
+    def __setstate__(self, state):
+        state = dict(state)
+        state["X"] = _each(state["X"], restored)
+        state["y"] = restored(state["y"])
+        self.__dict__.update(state)
 
     def _to_device(self, tensor):
         if tensor.device == self.device:
@@ -266,6 +295,13 @@ class DataSource:
     def subset(self, rows):
         """A view of rows ``rows`` (a 1-D integer array), read through this source: nothing is copied."""
         return RowSubset(self, np.asarray(rows))
+
+
+def _each(data, function):
+    """``function`` of ``data``, or of each value of a dict ``data``."""
+    if isinstance(data, dict):
+        return {key: function(value) for key, value in data.items()}
+    return function(data)
 
 
 class RowSubset:

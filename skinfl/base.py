@@ -181,7 +181,9 @@ class BaseInfluence(FactorCache, SolveReporting, TransformerMixin, BaseEstimator
         ----------
         X : array-like or torch.Tensor of shape (n_samples, ...)
             Training inputs, as the model takes them. A ``numpy.memmap`` (or
-            any object indexable along axis 0) stays where it is.
+            any object indexable along axis 0: an h5py or zarr array) stays
+            where it is; a pickled estimator holds the file of a memmap or an
+            h5py dataset, not its data.
         y : array-like or torch.Tensor of shape (n_samples, ...)
             Training targets for ``loss``. Required.
 
