@@ -36,8 +36,9 @@ def allocate(shape, dtype, like_torch, device, out=None, max_bytes=DEFAULT_MAX_R
             raise ValueError(f"out has shape {tuple(out.shape)}, but {what} has shape {shape}.")
         if isinstance(out, np.ndarray) and not out.flags.writeable:
             raise ValueError("out is read-only; open the memmap with mode='w+' or 'r+'.")
-        if not isinstance(out, (np.ndarray, torch.Tensor)):
-            raise TypeError(f"out must be a numpy array (a memmap, say) or a torch tensor, got {type(out).__name__}.")
+        if not isinstance(out, (np.ndarray, torch.Tensor)) and not _is_writable_array(out):
+            raise TypeError("out must be a numpy array (a memmap, say), a torch tensor or an array on disk that "
+                            f"takes row blocks (a zarr array), got {type(out).__name__}.")
         return out
     n_bytes = int(np.prod(shape, dtype=np.int64)) * torch.tensor([], dtype=dtype).element_size()
     if max_bytes is not None and n_bytes > max_bytes:
@@ -51,6 +52,11 @@ def allocate(shape, dtype, like_torch, device, out=None, max_bytes=DEFAULT_MAX_R
     if like_torch:
         return torch.empty(shape, dtype=dtype, device=device)
     return np.empty(shape, dtype=torch.empty((), dtype=dtype).numpy().dtype)
+
+
+def _is_writable_array(value):
+    """Whether ``value`` is an array outside numpy and torch that blocks can be written into (zarr, h5py)."""
+    return hasattr(value, "shape") and hasattr(value, "dtype") and hasattr(value, "__setitem__")
 
 
 def write(result, index, block):

@@ -70,6 +70,8 @@ def test_a_sharded_fit_equals_a_plain_fit(client, problem, name):
     curvature = sharded._curvature()
     assert isinstance(curvature, ShardedCurvature) and curvature.n_shards == len(TRAIN_CHUNKS)
     for key, tensor in plain._factors.items():
+        if "vectors" in key or "sketch" in key:  # eigenvectors and sketches are compared through influences
+            continue
         torch.testing.assert_close(sharded._factors[key], tensor, rtol=1e-9, atol=1e-10, msg=key)
     expected = plain.influences(X_test, y_test)
     assert_close(sharded.influences(X_test, y_test, X, y), expected)
