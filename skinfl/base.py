@@ -183,7 +183,9 @@ class BaseInfluence(FactorCache, SolveReporting, TransformerMixin, BaseEstimator
             Training inputs, as the model takes them. A ``numpy.memmap`` (or
             any object indexable along axis 0: an h5py or zarr array) stays
             where it is; a pickled estimator holds the file of a memmap or an
-            h5py dataset, not its data.
+            h5py dataset, not its data. With dask arrays, every pass over the
+            data runs as one task per row block on the workers, and the sums
+            are added there (see the user guide, "Scaling out").
         y : array-like or torch.Tensor of shape (n_samples, ...)
             Training targets for ``loss``. Required.
 
@@ -355,8 +357,10 @@ class BaseInfluence(FactorCache, SolveReporting, TransformerMixin, BaseEstimator
 
         Returns
         -------
-        inverse_gradients : ndarray or torch.Tensor of shape (n_samples, n_params)
-            A torch tensor on ``device_`` if ``X`` is one, else a numpy array.
+        inverse_gradients : ndarray, torch.Tensor or dask array of shape (n_samples, n_params)
+            A torch tensor on ``device_`` if ``X`` is one, a lazy dask array
+            (one block per row block of ``X``) if ``X`` or ``y`` is one, else
+            a numpy array.
         """
         if is_dask(X) or is_dask(y):
             self._check_lazy_data(X, y)
@@ -401,10 +405,12 @@ class BaseInfluence(FactorCache, SolveReporting, TransformerMixin, BaseEstimator
             ``"perturbation"``: ``<(C + regularization I)^-1 g(test_i),
             grad_x grad_theta l(x_j, y_j)>``, the sensitivity to perturbing the
             input of training point ``j``, shape ``(n_test, n_train, *x_shape)``.
-        out : ndarray or torch.Tensor, default=None
+        out : ndarray, torch.Tensor or zarr array, default=None
             Array of the result's shape to write into and return, for
             example ``numpy.lib.format.open_memmap(path, mode="w+",
-            dtype="float32", shape=(n_test, n_train))``.
+            dtype="float32", shape=(n_test, n_train))``, or a zarr array
+            (which the Dask workers write themselves when the data are dask
+            arrays).
         max_result_bytes : int or None, default=2**31
             Without ``out``, a result larger than this many bytes (2 GiB) is
             refused with an error that says how large it would be; None
@@ -412,9 +418,13 @@ class BaseInfluence(FactorCache, SolveReporting, TransformerMixin, BaseEstimator
 
         Returns
         -------
-        influences : ndarray or torch.Tensor
-            ``out`` if given; else a torch tensor on ``device_`` if
-            ``X_test`` is one, else a numpy array.
+        influences : ndarray, torch.Tensor or dask array
+            ``out`` if given (computed); else a lazy dask array if any of
+            the data is one (the fitted data included, for ``X=None``): one
+            solve per block of test points, then one task per block of
+            training points against them (see the user guide, "Scaling
+            out"); else a torch tensor on ``device_`` if ``X_test`` is one,
+            else a numpy array.
         """
         if mode not in ("up", "perturbation"):
             raise ValueError(f"mode must be 'up' or 'perturbation', got {mode!r}.")
@@ -467,8 +477,10 @@ class BaseInfluence(FactorCache, SolveReporting, TransformerMixin, BaseEstimator
 
         Returns
         -------
-        indices : ndarray or torch.Tensor of shape (n_test, k), or (n_test, 2 * k)
-            Row indices into the training points.
+        indices : ndarray, torch.Tensor or dask array of shape (n_test, k), or (n_test, 2 * k)
+            Row indices into the training points. Lazy dask arrays (both)
+            when any of the data is one: each block of training points keeps
+            its best ``k``, merged in a tree of tasks.
         values : ndarray or torch.Tensor of the same shape
             Their influences, ``influences(X_test, y_test, X, y)[i, indices[i]]``.
         """
@@ -518,8 +530,9 @@ class BaseInfluence(FactorCache, SolveReporting, TransformerMixin, BaseEstimator
 
         Returns
         -------
-        self_influence : ndarray or torch.Tensor of shape (n_samples,)
-            A torch tensor on ``device_`` if ``X`` is one, else a numpy array.
+        self_influence : ndarray, torch.Tensor or dask array of shape (n_samples,)
+            A torch tensor on ``device_`` if ``X`` is one, a lazy dask array
+            if ``X`` or ``y`` is one, else a numpy array.
         """
         if is_dask(X) or is_dask(y):
             self._check_lazy_data(X, y)
