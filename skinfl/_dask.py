@@ -169,6 +169,27 @@ def compute(*collections):
         return tuple(client.compute(list(collections), sync=True))
 
 
+def current_client():
+    """The distributed client this process computes with, or None (dask's local scheduler, or a task on a
+    worker, whose nested computations go through :func:`compute`)."""
+    dask, _ = import_dask()
+    if dask.config.get("scheduler", None) not in (None, "dask.distributed", "distributed"):
+        return None  # a local scheduler chosen explicitly
+    try:
+        from distributed import default_client, get_worker
+    except ImportError:
+        return None
+    try:
+        get_worker()
+        return None
+    except ValueError:
+        pass
+    try:
+        return default_client()
+    except ValueError:
+        return None
+
+
 def tree_reduce(parts, add):
     """One delayed value: ``add`` applied pairwise to the delayed ``parts``, in a tree of depth log2."""
     dask, _ = import_dask()

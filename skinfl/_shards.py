@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from ._curvature import CurvatureOperator
-from ._dask import RowBlocks, add_sums, compute, import_dask, tree_reduce
+from ._dask import RowBlocks, add_sums, compute, current_client, import_dask, tree_reduce
 from ._data import DataSource
 from ._devices import available_device, moved
 from ._model import FunctionalModel
@@ -127,10 +127,15 @@ class ShardedCurvature(CurvatureOperator):
         return len(self._blocks)
 
     def _delayed_work(self):
+        """The :class:`ShardWork` as the tasks take it: sent to every worker once per operator when a
+        distributed client runs them (an iterative solver's round trips then carry only their vectors),
+        else part of each graph."""
         dask, _ = import_dask()
         if self._work is None:
             work = ShardWork(self.fmodel, self.data, self.second_order, self.batch_size)
-            self._work = dask.delayed(work, traverse=False, pure=False)
+            client = current_client()
+            self._work = (dask.delayed(work, traverse=False, pure=False) if client is None
+                          else client.scatter(work, broadcast=True, hash=False))
         return self._work
 
     def sum_over_shards(self, statistic, *args, bar=None):

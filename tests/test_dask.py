@@ -218,3 +218,15 @@ def test_the_local_scheduler_works_too(problem):
         lazy = est.influences(*dask_test(X_test, y_test)).compute()
     expected = EkfacInfluence(model, regularization=0.1, random_state=0).fit(X, y).influences(X_test, y_test)
     assert_close(lazy, expected)
+
+
+def test_an_estimator_scattered_to_the_workers_computes_there(client, problem):
+    """A fitted estimator pickles its model whole (hooks included), so client.scatter and submit work: EK-FAC,
+    whose statistics hook into the model's modules, refits and scores on a worker."""
+    model, X, y, X_test, y_test = problem
+    est = EkfacInfluence(model, regularization=0.1, random_state=0).fit(X, y)
+    [remote] = client.scatter([est], broadcast=True)
+    on_worker = client.submit(lambda e, *data: e.influences(*data), remote, X_test, y_test).result()
+    assert_close(on_worker, est.influences(X_test, y_test))
+    refitted = client.submit(lambda e, *data: e.fit(*data).influences(*data[:2]), remote, X, y).result()
+    assert_close(refitted, est.influences(X, y))
