@@ -24,6 +24,7 @@ import functools
 import os
 import pickle
 import re
+import threading
 from collections.abc import MutableMapping
 from pathlib import Path
 
@@ -143,11 +144,13 @@ class Factors(MutableMapping):
     Values given as functions (readers of a cache entry) are called on first
     access, so a candidate reads only the factors it uses: the curvature for
     a Cholesky factorisation, not the eigenvectors, and the other way round.
+    Threads may share it: a factor is read once, whichever thread asks first.
     Pickles as a plain dict.
     """
 
     def __init__(self, values, device):
         self._device = device
+        self._lock = threading.RLock()
         self._readers = {name: value for name, value in values.items() if callable(value)}
         self._tensors = {}
         for name, value in values.items():
@@ -155,27 +158,37 @@ class Factors(MutableMapping):
                 self[name] = value
 
     def __getitem__(self, name):
-        if name not in self._tensors:
-            self._tensors[name] = self._readers.pop(name)().to(self._device).contiguous()
-        return self._tensors[name]
+        tensor = self._tensors.get(name)
+        if tensor is not None:
+            return tensor
+        with self._lock:
+            if name not in self._tensors:
+                self._tensors[name] = self._readers.pop(name)().to(self._device).contiguous()
+            return self._tensors[name]
 
     def __setitem__(self, name, tensor):
-        self._readers.pop(name, None)
         # Contiguous, as they read back from a file: the same memory layout gives bitwise the same results.
-        self._tensors[name] = tensor.to(self._device).contiguous()
+        tensor = tensor.to(self._device).contiguous()
+        with self._lock:
+            self._readers.pop(name, None)
+            self._tensors[name] = tensor
 
     def __delitem__(self, name):
-        self._readers.pop(name, None)
-        self._tensors.pop(name, None)
+        with self._lock:
+            self._readers.pop(name, None)
+            self._tensors.pop(name, None)
 
     def __contains__(self, name):  # without reading it
-        return name in self._tensors or name in self._readers
+        with self._lock:
+            return name in self._tensors or name in self._readers
 
     def __iter__(self):
-        return iter([*self._tensors, *self._readers])
+        with self._lock:
+            return iter([*self._tensors, *self._readers])
 
     def __len__(self):
-        return len(self._tensors) + len(self._readers)
+        with self._lock:
+            return len(self._tensors) + len(self._readers)
 
     def __reduce__(self):
         return dict, (dict(self.items()),)
