@@ -15,11 +15,15 @@ JSON, written to a temporary name and renamed, so that processes sharing the
 folder never read a partial file. Nothing in a cache folder is ever
 unpickled: the folder may be shared, and a file there may come from anyone.
 An entry that does not read back (modified, truncated, from another format)
-is computed again and replaced, with a warning.
+is computed again and replaced, with a warning. Processes (or threads) that
+miss the same entry at once compute it once: the first holds a lock file
+beside the entry (``<key>.lock``, removed after) while it computes and
+stores it, and the others wait, then read it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import pickle
@@ -32,6 +36,7 @@ import joblib
 import torch
 
 from . import __version__
+from ._filelock import locked
 from ._fingerprint import fingerprint
 from ._tensorfile import TensorFile, TensorFileError, write
 from ._warnings import warn
@@ -79,6 +84,15 @@ def entry_path(directory, key):
     return Path(directory) / "skinfl_cache" / f"{key}.safetensors"
 
 
+def computing(directory, key):
+    """A context in which to compute the entry ``key`` and store it: it holds the entry's lock, so that
+    processes (and threads) that miss the same entry at once compute it once (see :mod:`skinfl._filelock`).
+
+    Whoever waited on the lock reads the entry again first: the holder before it stored it.
+    """
+    return locked(entry_path(directory, key).with_suffix(".lock"))
+
+
 # Entries this process has verified, by (path, size, modification time): a search reads the
 # same entry once per candidate, and hashing it again each time would cost as much as reading it.
 _VERIFIED = set()
@@ -122,12 +136,15 @@ def stored_tensors(directory, key, compute):
     if directory is None:
         return compute()
     entry = read_entry(directory, key)
-    if entry is not None:
-        loaders, metadata = entry
-        return {name: load() for name, load in loaders.items()}, metadata
-    tensors, metadata = compute()
-    store_tensors(directory, key, tensors, metadata)
-    return tensors, metadata
+    if entry is None:
+        with computing(directory, key):
+            entry = read_entry(directory, key)  # stored by another process while this one waited
+            if entry is None:
+                tensors, metadata = compute()
+                store_tensors(directory, key, tensors, metadata)
+                return tensors, metadata
+    loaders, metadata = entry
+    return {name: load() for name, load in loaders.items()}, metadata
 
 
 def stored(directory, key, compute, encode, decode):
@@ -197,8 +214,8 @@ class Factors(MutableMapping):
 class FactorCache:
     """The factors of a fit, read from ``memory`` when it holds them, else computed, and stored back.
 
-    For :class:`~skinfl.base.BaseInfluence`, which calls :meth:`_fit_factors`
-    and :meth:`_store_new_factors` in ``fit`` and provides
+    For :class:`~skinfl.base.BaseInfluence`, which builds its inverse inside
+    :meth:`_fitted_factors` in ``fit`` and provides
     ``_computed_factors()``, ``memory``, ``random_state``,
     ``_factor_parameters`` (read through ``_parameter``) and the fitted
     state that :meth:`_factor_key` hashes. It keeps, as private fitted state: ``_factors`` (a
@@ -207,24 +224,38 @@ class FactorCache:
     key.
     """
 
-    def _fit_factors(self):
-        """The factors: read from ``memory`` when it holds them for this fit, else computed.
+    @contextlib.contextmanager
+    def _fitted_factors(self):
+        """The factors of the fit, for the ``with`` block that builds the inverse from them: read from
+        ``memory`` when it holds them for this fit, else computed.
 
-        A new entry is written by :meth:`_store_new_factors` once the inverse
-        is built, with what building it added (see :meth:`_add_factors`).
+        On leaving the block, even by an error (the factors are good whatever
+        ``regularization`` the candidate has), a new entry is written with what
+        building the inverse added (see :meth:`_add_factors`). Processes that
+        share ``memory`` compute an entry once: the first to miss it holds its
+        lock (:func:`computing`) until it is written, and the others, having
+        waited, read it.
         """
         directory = directory_of(self.memory)
         # In the cache key: None when random_state is None (the factors of any draw will do).
         self._factor_seed = None if self.random_state is None else self._seed
         self._factor_cache_key = None if directory is None else self._factor_key()
         entry = None if directory is None else read_entry(directory, self._factor_cache_key)
-        if entry is None:
-            tensors, metadata = self._computed_factors()
-        else:
-            tensors, metadata = entry
-        self._factors = Factors(tensors, self.device_)
-        self._factor_metadata = metadata
-        self._factors_unstored = directory is not None and entry is None
+        with contextlib.ExitStack() as lock:
+            if directory is not None and entry is None:
+                lock.enter_context(computing(directory, self._factor_cache_key))
+                entry = read_entry(directory, self._factor_cache_key)  # stored while this process waited
+            if entry is None:
+                tensors, metadata = self._computed_factors()
+            else:
+                tensors, metadata = entry
+            self._factors = Factors(tensors, self.device_)
+            self._factor_metadata = metadata
+            self._factors_unstored = directory is not None and entry is None
+            try:
+                yield
+            finally:
+                self._store_new_factors()
 
     def _add_factors(self, tensors, metadata=None):
         """Add factors derived later, still independent of ``regularization`` (an

@@ -252,11 +252,8 @@ class BaseInfluence(FactorCache, SolveReporting, TransformerMixin, BaseEstimator
         self._seed = _seed_of(self.random_state)
         if self._seed is None:
             self._seed = int(np.random.randint(2**31 - 1))
-        self._fit_factors()
-        try:
+        with self._fitted_factors():
             self._build_inverse()
-        finally:  # the factors are good whatever regularization this candidate has
-            self._store_new_factors()
         return self
 
     def _computed_factors(self):
