@@ -15,15 +15,20 @@ JSON, written to a temporary name and renamed, so that processes sharing the
 folder never read a partial file. Nothing in a cache folder is ever
 unpickled: the folder may be shared, and a file there may come from anyone.
 An entry that does not read back (modified, truncated, from another format)
-is computed again and replaced, with a warning.
+is computed again and replaced, with a warning. Processes (or threads) that
+miss the same entry at once compute it once: the first holds a lock file
+beside the entry (``<key>.lock``, removed after) while it computes and
+stores it, and the others wait, then read it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import pickle
 import re
+import threading
 from collections.abc import MutableMapping
 from pathlib import Path
 
@@ -31,6 +36,7 @@ import joblib
 import torch
 
 from . import __version__
+from ._filelock import locked
 from ._fingerprint import fingerprint
 from ._tensorfile import TensorFile, TensorFileError, write
 from ._warnings import warn
@@ -78,6 +84,15 @@ def entry_path(directory, key):
     return Path(directory) / "skinfl_cache" / f"{key}.safetensors"
 
 
+def computing(directory, key):
+    """A context in which to compute the entry ``key`` and store it: it holds the entry's lock, so that
+    processes (and threads) that miss the same entry at once compute it once (see :mod:`skinfl._filelock`).
+
+    Whoever waited on the lock reads the entry again first: the holder before it stored it.
+    """
+    return locked(entry_path(directory, key).with_suffix(".lock"))
+
+
 # Entries this process has verified, by (path, size, modification time): a search reads the
 # same entry once per candidate, and hashing it again each time would cost as much as reading it.
 _VERIFIED = set()
@@ -121,12 +136,15 @@ def stored_tensors(directory, key, compute):
     if directory is None:
         return compute()
     entry = read_entry(directory, key)
-    if entry is not None:
-        loaders, metadata = entry
-        return {name: load() for name, load in loaders.items()}, metadata
-    tensors, metadata = compute()
-    store_tensors(directory, key, tensors, metadata)
-    return tensors, metadata
+    if entry is None:
+        with computing(directory, key):
+            entry = read_entry(directory, key)  # stored by another process while this one waited
+            if entry is None:
+                tensors, metadata = compute()
+                store_tensors(directory, key, tensors, metadata)
+                return tensors, metadata
+    loaders, metadata = entry
+    return {name: load() for name, load in loaders.items()}, metadata
 
 
 def stored(directory, key, compute, encode, decode):
@@ -143,11 +161,13 @@ class Factors(MutableMapping):
     Values given as functions (readers of a cache entry) are called on first
     access, so a candidate reads only the factors it uses: the curvature for
     a Cholesky factorisation, not the eigenvectors, and the other way round.
+    Threads may share it: a factor is read once, whichever thread asks first.
     Pickles as a plain dict.
     """
 
     def __init__(self, values, device):
         self._device = device
+        self._lock = threading.RLock()
         self._readers = {name: value for name, value in values.items() if callable(value)}
         self._tensors = {}
         for name, value in values.items():
@@ -155,27 +175,37 @@ class Factors(MutableMapping):
                 self[name] = value
 
     def __getitem__(self, name):
-        if name not in self._tensors:
-            self._tensors[name] = self._readers.pop(name)().to(self._device).contiguous()
-        return self._tensors[name]
+        tensor = self._tensors.get(name)
+        if tensor is not None:
+            return tensor
+        with self._lock:
+            if name not in self._tensors:
+                self._tensors[name] = self._readers.pop(name)().to(self._device).contiguous()
+            return self._tensors[name]
 
     def __setitem__(self, name, tensor):
-        self._readers.pop(name, None)
         # Contiguous, as they read back from a file: the same memory layout gives bitwise the same results.
-        self._tensors[name] = tensor.to(self._device).contiguous()
+        tensor = tensor.to(self._device).contiguous()
+        with self._lock:
+            self._readers.pop(name, None)
+            self._tensors[name] = tensor
 
     def __delitem__(self, name):
-        self._readers.pop(name, None)
-        self._tensors.pop(name, None)
+        with self._lock:
+            self._readers.pop(name, None)
+            self._tensors.pop(name, None)
 
     def __contains__(self, name):  # without reading it
-        return name in self._tensors or name in self._readers
+        with self._lock:
+            return name in self._tensors or name in self._readers
 
     def __iter__(self):
-        return iter([*self._tensors, *self._readers])
+        with self._lock:
+            return iter([*self._tensors, *self._readers])
 
     def __len__(self):
-        return len(self._tensors) + len(self._readers)
+        with self._lock:
+            return len(self._tensors) + len(self._readers)
 
     def __reduce__(self):
         return dict, (dict(self.items()),)
@@ -184,8 +214,8 @@ class Factors(MutableMapping):
 class FactorCache:
     """The factors of a fit, read from ``memory`` when it holds them, else computed, and stored back.
 
-    For :class:`~skinfl.base.BaseInfluence`, which calls :meth:`_fit_factors`
-    and :meth:`_store_new_factors` in ``fit`` and provides
+    For :class:`~skinfl.base.BaseInfluence`, which builds its inverse inside
+    :meth:`_fitted_factors` in ``fit`` and provides
     ``_computed_factors()``, ``memory``, ``random_state``,
     ``_factor_parameters`` (read through ``_parameter``) and the fitted
     state that :meth:`_factor_key` hashes. It keeps, as private fitted state: ``_factors`` (a
@@ -194,24 +224,38 @@ class FactorCache:
     key.
     """
 
-    def _fit_factors(self):
-        """The factors: read from ``memory`` when it holds them for this fit, else computed.
+    @contextlib.contextmanager
+    def _fitted_factors(self):
+        """The factors of the fit, for the ``with`` block that builds the inverse from them: read from
+        ``memory`` when it holds them for this fit, else computed.
 
-        A new entry is written by :meth:`_store_new_factors` once the inverse
-        is built, with what building it added (see :meth:`_add_factors`).
+        On leaving the block, even by an error (the factors are good whatever
+        ``regularization`` the candidate has), a new entry is written with what
+        building the inverse added (see :meth:`_add_factors`). Processes that
+        share ``memory`` compute an entry once: the first to miss it holds its
+        lock (:func:`computing`) until it is written, and the others, having
+        waited, read it.
         """
         directory = directory_of(self.memory)
         # In the cache key: None when random_state is None (the factors of any draw will do).
         self._factor_seed = None if self.random_state is None else self._seed
         self._factor_cache_key = None if directory is None else self._factor_key()
         entry = None if directory is None else read_entry(directory, self._factor_cache_key)
-        if entry is None:
-            tensors, metadata = self._computed_factors()
-        else:
-            tensors, metadata = entry
-        self._factors = Factors(tensors, self.device_)
-        self._factor_metadata = metadata
-        self._factors_unstored = directory is not None and entry is None
+        with contextlib.ExitStack() as lock:
+            if directory is not None and entry is None:
+                lock.enter_context(computing(directory, self._factor_cache_key))
+                entry = read_entry(directory, self._factor_cache_key)  # stored while this process waited
+            if entry is None:
+                tensors, metadata = self._computed_factors()
+            else:
+                tensors, metadata = entry
+            self._factors = Factors(tensors, self.device_)
+            self._factor_metadata = metadata
+            self._factors_unstored = directory is not None and entry is None
+            try:
+                yield
+            finally:
+                self._store_new_factors()
 
     def _add_factors(self, tensors, metadata=None):
         """Add factors derived later, still independent of ``regularization`` (an

@@ -24,6 +24,8 @@ import math
 import torch
 from torch.func import grad, hessian, jvp, vmap
 
+from ._threads import FORWARD_AD
+
 # n_target_draws="auto" takes the exact expectation up to this many output values per sample (one backward
 # pass each: a classifier with a few classes), and one drawn target per sample above.
 EXACT_EXPECTATION_MAX_OUTPUTS = 16
@@ -117,7 +119,8 @@ def cross_entropy_curvature_scale(loss, output, target):
 def elementwise_curvature(loss, output, target):
     """The diagonal Hessian of an element-wise loss (squared error, binary cross-entropy) in the outputs."""
     output_gradient = grad(lambda o: loss.per_sample(o, target).sum())
-    return jvp(output_gradient, (output,), (torch.ones_like(output),))[1]
+    with FORWARD_AD:
+        return jvp(output_gradient, (output,), (torch.ones_like(output),))[1]
 
 
 def _is_softmax_cross_entropy(loss, output, target):
@@ -197,7 +200,8 @@ def output_hessian_roots(loss, output, target):
     def sample_loss(out_i, target_i):
         return loss.per_sample(out_i.reshape(1, *output.shape[1:]), target_i.unsqueeze(0))[0]
 
-    hessians = vmap(hessian(sample_loss))(flat, target)
+    with FORWARD_AD:  # hessian is forward-over-reverse
+        hessians = vmap(hessian(sample_loss))(flat, target)
     values, vectors = torch.linalg.eigh(hessians)
     # Convex losses have positive semi-definite output Hessians; rounding can leave tiny negatives.
     return vectors * values.clamp_min(0).sqrt().unsqueeze(1)

@@ -28,6 +28,7 @@ from ._cotangents import (
 )
 from ._gradients import batch_slices, pullback_batch
 from ._progress import progress_bar
+from ._threads import FORWARD_AD
 
 SECOND_ORDER_MODES = ("hessian", "gauss_newton")
 
@@ -100,7 +101,13 @@ def _output_hessian_products(loss, output, target):
         diagonal = elementwise_curvature(loss, output, target)
         return lambda u: diagonal * u
     output_gradient = grad(lambda o: loss.per_sample(o, target).sum())
-    return vmap(lambda u: jvp(output_gradient, (output,), (u,))[1])
+    forward_products = vmap(lambda u: jvp(output_gradient, (output,), (u,))[1])
+
+    def products(u):
+        with FORWARD_AD:
+            return forward_products(u)
+
+    return products
 
 
 def _gauss_newton_products(fmodel, x, y):
@@ -113,7 +120,8 @@ def _gauss_newton_products(fmodel, x, y):
     output_hessian = _output_hessian_products(fmodel.loss, output, y)
 
     def products(tangents):
-        jacobian_products = vmap(lambda t: jvp(outputs, (fmodel.params,), (t,))[1])(tangents)
+        with FORWARD_AD:
+            jacobian_products = vmap(lambda t: jvp(outputs, (fmodel.params,), (t,))[1])(tangents)
         return vmap(pullback)(output_hessian(jacobian_products))[0]
 
     return products

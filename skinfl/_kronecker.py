@@ -484,9 +484,13 @@ class EkfacInverse:
         self.n_singular = self.n_values = 0
         self.smallest = float("inf")
         self._inverse_values = {}
+        # The factors' sizes, read from the modules now: a module's weight is another call's tensor while a
+        # call runs it (functional_call), possibly in another thread.
+        self._factor_sizes = {}
         diagonal_start = 0
         for index, plan in enumerate(plans):
             if plan.is_kronecker:
+                self._factor_sizes[index] = _factor_sizes(plan)
                 values = tensors[f"{index}.eigenvalues"]
                 order = max(values.shape)
             else:
@@ -518,7 +522,7 @@ class EkfacInverse:
     def _kronecker_solve_into(self, result, index, plan, rows):
         block = plan.block
         transposed = plan.kind in ("conv1d", "embedding")  # weight (in, out): a Linear's transpose
-        n_in, n_out = _factor_sizes(plan)
+        n_in, n_out = self._factor_sizes[index]
         weight_slice = block.slice_of("weight")
         if transposed:
             weight = rows[:, weight_slice].reshape(len(rows), n_in - int(plan.has_bias), n_out).transpose(1, 2)

@@ -32,6 +32,7 @@ from ._model_source import loss_on_device, model_source
 from ._sklearn_models import is_sklearn_model
 from ._skorch_nets import is_skorch_net
 from ._tensorfile import TensorFile, write
+from ._threads import thread_module
 from ._validation import validate_estimator_params
 from ._warnings import warn
 from .base import BaseInfluence, estimator_class, model_dtype, registered_name
@@ -90,7 +91,8 @@ def save(estimator, path, include_data=True):
     if not isinstance(estimator, BaseInfluence):
         raise TypeError(f"save takes a skinfl influence estimator, got {type(estimator).__name__}.")
     check_is_fitted(estimator)
-    tensors = {f"model.{name}": tensor.detach().cpu() for name, tensor in estimator.model_.state_dict().items()}
+    tensors = {f"model.{name}": tensor.detach().cpu()
+               for name, tensor in thread_module(estimator.model_).state_dict().items()}
     tensors.update({f"factors.{name}": tensor.detach().cpu() for name, tensor in estimator._factors.items()})
     loss_description, loss_tensors = _describe_loss(estimator.loss)
     tensors.update({f"loss.{name}": tensor for name, tensor in loss_tensors.items()})

@@ -11,12 +11,19 @@ the fit's own iterations, :meth:`SolveReporting._record_fit_iterations`) and
 solves update in place: a diagnostic, not fitted state, so that
 ``transform`` leaves ``__dict__`` as ``fit`` made it (scikit-learn checks
 that it does).
+
+Calls may run in several threads at once (see :mod:`skinfl._threads`): the
+reports gathered are those of the calling thread's call (a context variable
+is per thread), and each call's summary replaces the previous one whole,
+under a lock, so that ``n_iter_`` and the like are those of the last call to
+finish, never a mix of two.
 """
 
 from __future__ import annotations
 
 import contextvars
 import functools
+import threading
 
 from sklearn.utils.validation import check_is_fitted
 
@@ -25,6 +32,8 @@ from ._warnings import warn
 # Reports of the solves made during one public call, gathered so that the
 # call warns once about all of them (see reporting_solves).
 _SOLVE_REPORTS = contextvars.ContextVar("skinfl_solve_reports", default=None)
+# Held while a summary is written or read (see the module's docstring).
+_SUMMARY_LOCK = threading.Lock()
 
 
 def reporting_solves(method):
@@ -80,17 +89,26 @@ class SolveReporting:
         if message is not None:
             warn(*message)
 
+    def _solve_summary(self, reports):
+        """What :meth:`_summarize_solves` keeps of ``reports``, by name: ``n_iter`` (solvers add to it)."""
+        return {"n_iter": max(report.n_iter for report in reports)}
+
     def _summarize_solves(self, reports):
         """Keep what the solves of the last call did, read by ``n_iter_`` and the like.
 
-        In the dict ``_last_solve``, updated in place (see the module's docstring).
+        In the dict ``_last_solve``, replaced in place and whole (see the module's docstring).
         """
-        self.__dict__.setdefault("_last_solve", {})["n_iter"] = max(report.n_iter for report in reports)
+        summary = self._solve_summary(reports)
+        with _SUMMARY_LOCK:
+            kept = self.__dict__.setdefault("_last_solve", {})
+            kept.clear()
+            kept.update(summary)
 
     def _last_solve_value(self, name):
         """A value kept by :meth:`_summarize_solves` (or by ``fit``); AttributeError before either."""
         check_is_fitted(self)
-        summary = self.__dict__.get("_last_solve", {})
+        with _SUMMARY_LOCK:
+            summary = dict(self.__dict__.get("_last_solve", {}))
         if name not in summary:
             raise AttributeError(
                 f"{type(self).__name__}.{name}_ is set by the calls that solve systems (transform, influences, "

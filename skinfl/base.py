@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import copy
 import os
+import threading
 import warnings
 from numbers import Integral, Real
 
@@ -36,7 +37,12 @@ import torch
 from sklearn import get_config
 from sklearn.base import BaseEstimator, TransformerMixin, clone
 from sklearn.utils import check_random_state
-from sklearn.utils.validation import _check_feature_names, _check_feature_names_in, check_is_fitted
+from sklearn.utils.validation import (
+    _check_feature_names,
+    _check_feature_names_in,
+    _get_feature_names,
+    check_is_fitted,
+)
 from torch import nn
 
 from ._batches import describe, is_mapping
@@ -60,6 +66,7 @@ from ._progress import progress
 from ._reporting import SolveReporting, reporting_solves
 from ._results import DEFAULT_MAX_RESULT_BYTES, RunningTopK, allocate, write
 from ._shards import ShardedCurvature
+from ._threads import thread_module
 from ._validation import HasMethods, Interval, StrOptions, returns_torch, to_output, validate_estimator_params
 from ._warnings import warn
 from .exceptions import TrainingModeWarning
@@ -74,6 +81,8 @@ _ALIASES = {}
 _MAX_PERTURBATION_PAIRS = 2**14
 # Held-out points whose residual the score checks (see BaseInfluence.score).
 SCORE_PROBES = 100
+# Held while warnings are caught (see BaseInfluence._check_input_feature_names).
+_CATCHING_WARNINGS = threading.Lock()
 
 
 def registered_estimators():
@@ -253,11 +262,8 @@ class BaseInfluence(FactorCache, SolveReporting, TransformerMixin, BaseEstimator
         self._seed = _seed_of(self.random_state)
         if self._seed is None:
             self._seed = int(np.random.randint(2**31 - 1))
-        self._fit_factors()
-        try:
+        with self._fitted_factors():
             self._build_inverse()
-        finally:  # the factors are good whatever regularization this candidate has
-            self._store_new_factors()
         return self
 
     def _computed_factors(self):
@@ -305,7 +311,7 @@ class BaseInfluence(FactorCache, SolveReporting, TransformerMixin, BaseEstimator
         check_is_fitted(self)
         if input_features is not None:
             _check_feature_names_in(self, input_features)
-        parameters = dict(self.model_.named_parameters())
+        parameters = dict(thread_module(self.model_).named_parameters())
         names = []
         for name in self.trainable_parameters_:
             shape = tuple(parameters[name].shape)
@@ -722,7 +728,7 @@ class BaseInfluence(FactorCache, SolveReporting, TransformerMixin, BaseEstimator
 
     def _dtype(self):
         """Floating dtype of the fitted model copy: the dtype influences are computed in."""
-        return model_dtype(self.model_)
+        return model_dtype(thread_module(self.model_))
 
     def _resolve_device(self, module):
         if self.device is not None:
@@ -742,7 +748,10 @@ class BaseInfluence(FactorCache, SolveReporting, TransformerMixin, BaseEstimator
         return torch.device("cpu")  # only lazy parameters: they materialise on the default device
 
     def _functional_model(self):
-        return FunctionalModel(self.model_, self.loss_, self.trainable_parameters_)
+        """The fitted model and loss as functions of the trainable parameters, on the calling thread's
+        module (``model_`` itself in the thread that fitted or loaded the estimator, a copy in others; see
+        :mod:`skinfl._threads`)."""
+        return FunctionalModel(thread_module(self.model_), self.loss_, self.trainable_parameters_)
 
     def _curvature(self, data=None):
         """Curvature operator over ``data`` (default: the fitted data)."""
@@ -777,7 +786,11 @@ class BaseInfluence(FactorCache, SolveReporting, TransformerMixin, BaseEstimator
 
     def _check_input_feature_names(self, X, *, reset):
         """scikit-learn's feature-name check, its warnings raised at the user's call."""
-        with warnings.catch_warnings(record=True) as caught:
+        if reset or (getattr(self, "feature_names_in_", None) is None) == (_get_feature_names(X) is None):
+            _check_feature_names(self, X, reset=reset)  # no warning: names on both sides (checked) or neither
+            return
+        # catch_warnings changes process-wide state, which it restores on leaving: only one thread at a time.
+        with _CATCHING_WARNINGS, warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             _check_feature_names(self, X, reset=reset)
         for warning in caught:

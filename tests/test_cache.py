@@ -10,10 +10,13 @@ depend on (so that a search over those computes them once).
 
 import copy
 import json
+import multiprocessing
 import pickle
 import re
 import struct
+from concurrent.futures import ProcessPoolExecutor
 
+import cache_workers
 import joblib
 import numpy as np
 import pytest
@@ -215,6 +218,38 @@ def test_parallel_grid_search_shares_the_cache(problem, name, tmp_path, computat
     assert calls == []
     assert snapshot(tmp_path) == before
     assert np.array_equal(serial.cv_results_["mean_test_score"], first.cv_results_["mean_test_score"])
+
+
+# ------------------------------------------------------------------ processes at once
+N_PROCESSES = 3
+
+
+@pytest.fixture(scope="module")
+def workers():
+    """Three spawned processes, whose tasks start together (cache_workers.start's barrier)."""
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(N_PROCESSES, mp_context=context, initializer=cache_workers.start,
+                             initargs=(context.Barrier(N_PROCESSES),)) as pool:
+        yield pool
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_processes_fitting_at_once_compute_the_factors_once(problem, name, tmp_path, workers):
+    """Processes that miss the same entry at once (the workers of a parallel search, fitting the same fold)
+    compute it once: the first holds its lock while it computes and stores it, the others wait and read it.
+    The computation is slowed down so that every process misses the entry before it is stored."""
+    model, X, y = problem
+    log = tmp_path / "computations.log"
+    directory = tmp_path / "memory"
+    futures = [workers.submit(cache_workers.fit_with_memory, name, model, X, y, str(directory), str(log), 0.5)
+               for _ in range(N_PROCESSES)]
+    got = [future.result(timeout=300) for future in futures]
+    assert len(log.read_text().splitlines()) == 1
+    assert len(entries(directory)) == 1
+    assert [path.name for path in (directory / "skinfl_cache").iterdir() if path.suffix != ".safetensors"] == []
+    for other in got[1:]:  # read back bitwise as computed
+        assert np.array_equal(other, got[0])
+    assert np.array_equal(got[0], results(make(name, model).fit(X, y), X, y))
 
 
 # ------------------------------------------------------------------ 3. sound keys

@@ -395,10 +395,9 @@ class CgInfluence(BaseInfluence):
         """
         return self._last_solve_value("relative_residuals")
 
-    def _summarize_solves(self, reports):
-        super()._summarize_solves(reports)
-        self._last_solve["relative_residuals"] = torch.cat(
-            [report.relative_residuals.double().cpu() for report in reports])
+    def _solve_summary(self, reports):
+        residuals = torch.cat([report.relative_residuals.double().cpu() for report in reports])
+        return {**super()._solve_summary(reports), "relative_residuals": residuals}
 
     def _apply_inverse(self, gradients):
         curvature = self._curvature()
