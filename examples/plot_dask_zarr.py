@@ -72,7 +72,7 @@ print(f"training data: {stored_X.shape[0]} images in {stored_X.nchunks} chunks o
 # example needs no ``if __name__ == "__main__"`` guard. Each thread computes
 # on its own copy of the model.
 
-cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=False, dashboard_address=None)
+cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=False, dashboard_address=":0")
 client = Client(cluster)
 
 # %%
@@ -93,7 +93,7 @@ print(f"fitted on {len(X_lazy)} points; largest difference of the eigenvalues to
 # %%
 # Influences into zarr
 # --------------------
-# The influence matrix of 359 test images on 28,740 training images is
+# The influence matrix of 360 test images on 28,740 training images is
 # written into a zarr store by the workers: one task per block of test images
 # solves their inverse-curvature gradients, then one task per chunk of
 # training images computes its gradients once and multiplies.

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import functools
 import operator
+import pickle
+import threading
 
 import numpy as np
 import torch
@@ -35,9 +37,39 @@ def numpy_dtype(dtype):
     return torch.empty((), dtype=dtype).numpy().dtype
 
 
-def _delayed(value):
+class ShippedEstimator:
+    """A fitted estimator as the tasks of one computation take it: its pickle, unpickled once per thread.
+
+    Workers pickle what they hold again to pass it to each other, in a
+    thread of their own, while their task threads compute: a live estimator
+    would then be pickled in the middle of a call (``torch.func`` swaps a
+    module's parameters during one). The pickle made here, before anything
+    runs, is what travels; each thread computes with its own estimator.
+    """
+
+    def __init__(self, estimator):
+        self._pickle = pickle.dumps(estimator, protocol=pickle.HIGHEST_PROTOCOL)
+        self._local = threading.local()
+
+    def __getstate__(self):
+        return {"_pickle": self._pickle}
+
+    def __setstate__(self, state):
+        self._pickle = state["_pickle"]
+        self._local = threading.local()
+
+    def get(self):
+        """This thread's estimator."""
+        estimator = getattr(self._local, "estimator", None)
+        if estimator is None:
+            estimator = self._local.estimator = pickle.loads(self._pickle)
+        return estimator
+
+
+def _shipped(estimator):
+    """The delayed :class:`ShippedEstimator` of ``estimator`` as the workers need it (see ``_worker_copy``)."""
     dask, _ = import_dask()
-    return dask.delayed(value, traverse=False, pure=False)
+    return dask.delayed(ShippedEstimator(estimator._worker_copy()), traverse=False, pure=False)
 
 
 def _task(function):
@@ -45,15 +77,16 @@ def _task(function):
     return dask.delayed(function, pure=False)
 
 
-def _transform_block(estimator, x, y):
-    return estimator.transform(x, y)
+def _transform_block(shipped, x, y):
+    return shipped.get().transform(x, y)
 
 
-def _self_influence_block(estimator, x, y):
-    return estimator.self_influence(x, y)
+def _self_influence_block(shipped, x, y):
+    return shipped.get().self_influence(x, y)
 
 
-def _inverse_gradients_block(estimator, x, y):
+def _inverse_gradients_block(shipped, x, y):
+    estimator = shipped.get()
     data = estimator._check_data(x, y, names=("X_test", "y_test"))
     return estimator._inverse_gradients_of(data, slice(0, len(data))).cpu()
 
@@ -62,8 +95,9 @@ def _held(estimator, factors):
     return torch.cat([factor.to(estimator.device_) for factor in factors])
 
 
-def _influence_block(estimator, factors, x, y):
+def _influence_block(shipped, factors, x, y):
     """Influences of a group of test points (their ``factors``) on the training rows ``(x, y)``."""
+    estimator = shipped.get()
     held = _held(estimator, factors)
     data = estimator._check_data(x, y)
     result = np.empty((len(held), len(data)), dtype=numpy_dtype(held.dtype))
@@ -72,8 +106,9 @@ def _influence_block(estimator, factors, x, y):
     return result
 
 
-def _top_block(estimator, factors, x, y, k, orders, start):
+def _top_block(shipped, factors, x, y, k, orders, start):
     """``(indices, values)``: the best ``k`` training rows of ``(x, y)`` per test point and order."""
+    estimator = shipped.get()
     held = _held(estimator, factors)
     data = estimator._check_data(x, y)
     tops = [RunningTopK(k, largest) for largest in orders]
@@ -120,7 +155,7 @@ def lazy_rows(estimator, function, X, y, n_columns=None):
     """A dask array of ``function(estimator, x, y)`` over the row blocks of ``(X, y)``, concatenated."""
     _, da = import_dask()
     blocks = RowBlocks(X, y, estimator.batch_size)
-    worker = _delayed(estimator._worker_copy())
+    worker = _shipped(estimator)
     dtype = numpy_dtype(estimator._dtype())
     parts = [da.from_delayed(_task(function)(worker, x, t), shape=(size,) if n_columns is None else (size, n_columns),
                              dtype=dtype)
@@ -154,7 +189,7 @@ def lazy_influences(estimator, X_test, y_test, X, y):
     _, da = import_dask()
     test = RowBlocks(X_test, y_test, estimator.batch_size, ("X_test", "y_test"))
     train = _training_blocks(estimator, X, y)
-    worker = _delayed(estimator._worker_copy())
+    worker = _shipped(estimator)
     factors, groups = _factors(estimator, worker, test)
     dtype = numpy_dtype(estimator._dtype())
     rows = []
@@ -175,7 +210,7 @@ def lazy_top_influences(estimator, X_test, y_test, X, y, k, orders):
     n_train = sum(train.sizes)
     if not 1 <= k <= n_train:
         raise ValueError(f"k must be an integer from 1 to the {n_train} training points, got {k!r}.")
-    worker = _delayed(estimator._worker_copy())
+    worker = _shipped(estimator)
     factors, groups = _factors(estimator, worker, test)
     dtype = numpy_dtype(estimator._dtype())
     indices, values = [], []

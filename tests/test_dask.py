@@ -22,6 +22,7 @@ distributed = pytest.importorskip("distributed")
 zarr = pytest.importorskip("zarr")
 
 import dask  # noqa: E402
+import sklearn  # noqa: E402
 from sklearn.model_selection import GridSearchCV  # noqa: E402
 
 from skinfl import DirectInfluence, EkfacInfluence, registered_estimators  # noqa: E402
@@ -35,11 +36,9 @@ TEST_CHUNKS = ((9, 14), (2, 2))  # the test inputs are also cut along the featur
 
 @pytest.fixture(scope="module")
 def client():
-    cluster = distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
-                                       worker_dashboard_address=None)
-    with distributed.Client(cluster) as client:
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                                  dashboard_address=":0") as cluster, distributed.Client(cluster) as client:
         yield client
-    cluster.close()
 
 
 @pytest.fixture(scope="module")
@@ -94,16 +93,21 @@ def test_lazy_results_equal_the_eager_ones(client, problem, name):
         "self_influence": (est.self_influence(Xd_test, yd_test), est.self_influence(X_test, y_test)),
         "self_influence without targets": (est.self_influence(Xd_test), est.self_influence(X_test)),
     }
+    with sklearn.config_context(working_memory=1e-3):  # each block of test points is a group of its own
+        results["influences, one test block per group"] = (est.influences(Xd_test, yd_test, Xd, yd),
+                                                           est.influences(X_test, y_test))
+        assert results["influences, one test block per group"][0].numblocks == (2, len(TRAIN_CHUNKS))
+        tops = est.top_influences(Xd_test, yd_test, k=4, which="both")
     for what, (lazy, eager) in results.items():
         assert isinstance(lazy, da.Array), what
         assert lazy.shape == eager.shape and lazy.dtype == eager.dtype, what
         assert_close(lazy.compute(), eager)
-    indices, values = est.top_influences(Xd_test, yd_test, k=4, which="both")
-    assert isinstance(indices, da.Array) and isinstance(values, da.Array)
     expected_indices, expected_values = est.top_influences(X_test, y_test, k=4, which="both")
-    indices, values = dask.compute(indices, values)
-    np.testing.assert_array_equal(indices, expected_indices)
-    assert_close(values, expected_values)
+    for indices, values in (est.top_influences(Xd_test, yd_test, k=4, which="both"), tops):
+        assert isinstance(indices, da.Array) and isinstance(values, da.Array)
+        indices, values = dask.compute(indices, values)
+        np.testing.assert_array_equal(indices, expected_indices)
+        assert_close(values, expected_values)
 
 
 def test_influences_go_from_zarr_to_zarr(client, problem, tmp_path):
@@ -230,3 +234,19 @@ def test_an_estimator_scattered_to_the_workers_computes_there(client, problem):
     assert_close(on_worker, est.influences(X_test, y_test))
     refitted = client.submit(lambda e, *data: e.fit(*data).influences(*data[:2]), remote, X, y).result()
     assert_close(refitted, est.influences(X, y))
+
+
+@pytest.mark.parametrize("name", ["CgInfluence", "EkfacInfluence", "LissaInfluence"])
+def test_workers_with_several_threads_share_one_estimator(problem, name):
+    """Four threads of one worker run the tasks of one estimator at once: each computes on its own copy of the
+    model, and the results are those of one process."""
+    model, X, y, X_test, y_test = problem
+    est = registry_estimator(name, model).fit(X, y)
+    expected = est.influences(X_test, y_test)
+    with distributed.LocalCluster(n_workers=1, threads_per_worker=4, processes=False,
+                                  dashboard_address=":0") as cluster, distributed.Client(cluster):
+        lazy = est.influences(da.from_array(X_test, chunks=3), da.from_array(y_test, chunks=3),
+                              da.from_array(X, chunks=8), da.from_array(y, chunks=8))
+        assert_close(lazy.compute(), expected)
+        sharded = registry_estimator(name, model).fit(*dask_training(X, y))
+        assert_close(sharded.influences(X_test, y_test, X, y), expected)

@@ -123,3 +123,14 @@ def test_language_model_example_names_the_training_text_behind_a_completion():
     assert len(helpful_values) == len(harmful_values) == 3
     assert helpful_values == sorted(helpful_values, reverse=True) and harmful_values == sorted(harmful_values)
     assert min(helpful_values) > 0 > max(harmful_values)
+
+
+def test_dask_example_writes_the_influences_into_zarr():
+    pytest.importorskip("distributed")
+    pytest.importorskip("zarr")
+    out = run_example("plot_dask_zarr.py")
+    assert "training data: 28740 images in 8 chunks of 4096" in out
+    difference = float(re.search(r"largest difference of the eigenvalues to one process: (\S+)", out).group(1))
+    assert difference < 1e-5
+    assert "influences written to zarr: (360, 28740), 8 chunks; equal to one process: True" in out
+    assert "top_influences is lazy: Array of shape (360, 5)" in out
