@@ -21,12 +21,12 @@ da = pytest.importorskip("dask.array")
 distributed = pytest.importorskip("distributed")
 zarr = pytest.importorskip("zarr")
 
-import dask  # noqa: E402
-import sklearn  # noqa: E402
-from sklearn.model_selection import GridSearchCV  # noqa: E402
+import dask
+import sklearn
+from sklearn.model_selection import GridSearchCV
 
-from skinfl import DirectInfluence, EkfacInfluence, registered_estimators  # noqa: E402
-from skinfl._shards import ShardedCurvature  # noqa: E402
+from skinfl import DirectInfluence, EkfacInfluence, registered_estimators
+from skinfl._shards import ShardedCurvature
 
 NAMES = list(registered_estimators())
 # Uneven row chunks for the training inputs, and others for their targets (aligned by skinfl).
