@@ -619,7 +619,8 @@ class BaseInfluence(FactorCache, SolveReporting, TransformerMixin, BaseEstimator
         (the fitted data, for ``X=None``) is one."""
         if any(is_dask(value) for value in (X_test, y_test, X, y)):
             return True
-        return X is None and self._fit_data is not None and self._fit_data.is_sharded
+        fitted = getattr(self, "_fit_data", None)  # unfitted: the error comes from the eager path
+        return X is None and fitted is not None and fitted.is_sharded
 
     def _check_lazy_data(self, X_test, y_test, X=None, y=None):
         """The checks that need no pass over the data, here; the values are checked in each block's task."""

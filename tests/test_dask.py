@@ -250,3 +250,15 @@ def test_workers_with_several_threads_share_one_estimator(problem, name):
         assert_close(lazy.compute(), expected)
         sharded = registry_estimator(name, model).fit(*dask_training(X, y))
         assert_close(sharded.influences(X_test, y_test, X, y), expected)
+
+
+def test_unfitted_use_with_dask_arrays_raises_not_fitted(problem):
+    from sklearn.exceptions import NotFittedError
+
+    model, X, y, X_test, y_test = problem
+    est = DirectInfluence(model)
+    Xd_test, yd_test = dask_test(X_test, y_test)
+    for call in (lambda: est.transform(Xd_test, yd_test), lambda: est.self_influence(Xd_test, yd_test),
+                 lambda: est.influences(Xd_test, yd_test), lambda: est.top_influences(Xd_test, yd_test)):
+        with pytest.raises(NotFittedError):
+            call()
