@@ -246,7 +246,19 @@ def store(result, out):
             start += len(block)
         return out
     chunks = getattr(out, "chunks", None)
-    if chunks is not None and not is_dask(out):
-        result = result.rechunk(tuple(chunks))  # each task writes whole chunks: no two write one
+    if chunks is not None and not is_dask(out) and not _on_chunk_edges(result.chunks, tuple(chunks), out.shape):
+        # No two tasks may write into one chunk of out: blocks that straddle its chunks are cut to them
+        # (which holds each block until all its pieces are written, so it is avoided where it can be).
+        result = result.rechunk(tuple(chunks))
     da.store(result, out, lock=False)
     return out
+
+
+def _on_chunk_edges(blocks, chunks, shape):
+    """Whether every edge of the dask ``blocks`` (per axis, their sizes) is an edge of ``chunks`` (per axis,
+    one size) or the end of the array: each chunk of ``out`` is then written by one task."""
+    for sizes, chunk, length in zip(blocks, chunks, shape):
+        edges = np.cumsum(sizes)
+        if any(edge % chunk and edge != length for edge in edges):
+            return False
+    return True

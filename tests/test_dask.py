@@ -262,3 +262,11 @@ def test_unfitted_use_with_dask_arrays_raises_not_fitted(problem):
                  lambda: est.influences(Xd_test, yd_test), lambda: est.top_influences(Xd_test, yd_test)):
         with pytest.raises(NotFittedError):
             call()
+
+
+def test_blocks_are_cut_to_the_chunks_of_out_only_where_they_straddle_them():
+    from skinfl._lazy import _on_chunk_edges
+
+    assert _on_chunk_edges(((23,), (32, 28)), (23, 16), (23, 60))  # 32 is two chunks; 60 the end
+    assert not _on_chunk_edges(((23,), (7, 20, 33)), (23, 16), (23, 60))  # 7 cuts a chunk in two
+    assert not _on_chunk_edges(((10, 13), (32, 28)), (23, 16), (23, 60))  # so does row 10
