@@ -270,3 +270,13 @@ def test_blocks_are_cut_to_the_chunks_of_out_only_where_they_straddle_them():
     assert _on_chunk_edges(((23,), (32, 28)), (23, 16), (23, 60))  # 32 is two chunks; 60 the end
     assert not _on_chunk_edges(((23,), (7, 20, 33)), (23, 16), (23, 60))  # 7 cuts a chunk in two
     assert not _on_chunk_edges(((10, 13), (32, 28)), (23, 16), (23, 60))  # so does row 10
+
+
+def test_lissa_mini_batches_are_read_from_the_shards(client, problem):
+    """Stochastic LiSSA draws its mini-batches here and reads their rows from the dask arrays: the same rows,
+    so the same result as on numpy."""
+    model, X, y, X_test, y_test = problem
+    settings = dict(regularization=0.1, second_order="gauss_newton", minibatch_size=16, max_iter=5, random_state=0)
+    plain = registered_estimators()["LissaInfluence"](model, **settings).fit(X, y)
+    sharded = registered_estimators()["LissaInfluence"](model, **settings).fit(*dask_training(X, y))
+    assert_close(sharded.influences(X_test, y_test, X, y), plain.influences(X_test, y_test))
