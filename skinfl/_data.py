@@ -247,22 +247,25 @@ class DataSource:
         """Whether the data are dask arrays: passes over them run where their blocks are."""
         return is_dask(self.X) or is_dask(self.y)
 
+    def check_target_count(self):
+        """Check that there is one target per sample, from the shapes alone (nothing is read)."""
+        if self.y is None:
+            return
+        target_shape = sample_shape(self.y)
+        if len(target_shape) == 0:
+            raise ValueError(f"{self.names[1]} is a scalar; pass one target per sample.")
+        if target_shape[0] != len(self):
+            raise ValueError(f"{self.names[0]} and {self.names[1]} have different numbers of samples: "
+                             f"{len(self)} and {target_shape[0]}.")
+
     def validate(self):
         """Check every value (finite, of the right kind and shape), reading in chunks.
 
         Raises the same errors as the conversions do, before any work starts.
         Dask arrays are checked block by block on the workers.
         """
+        self.check_target_count()
         n = len(self)
-        if self.y is not None:
-            target_shape = sample_shape(self.y)
-            if len(target_shape) == 0:
-                raise ValueError(f"{self.names[1]} is a scalar; pass one target per sample.")
-            n_targets = target_shape[0]
-            if n_targets != n:
-                raise ValueError(
-                    f"{self.names[0]} and {self.names[1]} have different numbers of samples: {n} and {n_targets}."
-                )
         if self.is_sharded:
             from ._dask import validate_blocks
 

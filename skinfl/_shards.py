@@ -61,7 +61,12 @@ class ShardWork:
         self._local = threading.local()
 
     def functional_model(self):
-        """This thread's functional model, on the device the shard is worked on."""
+        """This thread's functional model, on the device the shard is worked on.
+
+        Every thread, the first included, computes on a deep copy: ``self.module`` itself is what the worker
+        pickles when it passes this work on, possibly while tasks run, so it is never mid-call
+        (:func:`skinfl._threads.thread_module` would let the first thread compute on it).
+        """
         local = self._local
         if getattr(local, "fmodel", None) is None:
             device = available_device(self.device)

@@ -49,7 +49,7 @@ from ._batches import describe, is_mapping
 from ._cache import FactorCache
 from ._curvature import SECOND_ORDER_MODES, CurvatureOperator, ReportingCurvature
 from ._dask import is_dask
-from ._data import DataSource, TargetSpec, sample_shape
+from ._data import DataSource, TargetSpec
 from ._deprecation import renamed_attribute, resolve_renamed_parameters
 from ._devices import available_device, first_device, moved
 from ._gradients import batch_slices, gradients_of, iter_gradients, perturbation_batch
@@ -628,7 +628,7 @@ class BaseInfluence(FactorCache, SolveReporting, TransformerMixin, BaseEstimator
         self._check_input_feature_names(X_test, reset=False)
         test = DataSource(X_test, y_test, input_dtype=self._dtype(), device=self.device_,
                           names=("X_test", "y_test"))
-        _check_row_counts(test, "X_test", "y_test")
+        test.check_target_count()
         self._check_input_shape(test, "X_test")
         if X is None and y is not None:
             raise ValueError("y was given without X; pass both, or neither to score the fitted data.")
@@ -638,7 +638,7 @@ class BaseInfluence(FactorCache, SolveReporting, TransformerMixin, BaseEstimator
             self._training_data(X, None)  # the error for missing targets
         else:
             train = DataSource(X, y, input_dtype=self._dtype(), device=self.device_)
-            _check_row_counts(train, "X", "y")
+            train.check_target_count()
             self._check_input_shape(train, "X")
 
     def _worker_copy(self):
@@ -869,12 +869,6 @@ class BaseInfluence(FactorCache, SolveReporting, TransformerMixin, BaseEstimator
             device = target if key.endswith("_") or key.startswith("_") else available_device(devices.get(key))
             restored[key] = value if device is None else _portable(key, value, device, copy_modules=False)
         super().__setstate__(restored)
-
-
-def _check_row_counts(data, x_name, y_name):
-    if data.y is not None and len(sample_shape(data.y)) and sample_shape(data.y)[0] != len(data):
-        raise ValueError(f"{x_name} and {y_name} have different numbers of samples: {len(data)} and "
-                         f"{sample_shape(data.y)[0]}.")
 
 
 def _portable(key, value, device, copy_modules):
