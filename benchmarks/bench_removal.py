@@ -118,6 +118,7 @@ class Setup:
     mlp_set: str  # C: the _problems data set
     mlp_group_fraction: float
     mlp_group_count: int
+    mlp_weight_decays: tuple
     n_members: int  # D
     n_subsets: int
     lds_grid: tuple
@@ -132,9 +133,9 @@ class Setup:
         return H.WORK_DIR / ("removal" if self.name == "full" else "removal_quick")
 
 
-FULL = Setup("full", A.FULL, (0.1, 1.0), (0.01, 0.05, 0.2), (30, 20, 10), "hard", 0.05, 20, 5, 100,
+FULL = Setup("full", A.FULL, (0.1, 1.0), (0.01, 0.05, 0.2), (30, 20, 10), "hard", 0.05, 20, (1e-3, 1e-2), 5, 100,
              (1e-3, 10**-2.5, 1e-2, 10**-1.5), (1000, 300, 497), (0.1, 1.0, 10.0), (0.05, 0.1, 0.2), 10, 2000)
-QUICK = Setup("quick", A.QUICK, (0.1, 1.0), (0.01, 0.05, 0.2), (8, 6, 4), "hard_quick", 0.05, 6, 5, 12,
+QUICK = Setup("quick", A.QUICK, (0.1, 1.0), (0.01, 0.05, 0.2), (8, 6, 4), "hard_quick", 0.05, 6, (1e-3, 1e-2), 5, 12,
               (1e-2, 1e-1, 1.0), (300, 100, 200), (1.0, 10.0), (0.05, 0.1, 0.2), 4, 500)
 
 
@@ -171,16 +172,20 @@ def slope(predicted, actual):
 
 
 def pooled_scores(predicted, actual, n_boot):
-    """Pearson over (test point, group) pairs and the slope, both resampled over test points and groups."""
+    """Pearson over (test point, group) pairs, the slope over them and the median of the groups' own slopes,
+    each resampled over test points and groups together."""
     def pearson(p, a):
         return float(np.corrcoef(p.ravel(), a.ravel())[0, 1])
+
+    def median_slope(p, a):
+        return float(np.median((p * a).sum(0) / (a * a).sum(0)))
 
     def resampled(function):
         return lambda rows, cols: function(predicted[np.ix_(rows, cols)], actual[np.ix_(rows, cols)])
 
     n_rows, n_cols = actual.shape
-    return {"pearson": estimate(pearson(predicted, actual), bootstrap(resampled(pearson), n_rows, n_cols, n_boot)),
-            "slope": estimate(slope(predicted, actual), bootstrap(resampled(slope), n_rows, n_cols, n_boot))}
+    return {name: estimate(function(predicted, actual), bootstrap(resampled(function), n_rows, n_cols, n_boot))
+            for name, function in (("pearson", pearson), ("slope", slope), ("median_slope", median_slope))}
 
 
 def captured(function):
@@ -402,6 +407,13 @@ def mlp_losses_without(model, X, y, removed, weight_decay, X_query, y_query):
     return query_losses(model.eval(), "cross_entropy", X_query, y_query), record
 
 
+def accuracy_of(model, X, y):
+    import torch
+
+    with torch.no_grad():
+        return float((model(torch.as_tensor(X)).argmax(1) == torch.as_tensor(y)).double().mean())
+
+
 def draw_groups(X, size, count, kind, rng):
     """``count`` groups of ``size`` training rows: random, or the nearest neighbours of a random anchor."""
     if kind == "random":
@@ -453,8 +465,8 @@ def section_a(setup, args, work):
         model = retrain(X, y)
         models[C] = model
         regularization = retrain.regularization_for(n)
-        reference = LogisticRegressionRetrainer(C=C, solver="newton-cholesky")(X, y).weight
-        check = float((model.weight - reference).abs().max() / reference.abs().max())
+        reference = LogisticRegressionRetrainer(C=C, solver="newton-cholesky")(X, y).weight.detach()
+        check = float((model.weight.detach() - reference).abs().max() / reference.abs().max())
         checks[C] = check
         truth, cost = A.ground_truth(work, f"loo-C{C:g}", ("loo", X, y, X_test, y_test, retrain.key()),
                                      lambda: metrics.leave_one_out_truth(retrain, X, y, X_test, y_test,
@@ -548,16 +560,19 @@ def section_b(setup, args, work, a_state=None):
                          "size": size, "count": count, "mean_abs_actual": float(np.abs(actual).mean())}
                 results[kind, size, order] = entry
                 rows.append([kind, f"{fraction:.0%} ({size})", str(count), NAMES[order], cell(entry["pearson"]),
-                             cell(entry["slope"], ".3f"), f"{entry['mean_abs_actual']:.2e}",
+                             cell(entry["slope"], ".3f"), cell(entry["median_slope"], ".3f"),
+                             f"{entry['mean_abs_actual']:.2e}",
                              f"{seconds:.1f}", short(caught, count)])
     costs.append(("B", f"{sum(setup.group_counts) * 2} logistic regressions without a group", {
         "seconds": retrain_s, "reused": args.reuse_truth}))
     table = H.table(["groups", "size", "count", "order", "Pearson over (test, group) pairs [95% CI]",
-                     "slope pred~actual [95% CI]", "mean abs actual", "s", "warnings"], rows, 4)
+                     "slope pred~actual [95% CI]", "median per-group slope [95% CI]", "mean abs actual", "s",
+                     "warnings"], rows, 4)
     text = (f"The C={A.C} logistic regression of A. Random groups, and clustered groups (the k nearest training "
             "points, Euclidean on the inputs, of a random anchor point: at 20% such a group takes most of one or two "
             "digits). Slope: least squares through the origin of predicted on actual effects over all (test point, "
-            "group) pairs (1 = the right size). CIs: bootstrap over test points and groups together. Diagnostic rows: "
+            "group) pairs (1 = the right size); per-group slope: the same over one group's test points, its median "
+            "over groups (robust to a few groups with large effects). CIs: bootstrap over test points and groups together. Diagnostic rows: "
             "the same Newton step computed here from the exact Hessians, with the test loss evaluated exactly at the "
             "stepped parameters instead of linearised; the gap to Newton is the linearisation of the test loss, "
             "the gap to 1 the one step short of the refit.")
@@ -584,82 +599,95 @@ def section_c(setup, args, work):
     X = torch.from_numpy(data["X_train"]).double()
     y = torch.from_numpy(data["y_train"])
     X_test, y_test = torch.from_numpy(data["X_test"]).double(), torch.from_numpy(data["y_test"])
-    n, weight_decay = len(X), P.WEIGHT_DECAY
+    n = len(X)
     trained = P.load_model(P.model_spec(setup.mlp_set, "mlp", "float64"))
     source = P.SETS[setup.mlp_set].work_dir / "mlp.pt"
-
-    def polish():
-        model = P.load_model(P.model_spec(setup.mlp_set, "mlp", "float64")).train()
-        record = minimise(model, X, y, np.arange(n), n, weight_decay)
-        return {"state": {k: v.clone() for k, v in model.state_dict().items()}, "record": record}
-
-    polished, polish_cost = A.ground_truth(work, "mlp-polished", ("polish", P.fingerprint(source), MLP_TOL),
-                                           polish, args.reuse_truth)
-    model = P.build("mlp").double()
-    model.load_state_dict(polished["state"])
-    model.eval()
-    base = query_losses(model, "cross_entropy", X_test, y_test)
-    change = max(float((a - b).abs().max()) for a, b in zip(model.parameters(), trained.parameters()))
     size = max(1, int(round(setup.mlp_group_fraction * n)))
     rng = np.random.RandomState(SEED + 3)
-    estimators = {}
-    for second_order in ("hessian", "gauss_newton"):
-        (estimators[second_order], caught), seconds = timed(lambda: captured(lambda: DirectInfluence(
-            model, loss="cross_entropy", regularization=weight_decay, second_order=second_order).fit(X, y)))
-        estimators[second_order].fit_record_ = {"seconds": seconds, "warnings": caught}
-    results, rows, retrain_s, records = {}, [], 0.0, {}
-    for kind in ("random", "clustered"):
-        groups = draw_groups(data["X_train"], size, setup.mlp_group_count, kind, rng)
+    groups_of = {kind: draw_groups(data["X_train"], size, setup.mlp_group_count, kind, rng)
+                 for kind in ("random", "clustered")}
+    results, rows, costs, records, texts, targets, extra = {}, [], [], {}, [], [], {}
+    for weight_decay in setup.mlp_weight_decays:
+        def minimum():
+            model = P.load_model(P.model_spec(setup.mlp_set, "mlp", "float64")).train()
+            record = minimise(model, X, y, np.arange(n), n, weight_decay)
+            return {"state": {k: v.clone() for k, v in model.state_dict().items()}, "record": record}
 
-        def compute():
-            out = joblib.Parallel(n_jobs=args.n_jobs)(
-                joblib.delayed(mlp_losses_without)(model, X, y, g, weight_decay, X_test, y_test) for g in groups)
-            return {"losses": np.stack([o[0] for o in out], axis=1), "records": [o[1] for o in out]}
+        fitted, fit_cost = A.ground_truth(work, f"mlp-minimum-wd{weight_decay:g}",
+                                          ("minimum", P.fingerprint(source), MLP_TOL, weight_decay), minimum,
+                                          args.reuse_truth)
+        costs.append(("C", f"weight decay {weight_decay:g}: LBFGS from the trained MLP to the minimum "
+                           f"({fitted['record']['iterations']} iterations)", fit_cost))
+        model = P.build("mlp").double()
+        model.load_state_dict(fitted["state"])
+        model.eval()
+        base = query_losses(model, "cross_entropy", X_test, y_test)
+        change = max(float((a - b).abs().max()) for a, b in zip(model.state_dict().values(),
+                                                                 trained.state_dict().values()))
+        estimators, smallest = {}, {}
+        for second_order in ("hessian", "gauss_newton"):
+            (estimator, caught), seconds = timed(lambda: captured(lambda: DirectInfluence(
+                model, loss="cross_entropy", regularization=weight_decay, second_order=second_order,
+                solver="eigh").fit(X, y)))
+            estimators[second_order] = estimator
+            smallest[second_order] = float(estimator.eigenvalues_.min()) + weight_decay
+        retrain_s = 0.0
+        for kind, groups in groups_of.items():
+            def compute():
+                out = joblib.Parallel(n_jobs=args.n_jobs)(
+                    joblib.delayed(mlp_losses_without)(model, X, y, g, weight_decay, X_test, y_test) for g in groups)
+                return {"losses": np.stack([o[0] for o in out], axis=1), "records": [o[1] for o in out]}
 
-        truth, cost = A.ground_truth(work, f"mlp-groups-{kind}-{size}",
-                                     ("mlp-groups", P.fingerprint(source), MLP_TOL, groups, weight_decay), compute,
-                                     args.reuse_truth)
-        retrain_s += cost["seconds"]
-        records[kind] = truth["records"]
-        actual = truth["losses"] - base[:, None]
-        for second_order, estimator in estimators.items():
-            for order in ORDERS:
-                (predicted, caught), seconds = timed(lambda: captured(
-                    lambda: as_numpy(group_effects(estimator, X_test, y_test, X, y, groups, order))))
-                entry = {**pooled_scores(predicted, actual, setup.n_boot), "seconds": seconds, "warnings": caught,
-                         "mean_abs_actual": float(np.abs(actual).mean())}
-                results[kind, second_order, order] = entry
-                rows.append([kind, second_order.replace("_", "-"), NAMES[order], cell(entry["pearson"]),
-                             cell(entry["slope"], ".3f"), f"{seconds:.1f}", short(caught, len(groups))])
-    norms = [r["gradient_norm"] for rs in records.values() for r in rs]
-    iterations = [r["iterations"] for rs in records.values() for r in rs]
-    seconds = [r["seconds"] for rs in records.values() for r in rs]
-    table = H.table(["groups", "curvature A", "order", "Pearson over (test, group) pairs [95% CI]",
-                     "slope pred~actual [95% CI]", "s", "warnings"], rows, 3)
-    text = (f"MLP 64-32-10 tanh ({sum(p.numel() for p in model.parameters())} parameters, float64) on standardised "
-            f"digits, {n} training and {len(X_test)} test points: bench_solvers.py's model polished by LBFGS to "
-            f"||grad|| = {polished['record']['gradient_norm']:.1e} (largest parameter change {change:.1e}). "
-            f"{setup.mlp_group_count} random and {setup.mlp_group_count} clustered groups of {size} points "
-            f"({setup.mlp_group_fraction:.0%}); each retrained from the trained weights by LBFGS on the same objective "
-            f"to ||grad|| < {MLP_TOL:g} (reached by {sum(g < MLP_TOL for g in norms)} of {len(norms)}; "
-            f"{min(iterations)}-{max(iterations)} iterations, {min(seconds):.0f}-{max(seconds):.0f} s each). "
-            "DirectInfluence at regularization 1e-3 with the Hessian or the Gauss-Newton matrix as the curvature A; "
-            "the Newton step removes the group's Gauss-Newton term C_G in both. Slope and CIs as in B.")
-    targets = []
-    for kind in ("random", "clustered"):
-        for second_order in estimators:
-            value = results[kind, second_order, "newton"]["slope"]["value"]
-            first = results[kind, second_order, "first"]["slope"]["value"]
-            targets.append((f"C, {kind} groups, {second_order}: Newton slope within 10% of 1 ({value:.3f}; first order "
-                            f"{first:.3f})", abs(value - 1) <= 0.1))
+            truth, cost = A.ground_truth(work, f"mlp-groups-wd{weight_decay:g}-{kind}-{size}",
+                                         ("mlp-groups", P.fingerprint(source), MLP_TOL, groups, weight_decay),
+                                         compute, args.reuse_truth)
+            retrain_s += cost["seconds"]
+            records[weight_decay, kind] = truth["records"]
+            actual = truth["losses"] - base[:, None]
+            for second_order, estimator in estimators.items():
+                for order in ORDERS:
+                    (predicted, caught), seconds = timed(lambda: captured(
+                        lambda: as_numpy(group_effects(estimator, X_test, y_test, X, y, groups, order))))
+                    entry = {**pooled_scores(predicted, actual, setup.n_boot), "seconds": seconds,
+                             "warnings": caught, "mean_abs_actual": float(np.abs(actual).mean())}
+                    results[weight_decay, kind, second_order, order] = entry
+                    rows.append([f"{weight_decay:g}", kind, second_order.replace("_", "-"), NAMES[order],
+                                 cell(entry["pearson"]), cell(entry["slope"], ".3f"),
+                                 cell(entry["median_slope"], ".3f"), f"{seconds:.1f}", short(caught, len(groups))])
+                value = results[weight_decay, kind, second_order, "newton"]["slope"]["value"]
+                first = results[weight_decay, kind, second_order, "first"]["slope"]["value"]
+                targets.append((f"C, weight decay {weight_decay:g}, {kind} groups, {second_order}: Newton slope within "
+                                f"10% of 1 ({value:.3f}; first order {first:.3f})", abs(value - 1) <= 0.1))
+        costs.append(("C", f"weight decay {weight_decay:g}: {2 * setup.mlp_group_count} warm-started MLP "
+                           "retrainings", {"seconds": retrain_s, "reused": args.reuse_truth}))
+        done = [r for kind in groups_of for r in records[weight_decay, kind]]
+        norms = [r["gradient_norm"] for r in done]
+        texts.append(
+            f"weight decay {weight_decay:g}: minimum at ||grad|| = {fitted['record']['gradient_norm']:.1e} (largest "
+            f"parameter change from the trained MLP {change:.2g}; train accuracy "
+            f"{accuracy_of(model, X, y):.3f}, test {accuracy_of(model, X_test, y_test):.3f}), "
+            f"smallest eigenvalue of Hessian + regularization {smallest['hessian']:.2e}, of Gauss-Newton + "
+            f"regularization {smallest['gauss_newton']:.2e}; retrainings reached ||grad|| < {MLP_TOL:g} in "
+            f"{sum(g < MLP_TOL for g in norms)} of {len(norms)} ({min(r['iterations'] for r in done)}-"
+            f"{max(r['iterations'] for r in done)} iterations, {min(r['seconds'] for r in done):.0f}-"
+            f"{max(r['seconds'] for r in done):.0f} s each)")
+        extra[f"wd={weight_decay:g}"] = {"minimum": fitted["record"], "smallest_eigenvalue": smallest,
+                                         "retrainings": {kind: records[weight_decay, kind] for kind in groups_of}}
+    table = H.table(["weight decay", "groups", "curvature A", "order", "Pearson over (test, group) pairs [95% CI]",
+                     "slope pred~actual [95% CI]", "median per-group slope [95% CI]", "s", "warnings"], rows, 4)
+    text = (f"MLP 64-32-10 tanh ({sum(p.numel() for p in trained.parameters())} parameters, float64) on standardised "
+            f"digits, {n} training and {len(X_test)} test points: bench_solvers.py's model (trained at weight decay "
+            f"{P.WEIGHT_DECAY:g}), taken by LBFGS from its weights to the minimum of cross-entropy + weight decay / 2 "
+            f"||theta||^2 for each weight decay. {setup.mlp_group_count} random and {setup.mlp_group_count} clustered "
+            f"groups of {size} points ({setup.mlp_group_fraction:.0%}), the same for both; each group removed and the "
+            "model retrained from its fitted weights by LBFGS on the same sum-form objective (penalty with the full "
+            "n). DirectInfluence at regularization = weight decay with the Hessian or the Gauss-Newton matrix as the "
+            "curvature A; the Newton step removes the group's Gauss-Newton term C_G in both. Slopes and CIs as in B. "
+            + "; ".join(texts) + ".")
     return {"sections": [("C. MLP on digits: groups of 5%", text, table)],
-            "results": {f"{k[0]} {k[1]} {k[2]}": v for k, v in results.items()},
-            "costs": [("C", f"polishing the MLP ({polished['record']['iterations']} LBFGS iterations)", polish_cost),
-                      ("C", f"{2 * setup.mlp_group_count} warm-started MLP retrainings", {
-                          "seconds": retrain_s, "reused": args.reuse_truth})],
-            "targets": targets,
-            "extra": {"polish": polished["record"], "retrainings": records,
-                      "fits": {k: e.fit_record_ for k, e in estimators.items()}}}
+            "results": {" ".join(f"{part:g}" if isinstance(part, float) else part for part in k): v
+                        for k, v in results.items()},
+            "costs": costs, "targets": targets, "extra": extra}
 
 
 def section_d(setup, args, work):
@@ -728,6 +756,20 @@ def section_d(setup, args, work):
     results["ensemble"] = scored("ensemble", averaged)
     own = {seed: scored(seed, losses[seed]) for seed in seeds}
     best_seed = max(seeds, key=lambda s: results[s]["lds"]["value"])
+    # How different the members are, and how much the retrained losses depend on the seed.
+    from itertools import combinations
+
+    from skinfl.metrics._scores import row_correlations
+
+    shared = results["ensemble"]["regularization"]
+    pairs = list(combinations(seeds, 2))
+    member_agreement = float(np.mean([np.nanmean(row_correlations(matrices[a, shared][n_val:],
+                                                                  matrices[b, shared][n_val:]))
+                                      for a, b in pairs]))
+    seed_agreement = float(np.mean([np.nanmean(row_correlations(losses[a][n_val:], losses[b][n_val:], "spearman"))
+                                    for a, b in pairs]))
+    to_average = float(np.mean([np.nanmean(row_correlations(losses[a][n_val:], averaged[n_val:], "spearman"))
+                                for a in seeds]))
     difference = results["ensemble"]["per_query"] - results[best_seed]["per_query"]
     gain = estimate(np.nanmean(difference), bootstrap(lambda r, _: np.nanmean(difference[r]), len(difference),
                                                       n_boot=setup.n_boot))
@@ -749,7 +791,11 @@ def section_d(setup, args, work):
             "over training seeds. DirectInfluence (Hessian) on each member; the ensemble is the mean of the members' "
             "influence matrices at one regularization. Regularization from the grid "
             f"{', '.join(f'{r:.3g}' for r in setup.lds_grid)} by validation LDS ({n_val} points), separately for "
-            f"each row and truth. LDS on the {acc.n_test} test points; CI by bootstrap over test points.")
+            f"each row and truth. LDS on the {acc.n_test} test points; CI by bootstrap over test points. How far apart "
+            f"the seeds are (test points, means over the {len(pairs)} pairs of seeds): Pearson between two members' "
+            f"influences {member_agreement:.3f} (at {shared:.3g}); Spearman across subsets between two seeds' "
+            f"retrained losses {seed_agreement:.3f}, between one seed's and the seed-averaged losses {to_average:.3f} "
+            "(the LDS of a perfect single-seed datamodel).")
     targets = [(f"D: ensemble LDS above the best member's by >= 0.05 (ensemble {results['ensemble']['lds']['value']:.3f}"
                 f", best member {results[best_seed]['lds']['value']:.3f}, difference {gain['value']:+.3f})",
                 gain["value"] >= 0.05)]
@@ -758,7 +804,9 @@ def section_d(setup, args, work):
     return {"sections": [("D. Ensemble LDS on the MLP", text, table)],
             "results": {"seed_averaged_truth": {str(k): v for k, v in results.items()},
                         "own_seed_truth": {str(k): v for k, v in own.items()}, "ensemble_minus_best": gain,
-                        "best_member": best_seed, "fit_warnings": fit_warnings, "influence_seconds": influence_s,
+                        "best_member": best_seed, "fit_warnings": fit_warnings,
+                        "member_influence_pearson": member_agreement, "seed_loss_spearman": seed_agreement,
+                        "seed_to_average_loss_spearman": to_average, "influence_seconds": influence_s,
                         "test_accuracy": accuracy},
             "costs": [("D", f"{setup.n_subsets * len(seeds)} MLP retrainings on random halves", {
                 "seconds": retrain_s, "reused": args.reuse_truth})],
