@@ -162,6 +162,21 @@ def test_validation_rows_in_chunks_give_the_same_scores(small, monkeypatch):
     np.testing.assert_array_equal(chunked.removed["influence"], whole.removed["influence"])
 
 
+@pytest.mark.parametrize("normalize", ["relatif", "cosine"])
+def test_normalized_scores_are_the_sums_of_normalized_influences(small, normalize):
+    estimator, X_train, y_train, X_val, y_val, X_test, y_test = small
+    expected = estimator.influences(X_val, y_val, normalize=normalize).sum(axis=0)
+    assert not np.allclose(expected, estimator.influences(X_val, y_val).sum(axis=0))
+    with sklearn.config_context(working_memory=1300 / 2**20):  # 4 validation rows at a time
+        result = data_cleaning(estimator, RecordingRetrain(X_train, y_train), X_val, y_val, X_test, y_test,
+                               fractions=(0.1,), rankings=("influence",), normalize=normalize)
+    np.testing.assert_allclose(result.scores, expected, rtol=1e-10, atol=1e-14)
+    np.testing.assert_array_equal(result.removed["influence"], np.argsort(expected, kind="stable"))
+    with pytest.raises(ValueError, match="normalize must be None, 'relatif' or 'cosine'"):
+        data_cleaning(estimator, RecordingRetrain(X_train, y_train), X_val, y_val, X_test, y_test,
+                      fractions=(0.1,), normalize="relative")
+
+
 def test_normalize_is_passed_to_influences(small, monkeypatch):
     estimator, X_train, y_train, X_val, y_val, X_test, y_test = small
     seen = []

@@ -102,7 +102,7 @@ def _validation_influence(estimator, X_val, y_val, X=None, y=None, *, normalize=
         Validation points and their targets.
     X, y : array-like or torch.Tensor, default=None
         Training points to score; None scores the data given to ``fit``.
-    normalize : str or None, default=None
+    normalize : {None, "relatif", "cosine"}, default=None
         Passed to ``estimator.influences`` when not None.
 
     Returns
@@ -249,8 +249,11 @@ def data_cleaning(
         Fractions of the training set to remove, each in (0, 1).
     rankings : sequence of {"influence", "loss", "random"}, default=("influence", "loss", "random")
         The orders compared.
-    normalize : str or None, default=None
-        Passed to ``estimator.influences`` when not None.
+    normalize : {None, "relatif", "cosine"}, default=None
+        Normalization of the influences summed for the ``"influence"``
+        ranking, passed to ``estimator.influences`` when not None.
+        ``"relatif"`` solves every training point once per block of
+        validation rows: a larger ``working_memory`` takes fewer blocks.
     n_random : int, default=5
         Number of random orders.
     random_state : int, RandomState instance or None, default=None
@@ -406,8 +409,9 @@ class DataCleaningScorer(_CachingScorer):
         Their class labels.
     fraction : float, default=0.1
         Fraction of the training set removed, in (0, 1).
-    normalize : str or None, default=None
-        Passed to ``estimator.influences`` when not None.
+    normalize : {None, "relatif", "cosine"}, default=None
+        Normalization of the influences summed for the ranking (see
+        :func:`data_cleaning`).
     memory : str, joblib.Memory or None, default=None
         Also store the baseline accuracy here (see :class:`LeaveOneOutScorer`).
 
