@@ -117,6 +117,10 @@ def test_each_ranking_removes_the_expected_points(small):
                           fractions=fractions, rankings=["random"], n_random=3, random_state=7)
     np.testing.assert_array_equal(again.removed["random"], permutations)  # reproducible
     assert set(again.accuracy) == {"random"} and again.scores is None and again.losses is None
+    # Without the influence ranking the validation points are not needed.
+    by_loss = data_cleaning(estimator, RecordingRetrain(X_train, y_train), None, None, X_test, y_test,
+                            fractions=fractions, rankings="loss")
+    np.testing.assert_array_equal(by_loss.removed["loss"], result.removed["loss"])
 
 
 def test_training_data_given_or_fitted_and_precomputed_scores(small):

@@ -239,7 +239,9 @@ def data_cleaning(
         :class:`LeaveOneOutScorer`). See :mod:`skinfl.retraining` for
         ready-made ones.
     X_val, y_val : array-like or torch.Tensor
-        Validation points, whose summed loss ranks the training points.
+        Validation points, whose summed loss ranks the training points
+        (unused, and may be None, without the ``"influence"`` ranking or
+        with ``influence_scores``).
     X_test, y_test : array-like or torch.Tensor
         Test points, on which accuracy is measured; ``y_test`` holds one
         class label per sample.
@@ -318,7 +320,8 @@ def data_cleaning(
                 "for the loss ranking" if "loss" in rankings else "for its training data (or pass X and y)")
             raise TypeError(f"data_cleaning needs a fitted influence estimator {needed}, got None.")
         estimator = _fitted_influence_estimator(estimator, "data_cleaning")
-    _check_pair(X_val, y_val, ("X_val", "y_val"), "the influence ranking sums validation losses")
+    if computes_influence:
+        _check_pair(X_val, y_val, ("X_val", "y_val"), "the influence ranking sums validation losses")
     _check_pair(X_test, y_test, ("X_test", "y_test"), "accuracy is measured on labelled test points")
     if X is None:
         if y is not None:
