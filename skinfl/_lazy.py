@@ -29,6 +29,7 @@ from sklearn import get_config
 
 from ._dask import RowBlocks, import_dask, is_dask, tree_reduce
 from ._gradients import iter_gradients
+from ._removal import RemovalSteps, group_codes, rows_by_group
 from ._results import RunningTopK, write
 
 
@@ -85,35 +86,68 @@ def _self_influence_block(shipped, x, y):
     return shipped.get().self_influence(x, y)
 
 
-def _inverse_gradients_block(shipped, x, y):
+def _inverse_gradients_block(shipped, x, y, normalize=None):
     estimator = shipped.get()
     data = estimator._check_data(x, y, names=("X_test", "y_test"))
-    return estimator._inverse_gradients_of(data, slice(0, len(data))).cpu()
+    return estimator._inverse_gradients_of(data, slice(0, len(data)), normalize, "test").cpu()
 
 
 def _held(estimator, factors):
     return torch.cat([factor.to(estimator.device_) for factor in factors])
 
 
-def _influence_block(shipped, factors, x, y):
+def _influence_block(shipped, factors, x, y, normalize=None):
     """Influences of a group of test points (their ``factors``) on the training rows ``(x, y)``."""
     estimator = shipped.get()
     held = _held(estimator, factors)
     data = estimator._check_data(x, y)
     result = np.empty((len(held), len(data)), dtype=numpy_dtype(held.dtype))
     for position, gradients in iter_gradients(estimator._functional_model(), data, estimator.batch_size):
-        write(result, (slice(None), position), held @ gradients.T)
+        write(result, (slice(None), position), held @ estimator._streamed_vectors(gradients, normalize, "train").T)
     return result
 
 
-def _top_block(shipped, factors, x, y, k, orders, start):
+def _group_influence_block(shipped, factors, x, y, codes, n_groups):
+    """First-order removal effects times ``n`` of the groups (``codes``: each row's) on the rows ``(x, y)``."""
+    estimator = shipped.get()
+    held = _held(estimator, factors)
+    data = estimator._check_data(x, y)
+    codes = torch.as_tensor(codes, device=held.device)
+    sums = torch.zeros(len(held), n_groups, dtype=held.dtype, device=held.device)
+    for position, gradients in iter_gradients(estimator._functional_model(), data, estimator.batch_size):
+        sums.index_add_(1, codes[position], held @ gradients.T)
+    return sums.cpu().numpy()
+
+
+def _point_steps_block(shipped, x, y, order, solver):
+    """Parameter changes of removing each training row of ``(x, y)`` (see :mod:`skinfl._removal`)."""
+    estimator = shipped.get()
+    data = estimator._check_data(x, y)
+    steps = RemovalSteps(estimator, data, order, solver)
+    deltas = steps.of_points(slice(0, len(data)))
+    steps.warn_indefinite("training points")
+    return deltas.cpu()
+
+
+def _removal_block(shipped, deltas, x, y):
+    """``<g_test, delta>`` for the test rows ``(x, y)`` and the parameter changes ``deltas``."""
+    estimator = shipped.get()
+    data = estimator._check_data(x, y, names=("X_test", "y_test"))
+    deltas = deltas.to(estimator.device_)
+    result = np.empty((len(data), len(deltas)), dtype=numpy_dtype(deltas.dtype))
+    for position, gradients in iter_gradients(estimator._functional_model(), data, estimator.batch_size):
+        write(result, position, gradients @ deltas.T)
+    return result
+
+
+def _top_block(shipped, factors, x, y, k, orders, start, normalize=None):
     """``(indices, values)``: the best ``k`` training rows of ``(x, y)`` per test point and order."""
     estimator = shipped.get()
     held = _held(estimator, factors)
     data = estimator._check_data(x, y)
     tops = [RunningTopK(k, largest) for largest in orders]
     for position, gradients in iter_gradients(estimator._functional_model(), data, estimator.batch_size):
-        block = held @ gradients.T
+        block = held @ estimator._streamed_vectors(gradients, normalize, "train").T
         for top in tops:
             top.update(block, start + position.start)
     return (torch.cat([top.indices for top in tops], dim=1).cpu().numpy(),
@@ -178,31 +212,32 @@ def _training_blocks(estimator, X, y):
     return RowBlocks(X, y, estimator.batch_size)
 
 
-def _factors(estimator, worker, test):
+def _factors(estimator, worker, test, normalize=None):
     """Delayed inverse-curvature gradients of each test block, and the groups of blocks held together."""
-    factors = [_task(_inverse_gradients_block)(worker, x, t) for x, t in zip(test.inputs, test.targets)]
+    factors = [_task(_inverse_gradients_block)(worker, x, t, normalize) for x, t in zip(test.inputs, test.targets)]
     return factors, _test_groups(estimator, test.sizes)
 
 
-def lazy_influences(estimator, X_test, y_test, X, y):
+def lazy_influences(estimator, X_test, y_test, X, y, normalize=None):
     """``influences`` as a dask array of shape ``(n_test, n_train)``, factor-first (see the module docstring)."""
     _, da = import_dask()
     test = RowBlocks(X_test, y_test, estimator.batch_size, ("X_test", "y_test"))
     train = _training_blocks(estimator, X, y)
     worker = _shipped(estimator)
-    factors, groups = _factors(estimator, worker, test)
+    factors, groups = _factors(estimator, worker, test, normalize)
     dtype = numpy_dtype(estimator._dtype())
     rows = []
     for group in groups:
         held = [factors[index] for index in group]
         n_held = sum(test.sizes[index] for index in group)
         rows.append(da.concatenate([
-            da.from_delayed(_task(_influence_block)(worker, held, x, t), shape=(n_held, size), dtype=dtype)
+            da.from_delayed(_task(_influence_block)(worker, held, x, t, normalize), shape=(n_held, size),
+                            dtype=dtype)
             for x, t, size in zip(train.inputs, train.targets, train.sizes)], axis=1))
     return da.concatenate(rows, axis=0)
 
 
-def lazy_top_influences(estimator, X_test, y_test, X, y, k, orders):
+def lazy_top_influences(estimator, X_test, y_test, X, y, k, orders, normalize=None):
     """``top_influences`` as a pair of dask arrays ``(indices, values)`` of shape ``(n_test, k * len(orders))``."""
     dask, da = import_dask()
     test = RowBlocks(X_test, y_test, estimator.batch_size, ("X_test", "y_test"))
@@ -211,19 +246,82 @@ def lazy_top_influences(estimator, X_test, y_test, X, y, k, orders):
     if not 1 <= k <= n_train:
         raise ValueError(f"k must be an integer from 1 to the {n_train} training points, got {k!r}.")
     worker = _shipped(estimator)
-    factors, groups = _factors(estimator, worker, test)
+    factors, groups = _factors(estimator, worker, test, normalize)
     dtype = numpy_dtype(estimator._dtype())
     indices, values = [], []
     for group in groups:
         held = [factors[index] for index in group]
         n_held = sum(test.sizes[index] for index in group)
-        parts = [_task(_top_block)(worker, held, x, t, k, orders, start)
+        parts = [_task(_top_block)(worker, held, x, t, k, orders, start, normalize)
                  for x, t, start in zip(train.inputs, train.targets, train.starts)]
         best = tree_reduce(parts, functools.partial(_merge_tops, k=k, orders=orders))
         shape = (n_held, k * len(orders))
         indices.append(da.from_delayed(dask.delayed(operator.getitem)(best, 0), shape=shape, dtype=np.int64))
         values.append(da.from_delayed(dask.delayed(operator.getitem)(best, 1), shape=shape, dtype=dtype))
     return da.concatenate(indices, axis=0), da.concatenate(values, axis=0)
+
+
+def lazy_removal_effects(estimator, X_test, y_test, X, y, groups, order, solver):
+    """``removal_effects`` as a dask array of shape ``(n_test, n_train)`` or ``(n_test, n_groups)``.
+
+    - Single points, first order: :func:`lazy_influences` divided by ``n``.
+    - Single points, Newton: one task per training block computes its
+      points' parameter changes, kept on the workers; one task per (test
+      block, training block) pairs them with the test gradients.
+    - Groups, first order: one task per (group of test blocks, training
+      block) sums its influences into the groups' columns, added in a tree.
+    - Groups, Newton: a group's rows are spread over the blocks, and its
+      step needs them together: the steps are computed here, when the array
+      is built (reading each group's rows, and for conjugate gradient making
+      curvature products on the workers); the products with the test
+      gradients are tasks.
+    """
+    dask, da = import_dask()
+    n = estimator.n_samples_fit_
+    if groups is None and order == "first":
+        return lazy_influences(estimator, X_test, y_test, X, y) / n
+    test = RowBlocks(X_test, y_test, estimator.batch_size, ("X_test", "y_test"))
+    train = _training_blocks(estimator, X, y)
+    worker = _shipped(estimator)
+    dtype = numpy_dtype(estimator._dtype())
+    if groups is None:
+        steps = RemovalSteps(estimator, None, order, solver)
+        if steps._uses_cg(steps.rows_per_point):
+            raise ValueError(
+                f"order='newton' for single points with {steps.rows_per_point} output values per sample solves each "
+                "point's system by conjugate gradient over the fitted data, which is not run on dask arrays. Pass "
+                "numpy arrays or tensors, or remove groups of points (groups=...)."
+            )
+        deltas = [_task(_point_steps_block)(worker, x, t, order, solver) for x, t in zip(train.inputs, train.targets)]
+        return da.concatenate([
+            da.concatenate([da.from_delayed(_task(_removal_block)(worker, delta, x, t), shape=(test_size, size),
+                                            dtype=dtype)
+                            for delta, size in zip(deltas, train.sizes)], axis=1)
+            for x, t, test_size in zip(test.inputs, test.targets, test.sizes)], axis=0)
+    codes, labels = group_codes(groups, sum(train.sizes))
+    if order == "first":
+        factors, test_groups = _factors(estimator, worker, test)
+        rows = []
+        for group in test_groups:
+            held = [factors[index] for index in group]
+            n_held = sum(test.sizes[index] for index in group)
+            parts = [_task(_group_influence_block)(worker, held, x, t, codes[start:start + size], len(labels))
+                     for x, t, start, size in zip(train.inputs, train.targets, train.starts, train.sizes)]
+            rows.append(da.from_delayed(tree_reduce(parts, operator.add), shape=(n_held, len(labels)), dtype=dtype)
+                        / n)
+        return da.concatenate(rows, axis=0)
+    data = estimator._training_data(X, y)
+    steps = RemovalSteps(estimator, data, order, solver)
+    members = rows_by_group(codes, len(labels))
+    columns = []
+    for chunk in estimator._held_chunks(len(labels)):
+        deltas = dask.delayed(steps.of_groups(members[chunk]).cpu(), pure=True)
+        size = chunk.stop - chunk.start
+        columns.append(da.concatenate([
+            da.from_delayed(_task(_removal_block)(worker, deltas, x, t), shape=(test_size, size), dtype=dtype)
+            for x, t, test_size in zip(test.inputs, test.targets, test.sizes)], axis=0))
+    steps.warn_indefinite("groups")
+    return da.concatenate(columns, axis=1)
 
 
 def store(result, out):

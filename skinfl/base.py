@@ -27,6 +27,7 @@ number of samples.
 from __future__ import annotations
 
 import copy
+import functools
 import os
 import threading
 import warnings
@@ -53,7 +54,14 @@ from ._data import DataSource, TargetSpec
 from ._deprecation import renamed_attribute, resolve_renamed_parameters
 from ._devices import available_device, first_device, moved
 from ._gradients import batch_slices, gradients_of, iter_gradients, perturbation_batch
-from ._lazy import lazy_influences, lazy_self_influence, lazy_top_influences, lazy_transform, store
+from ._lazy import (
+    lazy_influences,
+    lazy_removal_effects,
+    lazy_self_influence,
+    lazy_top_influences,
+    lazy_transform,
+    store,
+)
 from ._model import (
     BUILTIN_LOSSES,
     FunctionalModel,
@@ -63,6 +71,7 @@ from ._model import (
 )
 from ._model_source import loss_on_device, model_source
 from ._progress import progress
+from ._removal import ORDERS, SOLVERS, RemovalSteps, group_codes, rows_by_group
 from ._reporting import SolveReporting, reporting_solves
 from ._results import DEFAULT_MAX_RESULT_BYTES, RunningTopK, allocate, write
 from ._shards import ShardedCurvature
@@ -379,7 +388,7 @@ class BaseInfluence(FactorCache, SolveReporting, TransformerMixin, BaseEstimator
         return result
 
     @reporting_solves
-    def influences(self, X_test, y_test=None, X=None, y=None, *, mode="up", out=None,
+    def influences(self, X_test, y_test=None, X=None, y=None, *, mode="up", normalize=None, out=None,
                    max_result_bytes=DEFAULT_MAX_RESULT_BYTES):
         """Influence of training points on the loss at test points.
 
@@ -411,6 +420,17 @@ class BaseInfluence(FactorCache, SolveReporting, TransformerMixin, BaseEstimator
             ``"perturbation"``: ``<(C + regularization I)^-1 g(test_i),
             grad_x grad_theta l(x_j, y_j)>``, the sensitivity to perturbing the
             input of training point ``j``, shape ``(n_test, n_train, *x_shape)``.
+        normalize : {None, "relatif", "cosine"}, default=None
+            None: the influences as defined above, which grow with the size
+            of the training gradient: points the model fits badly
+            (mislabelled, atypical) dominate every ranking. ``"relatif"``
+            (Barshan et al., 2020) divides entry ``(i, j)`` by
+            ``sqrt(<(C + regularization I)^-1 g(train_j), g(train_j)>)``, the
+            square root of training point ``j``'s self-influence: the
+            influence per unit of how much the point moves the parameters,
+            which ranks points that matter to this test point in particular
+            (one more solve per training point). ``"cosine"`` uses unit
+            gradients on both sides, ``g / ||g||``. Only with ``mode="up"``.
         out : ndarray, torch.Tensor or zarr array, default=None
             Array of the result's shape to write into and return, for
             example ``numpy.lib.format.open_memmap(path, mode="w+",
@@ -434,6 +454,9 @@ class BaseInfluence(FactorCache, SolveReporting, TransformerMixin, BaseEstimator
         """
         if mode not in ("up", "perturbation"):
             raise ValueError(f"mode must be 'up' or 'perturbation', got {mode!r}.")
+        _check_normalize(normalize)
+        if normalize is not None and mode != "up":
+            raise ValueError(f"normalize={normalize!r} applies to mode='up' only.")
         if mode == "perturbation" and isinstance(self.input_shape_, dict):
             raise ValueError("mode='perturbation' differentiates with respect to the inputs, which must be one "
                              f"floating-point array; this estimator was fitted on keyword inputs {list(self.input_shape_)}.")
@@ -442,20 +465,126 @@ class BaseInfluence(FactorCache, SolveReporting, TransformerMixin, BaseEstimator
                 raise ValueError("mode='perturbation' is not computed on dask arrays; pass numpy arrays or "
                                  "tensors (in pieces of the test points, with out= a memmap, for a large result).")
             self._check_lazy_data(X_test, y_test, X, y)
-            result = lazy_influences(self, X_test, y_test, X, y)
+            result = lazy_influences(self, X_test, y_test, X, y, normalize)
             return result if out is None else store(result, out)
         test = self._check_data(X_test, y_test, names=("X_test", "y_test"))
         train = self._training_data(X, y)
         shape = (len(test), len(train)) if mode == "up" else (len(test), len(train), *self.input_shape_)
         result = allocate(shape, self._dtype(), returns_torch(X_test), self.device_, out, max_result_bytes)
         if mode == "up":
-            self._write_up_influences(test, train, result)
+            self._write_up_influences(test, train, result, normalize=normalize)
         else:
             self._write_perturbation_influences(test, train, result)
         return result
 
     @reporting_solves
-    def top_influences(self, X_test, y_test=None, *, k=10, X=None, y=None, which="helpful"):
+    def removal_effects(self, X_test, y_test=None, X=None, y=None, *, groups=None, order="first", solver="auto",
+                        out=None, max_result_bytes=DEFAULT_MAX_RESULT_BYTES):
+        """Predicted change of each test loss when a training point, or a group of them, is removed.
+
+        The training objective is taken in sum form, ``sum_i l_i(theta) +
+        n / 2 * regularization * ||theta||^2`` (without the penalty on
+        ``unpenalized_parameters_``), whose curvature is ``n (C +
+        regularization I)``. Removing a set ``G`` of training points removes
+        their loss terms and keeps the rest, the penalty included. Entry
+        ``(i, G)`` predicts ``l(test_i; theta_without_G) - l(test_i; theta)``:
+        positive where the points helped test point ``i``.
+
+        - ``order="first"``: ``sum_{j in G} influences[i, j] / n``, the
+          first-order change. It underestimates the effect of large groups
+          and of points with high leverage.
+        - ``order="newton"``: one Newton step of the objective without
+          ``G`` from the fitted parameters, ``g_i^T (n (C + regularization I)
+          - C_G)^-1 g_G`` with ``g_G`` the summed gradients of ``G`` and
+          ``C_G`` the sum of its points' Gauss-Newton terms. For a
+          generalised linear model (least squares, logistic regression) it
+          is the exact Newton step, and for least squares the exact change
+          after refitting.
+
+        The Newton step is computed from the fitted inverse by the Woodbury
+        identity: per point or group, the inverse is applied to one row per
+        output value of each of its points (one for a regressor, one per
+        class for a classifier), and one system of that many rows is solved;
+        exact for :class:`DirectInfluence`, as accurate as the inverse for
+        the others. A group with more than 4,096 such rows (or rows that do
+        not fit in ``working_memory``) is solved instead by conjugate
+        gradient on its modified system with the exact curvature,
+        preconditioned by the fitted inverse (each iteration one pass over
+        the fitted data). First order costs a pass over the training data,
+        as :meth:`influences` does; Newton costs about ``n_outputs + 1``
+        solves per training point.
+
+        Parameters
+        ----------
+        X_test : array-like or torch.Tensor of shape (n_test, ...)
+            Test inputs.
+        y_test : array-like or torch.Tensor of shape (n_test, ...), default=None
+            Test targets; None uses the prediction measurement (see
+            :meth:`transform`).
+        X : array-like or torch.Tensor of shape (n_train, ...), default=None
+            Training points to remove. None removes points of the data given
+            to ``fit``. ``n`` is always the number of fitted samples.
+        y : array-like or torch.Tensor of shape (n_train, ...), default=None
+            Their targets, required with ``X``.
+        groups : array-like of shape (n_train,), default=None
+            A group label per training point, as scikit-learn's group
+            splitters take them: each group is removed as a whole, and the
+            columns are the groups in the order of ``numpy.unique(groups)``.
+            None removes each point alone.
+        order : {"first", "newton"}, default="first"
+            First-order estimate, or one Newton step (see above).
+        solver : {"auto", "woodbury", "cg"}, default="auto"
+            How Newton steps are solved: ``"auto"`` takes Woodbury and
+            conjugate gradient for groups too large for it; the others force
+            one (``"cg"`` needs the fitted data).
+        out : ndarray, torch.Tensor or zarr array, default=None
+            Array of the result's shape to write into and return (see
+            :meth:`influences`).
+        max_result_bytes : int or None, default=2**31
+            Without ``out``, a larger result is refused (see :meth:`influences`).
+
+        Returns
+        -------
+        removal_effects : ndarray, torch.Tensor or dask array of shape (n_test, n_train) or (n_test, n_groups)
+            As :meth:`influences` returns it: ``out`` if given; a lazy dask
+            array if any of the data is one; a torch tensor on ``device_``
+            if ``X_test`` is one; else a numpy array.
+        """
+        if order not in ORDERS:
+            raise ValueError(f"order must be 'first' or 'newton', got {order!r}.")
+        if solver not in SOLVERS:
+            raise ValueError(f"solver must be 'auto', 'woodbury' or 'cg', got {solver!r}.")
+        if self._is_lazy(X_test, y_test, X, y):
+            self._check_lazy_data(X_test, y_test, X, y)
+            result = lazy_removal_effects(self, X_test, y_test, X, y, groups, order, solver)
+            return result if out is None else store(result, out)
+        test = self._check_data(X_test, y_test, names=("X_test", "y_test"))
+        train = self._training_data(X, y)
+        n_columns = len(train)
+        if groups is not None:
+            codes, labels = group_codes(groups, len(train))
+            n_columns = len(labels)
+        result = allocate((len(test), n_columns), self._dtype(), returns_torch(X_test), self.device_, out,
+                          max_result_bytes, what="removal_effects")
+        n = self.n_samples_fit_
+        if order == "first" and groups is None:
+            self._write_up_influences(test, train, result, pair_products=lambda solved, gradients: solved @ gradients.T / n)
+        elif order == "first":
+            self._write_group_influences(test, train, result, codes, n_columns)
+        else:
+            steps = RemovalSteps(self, train, order, solver)
+            if groups is None:
+                chunks = [(rows, functools.partial(steps.of_points, rows)) for rows in self._held_chunks(len(train))]
+            else:
+                members = rows_by_group(codes, n_columns)
+                chunks = [(rows, functools.partial(steps.of_groups, members[rows]))
+                          for rows in self._held_chunks(n_columns)]
+            self._write_removal_steps(test, result, chunks)
+            steps.warn_indefinite("groups" if groups is not None else "training points")
+        return result
+
+    @reporting_solves
+    def top_influences(self, X_test, y_test=None, *, k=10, X=None, y=None, which="helpful", normalize=None):
         """The ``k`` most helpful or harmful training points of each test point.
 
         Streams over the training data without building the influence matrix:
@@ -480,6 +609,10 @@ class BaseInfluence(FactorCache, SolveReporting, TransformerMixin, BaseEstimator
             ``"helpful"``: the largest influences first. ``"harmful"``: the
             most negative first. ``"both"``: the ``k`` most helpful followed
             by the ``k`` most harmful, in one pass.
+        normalize : {None, "relatif", "cosine"}, default=None
+            Rank by normalized influences (see :meth:`influences`):
+            ``"relatif"`` keeps points with large gradients (often
+            mislabelled ones) from topping every test point's list.
 
         Returns
         -------
@@ -493,11 +626,12 @@ class BaseInfluence(FactorCache, SolveReporting, TransformerMixin, BaseEstimator
         if which not in ("helpful", "harmful", "both"):
             raise ValueError(f"which must be 'helpful', 'harmful' or 'both', got {which!r}.")
         orders = {"helpful": [True], "harmful": [False], "both": [True, False]}[which]
+        _check_normalize(normalize)
         if self._is_lazy(X_test, y_test, X, y):
             if not isinstance(k, Integral):
                 raise ValueError(f"k must be an integer, got {k!r}.")
             self._check_lazy_data(X_test, y_test, X, y)
-            return lazy_top_influences(self, X_test, y_test, X, y, int(k), orders)
+            return lazy_top_influences(self, X_test, y_test, X, y, int(k), orders, normalize)
         test = self._check_data(X_test, y_test, names=("X_test", "y_test"))
         train = self._training_data(X, y)
         if not isinstance(k, Integral) or not 1 <= k <= len(train):
@@ -508,11 +642,11 @@ class BaseInfluence(FactorCache, SolveReporting, TransformerMixin, BaseEstimator
         values = allocate(shape, self._dtype(), like_torch, self.device_, max_bytes=None)
         fmodel = self._functional_model()
         for held in self._held_chunks(len(test)):
-            inverse_gradients = self._inverse_gradients_of(test, held)
+            inverse_gradients = self._inverse_gradients_of(test, held, normalize, "test")
             tops = [RunningTopK(k, largest) for largest in orders]
             for position, gradients in iter_gradients(fmodel, train, self.batch_size, progress=self.progress,
                                                       desc="top influences"):
-                block = inverse_gradients @ gradients.T
+                block = inverse_gradients @ self._streamed_vectors(gradients, normalize, "train").T
                 for top in tops:
                     top.update(block, position.start)
             write(indices, held, torch.cat([top.indices for top in tops], dim=1))
@@ -667,34 +801,95 @@ class BaseInfluence(FactorCache, SolveReporting, TransformerMixin, BaseEstimator
                                                   progress=self.progress and desc is not None, desc=desc):
             yield position, gradients, self._apply_inverse(gradients)
 
-    def _inverse_gradients_of(self, data, rows):
-        """Inverse-curvature gradients of ``rows`` of ``data``, held together (see :meth:`_held_chunks`)."""
+    def _inverse_gradients_of(self, data, rows, normalize=None, side="test"):
+        """Inverse-curvature gradients of ``rows`` of ``data``, held together (see :meth:`_held_chunks`), scaled
+        for ``normalize`` as the rows of ``side`` ("test" or "train") of an influence: for ``"cosine"``
+        divided by the gradients' norms, for ``"relatif"`` on the training side by the square roots of the
+        self-influences."""
         inverse_gradients = torch.empty(rows.stop - rows.start, self.n_params_, dtype=self._dtype(),
                                         device=self.device_)
-        for position, _, solved in self._solved_batches(data, rows):
+        for position, gradients, solved in self._solved_batches(data, rows):
+            if normalize == "cosine":
+                solved = solved * _reciprocal(gradients.norm(dim=1))[:, None]
+            elif normalize == "relatif" and side == "train":
+                solved = solved * _reciprocal(self._self_influence_roots(gradients, solved))[:, None]
             inverse_gradients[position] = solved
         return inverse_gradients
 
-    def _write_up_influences(self, test, train, result, pair_products=None):
+    def _streamed_vectors(self, gradients, normalize, side):
+        """Gradients of the streamed side of an influence (``side``: "test" or "train"), scaled for ``normalize``
+        (see :meth:`_inverse_gradients_of`)."""
+        if normalize == "cosine":
+            return gradients * _reciprocal(gradients.norm(dim=1))[:, None]
+        if normalize == "relatif" and side == "train":
+            roots = self._self_influence_roots(gradients, self._apply_inverse(gradients))
+            return gradients * _reciprocal(roots)[:, None]
+        return gradients
+
+    def _self_influence_roots(self, gradients, solved):
+        """``sqrt(<A^-1 g, g>)``, RelatIF's denominator; a warning where the self-influence of a nonzero
+        gradient is not positive (an inverse that is not positive definite there): those entries are 0."""
+        values = (solved * gradients).sum(dim=1)
+        nonzero = gradients.abs().amax(dim=1) > 0
+        if bool((nonzero & (values <= 0)).any()):
+            warn("Some training points have a self-influence <= 0, so RelatIF cannot normalize by its square "
+                 "root: their normalized influences are set to 0. The inverse is not positive definite on "
+                 "them; increase regularization or use second_order='gauss_newton'.")
+        return values.clamp_min(0).sqrt()
+
+    def _write_up_influences(self, test, train, result, pair_products=None, normalize=None):
         """Fill ``result`` with ``pair_products(inverse_gradients, gradients)`` (default their ``@ .T``):
-        inverse-curvature gradients of one side held, gradients of the other streamed; extra trailing
-        axes allowed."""
+        inverse-curvature gradients of one side held, gradients of the other streamed, both scaled for
+        ``normalize``; extra trailing axes allowed."""
         pair_products = pair_products or (lambda solved, gradients: solved @ gradients.T)
         fmodel = self._functional_model()
         # <A^-1 a, b> = <a, A^-1 b> for symmetric A: invert on the smaller side. An inverse that is not a
         # symmetric operator (stochastic LiSSA) is always applied to the test side, so that an entry does not
-        # depend on how many points share the call.
+        # depend on how many points share the call. RelatIF solves every training point anyway (its
+        # self-influence): holding that side costs no other solve.
         test_side = len(test) <= len(train) or not self._symmetric_inverse()
+        if normalize == "relatif" and self._symmetric_inverse():
+            test_side = False
         held_data, streamed_data, transposed = (test, train, False) if test_side else (train, test, True)
+        held_side, streamed_side = ("test", "train") if test_side else ("train", "test")
         for held in self._held_chunks(len(held_data)):
-            inverse_gradients = self._inverse_gradients_of(held_data, held)
+            inverse_gradients = self._inverse_gradients_of(held_data, held, normalize, held_side)
             for position, gradients in iter_gradients(fmodel, streamed_data, self.batch_size,
                                                       progress=self.progress, desc="influences"):
-                block = pair_products(inverse_gradients, gradients)
+                block = pair_products(inverse_gradients, self._streamed_vectors(gradients, normalize, streamed_side))
                 if transposed:
                     write(result, (position, held), block.transpose(0, 1))
                 else:
                     write(result, (held, position), block)
+
+    def _write_group_influences(self, test, train, result, codes, n_groups):
+        """Fill ``result`` with first-order removal effects of groups: influences / n summed over each group's
+        columns as the training data stream past, so that no (test x training) matrix is held."""
+        fmodel = self._functional_model()
+        codes = torch.as_tensor(codes, device=self.device_)
+        for held in self._held_chunks(len(test)):
+            inverse_gradients = self._inverse_gradients_of(test, held)
+            sums = torch.zeros(len(inverse_gradients), n_groups, dtype=self._dtype(), device=self.device_)
+            for position, gradients in iter_gradients(fmodel, train, self.batch_size, progress=self.progress,
+                                                      desc="removal effects"):
+                sums.index_add_(1, codes[position], inverse_gradients @ gradients.T)
+            write(result, held, sums / self.n_samples_fit_)
+
+    def _write_removal_steps(self, test, result, chunks):
+        """Fill the columns of ``result`` with ``<g_test, delta>``, for ``chunks`` of ``(columns, steps())``:
+        the parameter changes of a chunk's removals, computed once and held while the test gradients pass."""
+        fmodel = self._functional_model()
+        test_chunks = self._held_chunks(len(test))
+        held_gradients = None
+        for columns, steps in chunks:
+            deltas = steps()
+            if len(test_chunks) == 1:  # the test gradients fit in working_memory: computed once
+                if held_gradients is None:
+                    held_gradients = gradients_of(fmodel, test, self.batch_size, test_chunks[0])
+                write(result, (slice(None), columns), held_gradients @ deltas.T)
+                continue
+            for position, gradients in iter_gradients(fmodel, test, self.batch_size):
+                write(result, (position, columns), gradients @ deltas.T)
 
     def _write_perturbation_influences(self, test, train, result):
         fmodel = self._functional_model()
@@ -876,6 +1071,16 @@ def _portable(key, value, device, copy_modules):
     if key == "device":
         return value
     return moved(value, device, copy_modules)
+
+
+def _check_normalize(normalize):
+    if normalize not in (None, "relatif", "cosine"):
+        raise ValueError(f"normalize must be None, 'relatif' or 'cosine', got {normalize!r}.")
+
+
+def _reciprocal(values):
+    """``1 / values``, and 0 where ``values`` is 0: a zero gradient has zero normalized influence."""
+    return torch.where(values > 0, 1 / torch.where(values > 0, values, 1), 0)
 
 
 def _seed_of(random_state):

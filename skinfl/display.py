@@ -50,6 +50,9 @@ def _label(y, index):
     return f"y={text}"
 
 
+_NORMALIZED = {"relatif": "RelatIF ", "cosine": "cosine "}
+
+
 class InfluenceDisplay:
     """The most helpful and the most harmful training points of a few test points.
 
@@ -74,6 +77,9 @@ class InfluenceDisplay:
         Training inputs and labels, to show images and labels.
     X_test, y_test : array-like, default=None
         The test points, to show them beside their training points.
+    normalize : {None, "relatif", "cosine"}, default=None
+        How the influences were normalized (see ``influences``): named on
+        the axes.
 
     Attributes
     ----------
@@ -99,7 +105,8 @@ class InfluenceDisplay:
     """
 
     def __init__(self, helpful_indices, helpful_values, harmful_indices, harmful_values, *, X_train=None,
-                 y_train=None, X_test=None, y_test=None):
+                 y_train=None, X_test=None, y_test=None, normalize=None):
+        self.normalize = normalize
         self.helpful_indices = helpful_indices
         self.helpful_values = helpful_values
         self.harmful_indices = harmful_indices
@@ -110,7 +117,7 @@ class InfluenceDisplay:
         self.y_test = y_test
 
     @classmethod
-    def from_estimator(cls, estimator, X_test, y_test, *, X=None, y=None, k=5, shape=None, ax=None):
+    def from_estimator(cls, estimator, X_test, y_test, *, X=None, y=None, k=5, normalize=None, shape=None, ax=None):
         """Compute the top influences with a fitted estimator and plot them.
 
         Parameters
@@ -123,6 +130,10 @@ class InfluenceDisplay:
             The training points to rank; None ranks the data given to ``fit``.
         k : int, default=5
             Helpful and harmful points shown per test point.
+        normalize : {None, "relatif", "cosine"}, default=None
+            Rank by normalized influences (see ``influences``): ``"relatif"``
+            shows the points that matter to each test point in particular,
+            rather than the points with the largest gradients.
         shape : tuple of int, default=None
             Per-sample image shape (for example ``(8, 8)``) to draw inputs as
             images; None draws bar charts.
@@ -134,17 +145,18 @@ class InfluenceDisplay:
         display : InfluenceDisplay
             The display, drawn.
         """
-        indices, values = estimator.top_influences(X_test, y_test, k=k, X=X, y=y, which="both")
+        kwargs = {} if normalize is None else {"normalize": normalize}  # an ensemble or older estimator without it
+        indices, values = estimator.top_influences(X_test, y_test, k=k, X=X, y=y, which="both", **kwargs)
         indices, values = _numpy(indices), _numpy(values)
         if X is None:
             X, y = estimator._fit_data.arrays() if estimator._fit_data is not None else (None, None)
         display = cls(indices[:, :k], values[:, :k], indices[:, k:], values[:, k:], X_train=X, y_train=y,
-                      X_test=X_test, y_test=y_test)
+                      X_test=X_test, y_test=y_test, normalize=normalize)
         return display.plot(ax=ax, shape=shape)
 
     @classmethod
     def from_predictions(cls, influences, *, k=5, X_train=None, y_train=None, X_test=None, y_test=None,
-                         shape=None, ax=None):
+                         normalize=None, shape=None, ax=None):
         """Plot the top influences of an influence matrix computed before.
 
         Parameters
@@ -155,6 +167,8 @@ class InfluenceDisplay:
             Helpful and harmful points shown per test point.
         X_train, y_train, X_test, y_test : array-like, default=None
             Inputs and labels to show.
+        normalize : {None, "relatif", "cosine"}, default=None
+            How ``influences`` were normalized, to name it on the axes.
         shape : tuple of int, default=None
             Per-sample image shape to draw inputs as images.
         ax : matplotlib Axes or array of Axes, default=None
@@ -174,7 +188,7 @@ class InfluenceDisplay:
         harmful = np.argsort(scores, axis=1, kind="stable")[:, :k]
         display = cls(helpful, np.take_along_axis(scores, helpful, 1), harmful,
                       np.take_along_axis(scores, harmful, 1), X_train=X_train, y_train=y_train, X_test=X_test,
-                      y_test=y_test)
+                      y_test=y_test, normalize=normalize)
         return display.plot(ax=ax, shape=shape)
 
     def plot(self, ax=None, *, shape=None):
@@ -232,7 +246,7 @@ class InfluenceDisplay:
             if self.y_test is not None:
                 title += f" ({_label(self.y_test, row)})"
             ax.set_title(title)
-            ax.set_xlabel("influence (positive: helpful)")
+            ax.set_xlabel(f"{_NORMALIZED.get(self.normalize, '')}influence (positive: helpful)")
 
     def _draw_images(self, axes, shape):
         X_train, X_test = _rows(self.X_train), _rows(self.X_test)

@@ -110,6 +110,34 @@ def test_lazy_results_equal_the_eager_ones(client, problem, name):
         assert_close(values, expected_values)
 
 
+@pytest.mark.parametrize("name", ["DirectInfluence", "EkfacInfluence", "CgInfluence"])
+def test_lazy_removal_effects_and_normalized_influences_equal_the_eager_ones(client, problem, name):
+    """Points (first order: influences / n; Newton: steps per training block on the workers) and groups
+    (first order: sums per block added in a tree; Newton: steps computed when the array is built, CG products
+    on the workers), and RelatIF and cosine influences, on dask test data, dask training data, or both."""
+    model, X, y, X_test, y_test = problem
+    est = registry_estimator(name, model).fit(X, y)
+    sharded = registry_estimator(name, model).fit(*dask_training(X, y))
+    Xd_test, yd_test = dask_test(X_test, y_test)
+    groups = np.arange(len(X)) % 4
+    cases = [({"order": "first"}, est, (Xd_test, yd_test)), ({"order": "newton"}, est, (Xd_test, yd_test)),
+             ({"order": "newton"}, sharded, (X_test, y_test)),
+             ({"groups": groups}, sharded, (Xd_test, yd_test)),
+             ({"groups": groups, "order": "newton"}, est, (Xd_test, yd_test)),
+             ({"groups": groups, "order": "newton", "solver": "cg"}, sharded, (X_test, y_test))]
+    for kwargs, estimator, test in cases:
+        lazy = estimator.removal_effects(*test, **kwargs)
+        assert isinstance(lazy, da.Array), kwargs
+        assert_close(lazy.compute(), est.removal_effects(X_test, y_test, **kwargs))
+    for normalize in ("relatif", "cosine"):
+        lazy = sharded.influences(Xd_test, yd_test, normalize=normalize)
+        assert_close(lazy.compute(), est.influences(X_test, y_test, normalize=normalize))
+        indices, values = dask.compute(*sharded.top_influences(Xd_test, yd_test, k=3, normalize=normalize))
+        expected_indices, expected_values = est.top_influences(X_test, y_test, k=3, normalize=normalize)
+        np.testing.assert_array_equal(indices, expected_indices)
+        assert_close(values, expected_values)
+
+
 def test_influences_go_from_zarr_to_zarr(client, problem, tmp_path):
     """Training and test data read from zarr stores, the result written into one by the workers, in chunks
     that are not the blocks'."""

@@ -12,7 +12,7 @@ from .._kronecker import FISHER_TYPES, EkfacInverse, compute_ekfac_factors, plan
 from .._results import DEFAULT_MAX_RESULT_BYTES, allocate
 from .._validation import Interval, StrOptions, returns_torch
 from .._warnings import warn
-from ..base import BaseInfluence, reporting_solves
+from ..base import BaseInfluence, _check_normalize, reporting_solves
 from ..exceptions import NotPositiveDefiniteWarning
 
 
@@ -225,7 +225,7 @@ class EkfacInfluence(BaseInfluence):
         return self._inverse.apply(gradients)
 
     @reporting_solves
-    def influences(self, X_test, y_test=None, X=None, y=None, *, mode="up", by_layer=False, out=None,
+    def influences(self, X_test, y_test=None, X=None, y=None, *, mode="up", normalize=None, by_layer=False, out=None,
                    max_result_bytes=DEFAULT_MAX_RESULT_BYTES):
         """Influence of training points on the loss at test points, optionally one value per layer.
 
@@ -243,6 +243,10 @@ class EkfacInfluence(BaseInfluence):
             Their targets, required with ``X``.
         mode : {"up", "perturbation"}, default="up"
             See :meth:`BaseInfluence.influences`.
+        normalize : {None, "relatif", "cosine"}, default=None
+            See :meth:`BaseInfluence.influences`; with ``by_layer``, every
+            layer's contribution is divided by the same whole-model norm, so
+            that they still sum to the normalized influence.
         by_layer : bool, default=False
             Add a trailing axis with the contribution of each block, in the
             order of ``layers_``: the influence restricted to one layer's
@@ -261,8 +265,10 @@ class EkfacInfluence(BaseInfluence):
             ``by_layer``, or ``(n_test, n_train, *x_shape)`` for
             ``"perturbation"``.
         """
+        _check_normalize(normalize)
         if not by_layer:
-            return super().influences(X_test, y_test, X, y, mode=mode, out=out, max_result_bytes=max_result_bytes)
+            return super().influences(X_test, y_test, X, y, mode=mode, normalize=normalize, out=out,
+                                      max_result_bytes=max_result_bytes)
         if mode != "up":
             raise ValueError("by_layer=True splits up-weighting influences (mode='up') by layer; "
                              f"mode={mode!r} is not split.")
@@ -278,6 +284,6 @@ class EkfacInfluence(BaseInfluence):
         def by_block(inverse_gradients, gradients):
             return torch.stack([inverse_gradients[:, span] @ gradients[:, span].T for span in spans], dim=2)
 
-        self._write_up_influences(test, train, result, by_block)
+        self._write_up_influences(test, train, result, by_block, normalize=normalize)
         return result
 
