@@ -18,6 +18,7 @@ beside the result.
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Mapping
 from numbers import Integral
 from typing import ClassVar
@@ -31,8 +32,10 @@ from sklearn.exceptions import NotFittedError
 from sklearn.utils.validation import check_is_fitted
 
 from ._dask import import_dask, is_dask
+from ._data import rows_of
 from ._gradients import batch_slices
 from ._lazy import store
+from ._removal import group_codes
 from ._reporting import _SOLVE_REPORTS
 from ._results import DEFAULT_MAX_RESULT_BYTES, RunningTopK, allocate, write
 from ._validation import returns_torch, validate_estimator_params
@@ -285,7 +288,10 @@ class InfluenceEnsemble(BaseEstimator):
         chunk holds as many rows as one member's block of them fits in
         scikit-learn's ``working_memory``; the members' blocks are added
         into the result's rows (``out`` is written chunk by chunk), so that
-        no member's whole matrix is held beside the result.
+        no member's whole matrix is held beside the result. With
+        ``normalize="relatif"``, which solves every training point it
+        scores, the chunks are of training points instead (every test point
+        against a chunk of them), so that those solves are not repeated.
 
         Parameters
         ----------
@@ -321,7 +327,7 @@ class InfluenceEnsemble(BaseEstimator):
             input_shape = self._members()[0].input_shape_
             if not isinstance(input_shape, dict):
                 row_shape = (self._n_train(X), *input_shape)
-        return self._weighted_mean("influences", X_test, y_test, X, y, out, max_result_bytes, row_shape,
+        return self._weighted_mean("influences", X_test, y_test, X, y, out, max_result_bytes, row_shape, None,
                                    member_kwargs)
 
     def removal_effects(self, X_test, y_test=None, X=None, y=None, *, groups=None, order="first", out=None,
@@ -329,7 +335,10 @@ class InfluenceEnsemble(BaseEstimator):
         """Weighted mean of the members' predicted changes of test losses when training points are removed.
 
         ``sum_m weights_[m] * estimators_[m].removal_effects(...)``, computed
-        in chunks of test points as :meth:`influences` computes its result.
+        in chunks as :meth:`influences` computes its result: of test points
+        for ``order="first"``; of training points (or of groups) for
+        ``order="newton"``, whose steps are solved once per training point
+        (or group), not once per chunk of test points.
 
         Parameters
         ----------
@@ -364,9 +373,13 @@ class InfluenceEnsemble(BaseEstimator):
                 f"The members of this {type(self).__name__} have no removal_effects: this skinfl "
                 "computes removal effects as influences / n_samples_fit_ (see influences)."
             )
-        row_shape = (self._n_train(X),) if groups is None else None
+        n_train = self._n_train(X)
+        codes = None
+        if groups is not None:
+            codes, labels = group_codes(groups, n_train)
+        row_shape = (n_train if groups is None else len(labels),)
         return self._weighted_mean("removal_effects", X_test, y_test, X, y, out, max_result_bytes, row_shape,
-                                   {"groups": groups, "order": order, **member_kwargs})
+                                   codes, {"groups": groups, "order": order, **member_kwargs})
 
     def top_influences(self, X_test, y_test=None, *, k=10, X=None, y=None, which="helpful", **member_kwargs):
         """The ``k`` most helpful or harmful training points of each test point under the mean influences.
@@ -425,10 +438,17 @@ class InfluenceEnsemble(BaseEstimator):
         shape = (n_test, int(k) * len(orders))
         indices = allocate(shape, torch.int64, like_torch, device, max_bytes=None)
         values = allocate(shape, dtype, like_torch, device, max_bytes=None)
+        chunks = _Chunks("influences", members, weights, X_test, y_test, X, y, None, member_kwargs, dtype, device)
         with _GatheredSolves(members) as calls:
-            for rows in _chunks(n_test, n_train, dtype):
-                block = _weighted_block(calls, "influences", members, weights, rows, X_test, y_test, X, y,
-                                        dtype, device, member_kwargs)
+            if chunks.by_training_points:  # every test point, chunks of training points: one ranking merged
+                tops = [RunningTopK(int(k), largest) for largest in orders]
+                for (_, columns), block in chunks.blocks(calls, n_train):
+                    for top in tops:
+                        top.update(block, columns.start)
+                write(indices, slice(None), torch.cat([top.indices for top in tops], dim=1))
+                write(values, slice(None), torch.cat([top.values for top in tops], dim=1))
+                return indices, values
+            for rows, block in chunks.blocks(calls, n_train):
                 tops = [RunningTopK(int(k), largest) for largest in orders]
                 for top in tops:
                     top.update(block, 0)
@@ -498,8 +518,14 @@ class InfluenceEnsemble(BaseEstimator):
     def _is_lazy(members, X_test, y_test, X, y):
         return any(member._is_lazy(X_test, y_test, X, y) for member in members)
 
-    def _weighted_mean(self, method, X_test, y_test, X, y, out, max_result_bytes, row_shape, member_kwargs):
-        """The weighted mean of ``member.method(...)``, streamed over chunks of test rows."""
+    def _weighted_mean(self, method, X_test, y_test, X, y, out, max_result_bytes, row_shape, codes, member_kwargs):
+        """The weighted mean of ``member.method(...)``, streamed over chunks (see :class:`_Chunks`).
+
+        ``row_shape``: the shape of a row of the result where it is known
+        before any work (it is then refused or allocated first), else None;
+        ``codes``: each training point's group, an index into the sorted
+        group labels, or None.
+        """
         members = self._members()
         weights = self._weights(members)
         if self._is_lazy(members, X_test, y_test, X, y):
@@ -514,16 +540,18 @@ class InfluenceEnsemble(BaseEstimator):
         result = None
         if row_shape is not None:  # refused before any work, when the shape is known
             result = allocate((n_test, *row_shape), dtype, like_torch, device, out, max_result_bytes, what=method)
-        # Per row: the known width, else at most one value per training point.
-        width = int(np.prod(row_shape, dtype=np.int64)) if row_shape is not None else self._n_train(X)
+        # Columns of the result, and values per column per test point (1, or the input's for mode="perturbation");
+        # unknown: at most one column per training point.
+        n_columns = row_shape[0] if row_shape is not None else self._n_train(X)
+        depth = int(np.prod(row_shape[1:], dtype=np.int64)) if row_shape is not None else 1
+        chunks = _Chunks(method, members, weights, X_test, y_test, X, y, codes,
+                         {"max_result_bytes": None, **member_kwargs}, dtype, device)
         with _GatheredSolves(members) as calls:
-            for rows in _chunks(n_test, width, dtype):
-                block = _weighted_block(calls, method, members, weights, rows, X_test, y_test, X, y, dtype,
-                                        device, {"max_result_bytes": None, **member_kwargs})
+            for index, block in chunks.blocks(calls, n_columns, depth):
                 if result is None:
                     result = allocate((n_test, *block.shape[1:]), dtype, like_torch, device, out,
                                       max_result_bytes, what=method)
-                write(result, rows, block)
+                write(result, index, block)
         return result
 
 
@@ -595,20 +623,26 @@ def _n_samples(data):
 
 
 def _rows(data, rows):
-    """Rows ``rows`` (a slice) of test data: of each value of a dict, by position for pandas."""
+    """Rows ``rows`` (a slice or an increasing integer array) of data: of each value of a dict, by position
+    for pandas, as skinfl reads rows for any other array (zarr, h5py, tensors)."""
     if data is None:
         return None
     if isinstance(data, Mapping):
         return {key: _rows(value, rows) for key, value in data.items()}
     if hasattr(data, "iloc"):
         return data.iloc[rows]
-    return data[rows]
+    return rows_of(data, rows)
+
+
+def _working_memory_bytes():
+    """scikit-learn's ``working_memory``, in bytes: what one member's block of a chunk may take."""
+    return int(get_config()["working_memory"] * 2**20)
 
 
 def _chunks(n_rows, width, dtype):
     """Slices of rows whose blocks of ``width`` values per row fit in ``working_memory``."""
     itemsize = torch.tensor([], dtype=dtype).element_size()
-    budget = int(get_config()["working_memory"] * 2**20) // (max(1, width) * itemsize)
+    budget = _working_memory_bytes() // (max(1, width) * itemsize)
     return batch_slices(n_rows, max(1, budget))
 
 
@@ -624,18 +658,93 @@ def _as_tensor(value, dtype, device):
     return tensor.to(device=device, dtype=dtype)
 
 
-def _weighted_block(calls, method, members, weights, rows, X_test, y_test, X, y, dtype, device, kwargs):
-    """``sum_m weights[m] * members[m].method(X_test[rows], y_test[rows], X, y, **kwargs)``, one block held
-    beside the sum."""
-    x_rows, y_rows = _rows(X_test, rows), _rows(y_test, rows)
-    total = None
-    for index, (member, weight) in enumerate(zip(members, weights)):
-        with calls(index):
-            block = getattr(member, method)(x_rows, y_rows, X, y, **kwargs)
-        block = _as_tensor(block, dtype, device)
-        total = block.mul_(float(weight)) if total is None else total.add_(block, alpha=float(weight))
-        del block
-    return total
+class _Chunks:
+    """The weighted mean of the members' results, one chunk at a time, each sized so that one member's block
+    of it fits in scikit-learn's ``working_memory``; one member's block is held beside the sum.
+
+    A chunk is a block of test points against every training point (or
+    group), or, where each member call solves every training point it
+    scores (RelatIF's self-influences, Newton steps), a block of training
+    points (or of groups) against every test point: chunks of test points
+    would repeat those solves for each chunk.
+
+    Parameters
+    ----------
+    method : str
+        The members' method (``"influences"``, ``"removal_effects"``).
+    members, weights : list, ndarray
+        The members and their normalised weights.
+    X_test, y_test, X, y : array-like or None
+        The arguments of the call; ``X=None`` takes each member's fitted data.
+    codes : ndarray or None
+        Each training point's group as an index into the sorted labels
+        (``groups`` is then in ``kwargs``), or None.
+    kwargs : dict
+        The other arguments of the members' method.
+    dtype, device : torch.dtype, torch.device
+        Where and in which dtype the mean is added up.
+    """
+
+    def __init__(self, method, members, weights, X_test, y_test, X, y, codes, kwargs, dtype, device):
+        self.method, self.members, self.weights = method, members, weights
+        self.X_test, self.y_test, self.X, self.y = X_test, y_test, X, y
+        self.codes, self.kwargs, self.dtype, self.device = codes, kwargs, dtype, device
+        self.by_training_points = kwargs.get("normalize") == "relatif" or (
+            method == "removal_effects" and kwargs.get("order") == "newton")
+        if self.by_training_points and X is None and any(member._fit_data is None for member in members):
+            self.by_training_points = False  # no fitted data to cut: the members' own error, at their first call
+
+    def blocks(self, calls, n_columns, depth=1):
+        """Yield ``(index, block)``: the mean over a chunk, and where it goes in the result (rows; or all
+        rows and some columns)."""
+        n_test = _n_samples(self.X_test)
+        if not self.by_training_points:
+            for rows in _chunks(n_test, n_columns * depth, self.dtype):
+                x_rows, y_rows = _rows(self.X_test, rows), _rows(self.y_test, rows)
+                yield rows, self._mean(calls, functools.partial(self._call, X_test=x_rows, y_test=y_rows, X=self.X,
+                                                                y=self.y))
+            return
+        for columns in _chunks(n_columns, n_test * depth, self.dtype):
+            yield (slice(None), columns), self._mean(calls, functools.partial(self._call_on_columns, columns=columns))
+
+    def _call(self, member, X_test, y_test, X, y, **extra):
+        return getattr(member, self.method)(X_test, y_test, X, y, **{**self.kwargs, **extra})
+
+    def _call_on_columns(self, member, columns):
+        """The member's result for every test point against the training points (or groups) ``columns``."""
+        extra = {}
+        if self.codes is None:
+            rows = columns
+        else:  # the groups of these columns: their codes, whose sorted labels are the columns' positions
+            rows = np.flatnonzero((self.codes >= columns.start) & (self.codes < columns.stop))
+            extra["groups"] = self.codes[rows]
+        if self.X is not None:
+            X, y = _rows(self.X, rows), _rows(self.y, rows)
+        else:
+            X, y = _fitted_rows(member, rows)
+        return self._call(member, self.X_test, self.y_test, X, y, **extra)
+
+    def _mean(self, calls, call):
+        total = None
+        for index, (member, weight) in enumerate(zip(self.members, self.weights)):
+            with calls(index):
+                block = _as_tensor(call(member), self.dtype, self.device)
+            total = block.mul_(float(weight)) if total is None else total.add_(block, alpha=float(weight))
+            del block
+        return total
+
+
+def _fitted_rows(member, rows):
+    """Rows ``rows`` of the data ``member`` was fitted on, as ``influences`` takes training points: a frame
+    with the fitted column names where it was fitted on one (else scikit-learn's name check warns)."""
+    X, y = member._fit_data.arrays()
+    X, y = _rows(X, rows), _rows(y, rows)
+    names = getattr(member, "feature_names_in_", None)
+    if names is not None:
+        import pandas as pd  # fitted on a DataFrame: pandas is there
+
+        X = pd.DataFrame(np.asarray(X), columns=names)
+    return X, y
 
 
 class _GatheredSolves:

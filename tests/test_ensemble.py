@@ -23,6 +23,7 @@ from sklearn.utils.validation import check_is_fitted
 from torch import nn
 
 import skinfl
+import skinfl.ensemble
 from skinfl import CgInfluence, DirectInfluence, InfluenceEnsemble
 from skinfl.exceptions import CgConvergenceWarning
 from skinfl.metrics import LdsScorer, ReferenceAgreementScorer, linear_datamodeling_score
@@ -496,35 +497,86 @@ def test_save_load_fitted_members_and_data_kept_apart(problem, tmp_path):
 
 
 # ------------------------------------------------------------------ beyond first order
-needs_removal_effects = pytest.mark.skipif(not hasattr(skinfl.BaseInfluence, "removal_effects"),
-                                           reason="this skinfl's estimators have no removal_effects")
+def working_memory_for(rows=None, columns=None, n_columns=N_TRAIN):
+    """A ``working_memory`` (MiB) that holds ``rows`` rows of float64 results, or ``columns`` columns."""
+    return (rows * n_columns if rows is not None else columns * N_TEST) * 8 / 2**20
 
 
-@needs_removal_effects
+def ensemble_chunks_of(monkeypatch, columns):
+    """Chunks of ``columns`` training points (or groups) in the ensemble only: the members keep the default
+    ``working_memory``, under which their Newton steps are solved by Woodbury (not by conjugate gradient, as
+    they are when their rows do not fit in it)."""
+    monkeypatch.setattr(skinfl.ensemble, "_working_memory_bytes", lambda: columns * N_TEST * 8)
+
+
+@pytest.mark.parametrize("order", ["first", "newton"])
 @pytest.mark.parametrize("with_groups", [False, True], ids=["points", "groups"])
-def test_removal_effects_are_the_weighted_mean(fitted, problem, with_groups):
+def test_removal_effects_are_the_weighted_mean(fitted, problem, monkeypatch, order, with_groups):
     _, _, _, X_test, y_test = problem
     ensemble = fitted(CUSTOM_WEIGHTS)
-    groups = np.arange(N_TRAIN) % 7 if with_groups else None
-    expected = weighted(ensemble, [member.removal_effects(X_test, y_test, groups=groups)
+    groups = (np.arange(N_TRAIN) * 5) % 7 + 10 if with_groups else None  # interleaved labels 10 to 16
+    n_columns = 7 if with_groups else N_TRAIN
+    expected = weighted(ensemble, [member.removal_effects(X_test, y_test, groups=groups, order=order)
                                    for member in ensemble.estimators_])
-    with sklearn.config_context(working_memory=3 * N_TRAIN * 8 / 2**20):
-        result = ensemble.removal_effects(X_test, y_test, groups=groups)
-    assert result.shape == (N_TEST, 7 if with_groups else N_TRAIN)
-    np.testing.assert_allclose(result, expected, rtol=1e-10, atol=1e-14)
+    calls = counting(monkeypatch, ensemble.estimators_[0], "removal_effects")
+    if order == "first":
+        with sklearn.config_context(working_memory=working_memory_for(rows=3, n_columns=n_columns)):
+            result = ensemble.removal_effects(X_test, y_test, groups=groups, order=order)
+    else:
+        ensemble_chunks_of(monkeypatch, columns=2 if with_groups else 8)
+        result = ensemble.removal_effects(X_test, y_test, groups=groups, order=order)
+    assert result.shape == (N_TEST, n_columns)
+    np.testing.assert_allclose(result, expected, rtol=1e-9, atol=1e-12)
+    if order == "first":  # chunks of test points
+        assert calls == [3, 3, 3]
+    else:  # chunks of training points (or groups), every test point in each: each step is solved once
+        assert calls == [N_TEST] * (4 if with_groups else 5)
 
 
-@pytest.mark.skipif(not hasattr(skinfl.BaseInfluence, "removal_effects")
-                    or "normalize" not in inspect.signature(skinfl.BaseInfluence.influences).parameters,
-                    reason="this skinfl's influences take no normalize")
-def test_relatif_influences_are_the_weighted_mean(fitted, problem):
+def test_newton_removal_of_groups_of_other_training_points(fitted, problem, monkeypatch):
+    _, X, y, X_test, y_test = problem
+    ensemble = fitted(CUSTOM_WEIGHTS)
+    X_other, y_other, groups = X[5:30], y[5:30], np.array(list("abcde") * 5)
+    expected = weighted(ensemble, [member.removal_effects(X_test, y_test, X_other, y_other, groups=groups,
+                                                          order="newton") for member in ensemble.estimators_])
+    ensemble_chunks_of(monkeypatch, columns=2)
+    result = ensemble.removal_effects(X_test, y_test, X_other, y_other, groups=groups, order="newton")
+    np.testing.assert_allclose(result, expected, rtol=1e-9, atol=1e-12)
+    assert result.shape == (N_TEST, 5)
+
+
+def test_relatif_influences_are_the_weighted_mean(fitted, problem, monkeypatch):
     _, _, _, X_test, y_test = problem
     ensemble = fitted(CUSTOM_WEIGHTS)
     expected = weighted(ensemble, member_influences(ensemble, X_test, y_test, normalize="relatif"))
-    with sklearn.config_context(working_memory=3 * N_TRAIN * 8 / 2**20):
+    calls = counting(monkeypatch, ensemble.estimators_[0])
+    with sklearn.config_context(working_memory=working_memory_for(columns=16)):
         result = ensemble.influences(X_test, y_test, normalize="relatif")
-    np.testing.assert_allclose(result, expected, rtol=1e-10, atol=1e-14)
+        # RelatIF solves every training point it scores: chunks of training points, so each is solved once.
+        assert calls == [N_TEST] * 3
+        calls.clear()
+        indices, values = ensemble.top_influences(X_test, y_test, k=3, which="both", normalize="relatif")
+        assert calls == [N_TEST] * 3
+    np.testing.assert_allclose(result, expected, rtol=1e-9, atol=1e-12)
     assert not np.allclose(result, ensemble.influences(X_test, y_test))
+    tops = [top_k(expected, 3, largest) for largest in (True, False)]
+    np.testing.assert_array_equal(indices, np.concatenate([top[0] for top in tops], axis=1))
+    np.testing.assert_allclose(values, np.concatenate([top[1] for top in tops], axis=1), rtol=1e-9, atol=1e-12)
+
+
+def test_chunks_of_training_points_keep_the_fitted_feature_names(problem, monkeypatch):
+    pd = pytest.importorskip("pandas")
+    models, X, y, X_test, y_test = problem
+    columns = ["a", "b", "c", "d"]
+    frame, test_frame = pd.DataFrame(X, columns=columns), pd.DataFrame(X_test, columns=columns)
+    on_frames = InfluenceEnsemble([DirectInfluence(model, regularization=0.1) for model in models[:2]]).fit(frame, y)
+    on_arrays = InfluenceEnsemble([DirectInfluence(model, regularization=0.1) for model in models[:2]]).fit(X, y)
+    ensemble_chunks_of(monkeypatch, columns=20)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "X does not have valid feature names"
+        result = on_frames.removal_effects(test_frame, y_test, order="newton")
+    np.testing.assert_allclose(result, on_arrays.removal_effects(X_test, y_test, order="newton"),
+                               rtol=1e-10, atol=1e-13)
 
 
 def test_chunk_count_matches_working_memory():
