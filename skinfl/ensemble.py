@@ -8,11 +8,13 @@ largest single gain in the linear datamodeling score that TRAK and dattri
 report. The ensemble holds one skinfl estimator per model and returns the
 weighted mean of what they return.
 
-The members are called on row chunks of the test points, sized from
+The members are called on chunks of the test points, sized from
 scikit-learn's ``working_memory`` as ``pairwise_distances_chunked`` sizes
 them: a chunk's blocks from each member are added into one block, written
 into the result, and dropped, so that no member's full matrix is held
-beside the result.
+beside the result. Where a member call solves every training point it
+scores (Newton steps, RelatIF), the chunks are of training points instead
+(see :class:`_Chunks`), so that no solve is repeated.
 """
 
 from __future__ import annotations
