@@ -119,11 +119,11 @@ def _group_influence_block(shipped, factors, x, y, codes, n_groups):
     return sums.cpu().numpy()
 
 
-def _point_steps_block(shipped, x, y, order, solver):
-    """Parameter changes of removing each training row of ``(x, y)`` (see :mod:`skinfl._removal`)."""
+def _point_steps_block(shipped, x, y, solver):
+    """Newton steps of removing each training row of ``(x, y)`` (see :mod:`skinfl._removal`)."""
     estimator = shipped.get()
     data = estimator._check_data(x, y)
-    steps = RemovalSteps(estimator, data, order, solver)
+    steps = RemovalSteps(estimator, data, solver)
     deltas = steps.of_points(slice(0, len(data)))
     steps.warn_indefinite("training points")
     return deltas.cpu()
@@ -285,14 +285,14 @@ def lazy_removal_effects(estimator, X_test, y_test, X, y, groups, order, solver)
     worker = _shipped(estimator)
     dtype = numpy_dtype(estimator._dtype())
     if groups is None:
-        steps = RemovalSteps(estimator, None, order, solver)
+        steps = RemovalSteps(estimator, None, solver)
         if steps._uses_cg(steps.rows_per_point):
             raise ValueError(
                 f"order='newton' for single points with {steps.rows_per_point} output values per sample solves each "
                 "point's system by conjugate gradient over the fitted data, which is not run on dask arrays. Pass "
                 "numpy arrays or tensors, or remove groups of points (groups=...)."
             )
-        deltas = [_task(_point_steps_block)(worker, x, t, order, solver) for x, t in zip(train.inputs, train.targets)]
+        deltas = [_task(_point_steps_block)(worker, x, t, solver) for x, t in zip(train.inputs, train.targets)]
         return da.concatenate([
             da.concatenate([da.from_delayed(_task(_removal_block)(worker, delta, x, t), shape=(test_size, size),
                                             dtype=dtype)
@@ -311,7 +311,7 @@ def lazy_removal_effects(estimator, X_test, y_test, X, y, groups, order, solver)
                         / n)
         return da.concatenate(rows, axis=0)
     data = estimator._training_data(X, y)
-    steps = RemovalSteps(estimator, data, order, solver)
+    steps = RemovalSteps(estimator, data, solver)
     members = rows_by_group(codes, len(labels))
     columns = []
     for chunk in estimator._held_chunks(len(labels)):

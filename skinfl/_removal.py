@@ -100,7 +100,8 @@ def gauss_newton_rows(fmodel, x, y):
 
 
 class RemovalSteps:
-    """The parameter changes ``delta`` of removing training points or groups (see the module docstring).
+    """The parameter changes ``delta`` of removing training points or groups by one Newton step (see the module
+    docstring; first-order effects are influences / n, computed as influences are).
 
     Parameters
     ----------
@@ -108,17 +109,15 @@ class RemovalSteps:
         A fitted estimator: its inverse, model and number of fitted samples.
     data : DataSource
         The training points whose removal is predicted.
-    order : {"first", "newton"}
     solver : {"auto", "woodbury", "cg"}
         How Newton steps of groups are solved; single points always use
         Woodbury unless ``"cg"``.
     """
 
-    def __init__(self, estimator, data, order, solver):
+    def __init__(self, estimator, data, solver):
         self.estimator = estimator
         self.fmodel = estimator._functional_model()
         self.data = data
-        self.order = order
         self.solver = solver
         self.n = estimator.n_samples_fit_
         self.dtype = self.fmodel.dtype
@@ -132,10 +131,6 @@ class RemovalSteps:
         """``delta`` of removing each training point of ``rows`` (a slice), ``(n_rows, n_params)``."""
         deltas = torch.empty(rows.stop - rows.start, self.fmodel.n_params, dtype=self.dtype,
                              device=self.estimator.device_)
-        if self.order == "first":
-            for position, _, solved in self.estimator._solved_batches(self.data, rows):
-                deltas[position] = solved / self.n
-            return deltas
         if self._uses_cg(self.rows_per_point):
             for offset, row in enumerate(range(rows.start, rows.stop)):
                 deltas[offset] = self._newton_cg(np.array([row]))
@@ -183,9 +178,7 @@ class RemovalSteps:
         """``delta`` of removing each group, given as a list of row arrays: ``(n_groups, n_params)``."""
         deltas = torch.empty(len(groups), self.fmodel.n_params, dtype=self.dtype, device=self.estimator.device_)
         for position, rows in enumerate(groups):
-            if self.order == "first":
-                deltas[position] = self.estimator._apply_inverse(self._gradient_sum(rows)[None])[0] / self.n
-            elif self._uses_cg(len(rows) * self.rows_per_point):
+            if self._uses_cg(len(rows) * self.rows_per_point):
                 deltas[position] = self._newton_cg(rows)
             else:
                 deltas[position] = self._newton_woodbury(rows)

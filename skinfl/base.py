@@ -572,7 +572,7 @@ class BaseInfluence(FactorCache, SolveReporting, TransformerMixin, BaseEstimator
         elif order == "first":
             self._write_group_influences(test, train, result, codes, n_columns)
         else:
-            steps = RemovalSteps(self, train, order, solver)
+            steps = RemovalSteps(self, train, solver)
             if groups is None:
                 chunks = [(rows, functools.partial(steps.of_points, rows)) for rows in self._held_chunks(len(train))]
             else:

@@ -334,3 +334,42 @@ def test_normalize_errors(network):
         est.top_influences(X[:2], y[:2], k=2, normalize="l2")
     with pytest.raises(ValueError, match="mode='up' only"):
         est.influences(X[:2], y[:2], mode="perturbation", normalize="cosine")
+
+
+# ------------------------------------------------------------------ every model kind
+@pytest.mark.parametrize("kind", ["dict inputs", "token targets", "parameter subset"])
+def test_newton_removal_for_keyword_inputs_token_targets_and_a_parameter_subset(kind):
+    """A two-input model called as model(**X); a tagger whose sample loss sums its tokens' (some ignored),
+    20 Woodbury rows per point; influence over a chosen subset of parameters. Against ``(n A - C_G)^-1`` built
+    from the explicit per-sample Gauss-Newton terms of tests/references.py."""
+    from references import Reference, rows, token_cross_entropy
+    from test_sequences import cross_entropy_per_sample, tagger_problem, two_input_problem
+
+    names = None
+    if kind == "dict inputs":
+        model, X, y = two_input_problem()
+        loss = cross_entropy_per_sample
+    else:
+        model, X, y = tagger_problem()
+        loss = token_cross_entropy()
+        if kind == "parameter subset":
+            names = ["hidden.weight", "head.weight", "head.bias"]
+    reference = Reference(model, loss, names)
+    n = len(y)
+    inverse = reference.inverse(X, y, 0.5)
+    G = reference.gradients(X, y)
+    terms = torch.stack([reference.gauss_newton(rows(X, slice(j, j + 1)), y[j:j + 1]) for j in range(n)])
+    X_test, y_test = rows(X, slice(0, 3)), y[:3]
+    G_test = G[:3]
+    est = DirectInfluence(model, parameters=["hidden.weight", "head.*"] if names else None, regularization=0.5,
+                          second_order="gauss_newton", batch_size=4).fit(X, y)
+    groups = np.arange(n) % 3
+    group_rows = [list(np.flatnonzero(groups == g)) for g in range(3)]
+
+    torch.testing.assert_close(est.removal_effects(X_test, y_test, order="newton"),
+                               newton_reference(inverse, terms, G, G_test, [[j] for j in range(n)]),
+                               rtol=1e-8, atol=1e-11)
+    expected = newton_reference(inverse, terms, G, G_test, group_rows)
+    for solver in ("woodbury", "cg"):
+        torch.testing.assert_close(est.removal_effects(X_test, y_test, groups=groups, order="newton", solver=solver),
+                                   expected, rtol=1e-7, atol=1e-10)
