@@ -10,7 +10,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.utils import check_random_state
 from torch import nn
 
-from skinfl import DirectInfluence
+from skinfl import DirectInfluence, InfluenceEnsemble
 from skinfl.metrics import DataCleaningScorer, data_cleaning
 from skinfl.metrics._cleaning import _accuracy
 from skinfl.retraining import LogisticRegressionRetrainer
@@ -142,6 +142,28 @@ def test_training_data_given_or_fitted_and_precomputed_scores(small):
     np.testing.assert_array_equal(result.removed["influence"], np.arange(N_TRAIN)[::-1])
     np.testing.assert_array_equal(retrain.trained_on[1], np.arange(N_TRAIN - 4))
     assert result.scores is not scores and result.scores.dtype == np.float64
+
+
+def test_an_ensemble_ranks_by_its_mean_influence_and_mean_loss(small):
+    _, X_train, y_train, X_val, y_val, X_test, y_test = small
+    members = []
+    for C in (0.5, 2.0):
+        retrain = LogisticRegressionRetrainer(C=C)
+        members.append(DirectInfluence(retrain(X_train, y_train), loss="bce_with_logits",
+                                       regularization=retrain.regularization_for(N_TRAIN)))
+    ensemble = InfluenceEnsemble(members, weights=[1.0, 3.0]).fit(X_train, y_train)
+    result = data_cleaning(ensemble, RecordingRetrain(X_train, y_train), X_val, y_val, X_test, y_test,
+                           fractions=(0.1,), rankings=("influence", "loss"))
+    fitted = ensemble.estimators_
+    scores = [member.influences(X_val, y_val).sum(axis=0) for member in fitted]
+    np.testing.assert_allclose(result.scores, 0.25 * scores[0] + 0.75 * scores[1], rtol=1e-10)
+    losses = []
+    for member in fitted:
+        with torch.no_grad():
+            logits = member.model_(torch.as_tensor(X_train))[:, 0]
+            losses.append(nn.functional.binary_cross_entropy_with_logits(
+                logits, torch.as_tensor(y_train, dtype=logits.dtype), reduction="none").numpy())
+    np.testing.assert_allclose(result.losses, 0.25 * losses[0] + 0.75 * losses[1], rtol=1e-10)
 
 
 def test_validation_rows_in_chunks_give_the_same_scores(small, monkeypatch):

@@ -23,6 +23,7 @@ from torch import nn
 
 from .._model import output_tensor
 from .._validation import check_same_length, input_chunk_to_tensor
+from ..ensemble import InfluenceEnsemble
 from ._ground_truth import _EVALUATION_CHUNK, _parallel, _row_indexable, retrain_function, training_losses
 from ._scorers import _as_numpy, _CachingScorer, _fitted_data, _fitted_influence_estimator, _training_data
 
@@ -122,6 +123,14 @@ def _validation_influence(estimator, X_val, y_val, X=None, y=None, *, normalize=
     return scores
 
 
+def _training_losses(estimator, X, y):
+    """Training losses under the estimator's model; for an ensemble, the weighted mean over its members'."""
+    if isinstance(estimator, InfluenceEnsemble):
+        return sum(weight * training_losses(member, X, y)
+                   for weight, member in zip(estimator.weights_, estimator._members()))
+    return training_losses(estimator, X, y)
+
+
 def _torch_predictions(model, X):
     """Predicted classes of a torch module: the argmax over its outputs, or a positive single logit."""
     parameter = next(model.parameters(), None)
@@ -213,7 +222,8 @@ def data_cleaning(
       most). The sum is taken over blocks of validation rows, each within
       scikit-learn's ``working_memory``.
     - ``"loss"``: the training loss of each point under the estimator's
-      model, highest first: the usual baseline, which needs no influence.
+      model (an ensemble's: the weighted mean of its members'), highest
+      first: the usual baseline, which needs no influence.
     - ``"random"``: ``n_random`` random orders; their accuracies are averaged.
 
     The test set must be separate from the validation set: the validation
@@ -227,7 +237,7 @@ def data_cleaning(
 
     Parameters
     ----------
-    estimator : BaseInfluence or None
+    estimator : BaseInfluence, InfluenceEnsemble or None
         A fitted influence estimator, whose model is the one trained on the
         training set. It may be None when ``influence_scores``, ``X`` and
         ``y`` are given and ``"loss"`` is not among ``rankings``.
@@ -348,7 +358,7 @@ def data_cleaning(
         if name == "influence":
             orders[name] = np.argsort(scores, kind="stable")
         elif name == "loss":
-            losses = training_losses(estimator, *(_fitted_data(estimator) if X is None else (X, y)))
+            losses = _training_losses(estimator, *(_fitted_data(estimator) if X is None else (X, y)))
             orders[name] = np.argsort(-losses, kind="stable")
         else:
             rng = check_random_state(random_state)
