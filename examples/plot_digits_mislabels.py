@@ -195,6 +195,32 @@ for i in range(n_show):
         print("    " + describe(j, value))
 
 # %%
+# Relative influence: what is specific to this test point
+# -------------------------------------------------------
+# Raw influence grows with the size of the training point's gradient. A
+# memorised wrong label has a large gradient, so the same few of them show up
+# among the "most helpful" and "most harmful" points of almost every test
+# point: the ranking measures how loud a point is more than how relevant.
+# ``normalize="relatif"`` (RelatIF) divides each training point's influence
+# by the square root of its self-influence, and ranks the points that matter
+# to this test point in particular. Below: the top-3 helpful points of every
+# test digit, raw and relative. Use the raw ranking to find the points with
+# the largest effect on a prediction; use RelatIF to explain it with the
+# training points most like it.
+
+raw_top = estimator.top_influences(X_test, y_test, k=3)[0]
+relatif_top = estimator.top_influences(X_test, y_test, k=3, normalize="relatif")[0]
+print(f"\nmost helpful 3 training points of each of the {len(X_test)} test digits:")
+print("                 distinct points   wrong labels among them   same digit as the test point")
+for name, top_indices in (("raw influence", raw_top), ("RelatIF", relatif_top)):
+    same_digit = (y_train_clean[top_indices] == y_test[:, None]).mean()
+    print(f"  {name:<14s} {len(np.unique(top_indices)):>13d}   {flipped[top_indices].mean():>23.0%}   "
+          f"{same_digit:>27.0%}")
+for i in range(n_show):
+    print(f"  test point {i} (label {y_test[i]}): raw #{', #'.join(map(str, raw_top[i]))}; "
+          f"RelatIF #{', #'.join(map(str, relatif_top[i]))}")
+
+# %%
 # The same as pictures: :class:`~skinfl.display.InfluenceDisplay` draws each
 # test digit, its most helpful training images (green titles) and its most
 # harmful ones (red titles), with their labels and influences.
