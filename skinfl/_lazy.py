@@ -28,8 +28,8 @@ import torch
 from sklearn import get_config
 
 from ._dask import RowBlocks, import_dask, is_dask, tree_reduce
-from ._gradients import iter_gradients
-from ._removal import RemovalSteps, group_codes, rows_by_group
+from ._gradients import index_batches, iter_gradients
+from ._removal import RemovalSteps, group_codes, loss_changes, rows_by_group
 from ._results import RunningTopK, write
 
 
@@ -129,13 +129,19 @@ def _point_steps_block(shipped, x, y, solver):
     return deltas.cpu()
 
 
-def _removal_block(shipped, deltas, x, y):
-    """``<g_test, delta>`` for the test rows ``(x, y)`` and the parameter changes ``deltas``."""
+def _removal_block(shipped, deltas, x, y, exact=False):
+    """``<g_test, delta>`` (or, ``exact``, the test losses' change at ``theta + delta``) for the test rows
+    ``(x, y)`` and the parameter changes ``deltas``."""
     estimator = shipped.get()
     data = estimator._check_data(x, y, names=("X_test", "y_test"))
     deltas = deltas.to(estimator.device_)
+    fmodel = estimator._functional_model()
     result = np.empty((len(data), len(deltas)), dtype=numpy_dtype(deltas.dtype))
-    for position, gradients in iter_gradients(estimator._functional_model(), data, estimator.batch_size):
+    if exact:
+        for position, index in index_batches(slice(0, len(data)), estimator.batch_size):
+            write(result, position, loss_changes(fmodel, deltas, *data.batch(index)))
+        return result
+    for position, gradients in iter_gradients(fmodel, data, estimator.batch_size):
         write(result, position, gradients @ deltas.T)
     return result
 
@@ -261,7 +267,7 @@ def lazy_top_influences(estimator, X_test, y_test, X, y, k, orders, normalize=No
     return da.concatenate(indices, axis=0), da.concatenate(values, axis=0)
 
 
-def lazy_removal_effects(estimator, X_test, y_test, X, y, groups, order, solver):
+def lazy_removal_effects(estimator, X_test, y_test, X, y, groups, order, solver, exact=False):
     """``removal_effects`` as a dask array of shape ``(n_test, n_train)`` or ``(n_test, n_groups)``.
 
     - Single points, first order: :func:`lazy_influences` divided by ``n``.
@@ -294,7 +300,7 @@ def lazy_removal_effects(estimator, X_test, y_test, X, y, groups, order, solver)
             )
         deltas = [_task(_point_steps_block)(worker, x, t, solver) for x, t in zip(train.inputs, train.targets)]
         return da.concatenate([
-            da.concatenate([da.from_delayed(_task(_removal_block)(worker, delta, x, t), shape=(test_size, size),
+            da.concatenate([da.from_delayed(_task(_removal_block)(worker, delta, x, t, exact), shape=(test_size, size),
                                             dtype=dtype)
                             for delta, size in zip(deltas, train.sizes)], axis=1)
             for x, t, test_size in zip(test.inputs, test.targets, test.sizes)], axis=0)
@@ -318,7 +324,7 @@ def lazy_removal_effects(estimator, X_test, y_test, X, y, groups, order, solver)
         deltas = dask.delayed(steps.of_groups(members[chunk]).cpu(), pure=True)
         size = chunk.stop - chunk.start
         columns.append(da.concatenate([
-            da.from_delayed(_task(_removal_block)(worker, deltas, x, t), shape=(test_size, size), dtype=dtype)
+            da.from_delayed(_task(_removal_block)(worker, deltas, x, t, exact), shape=(test_size, size), dtype=dtype)
             for x, t, test_size in zip(test.inputs, test.targets, test.sizes)], axis=0))
     steps.warn_indefinite("groups")
     return da.concatenate(columns, axis=1)

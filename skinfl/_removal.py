@@ -53,6 +53,7 @@ from .exceptions import CgConvergenceWarning, NotPositiveDefiniteWarning
 
 ORDERS = ("first", "newton")
 SOLVERS = ("auto", "woodbury", "cg")
+TEST_LOSSES = ("linear", "exact")
 # A group whose Woodbury rows (points x output values) exceed this many is solved by conjugate gradient under
 # solver="auto": Woodbury factorizes a square matrix of that size and holds two of (rows x n_params).
 MAX_WOODBURY_ROWS = 4096
@@ -97,6 +98,19 @@ def gauss_newton_rows(fmodel, x, y):
         columns = [math.sqrt(weight) * pullback_batch(fmodel, x, cotangent)
                    for weight, cotangent in output_cotangents(fmodel.loss, output, y, "true", None, None)]
     return torch.stack(columns, dim=1)
+
+
+def loss_changes(fmodel, deltas, x, y):
+    """``l(x, y; theta + delta) - l(x, y; theta)`` for each sample of a batch and each row of ``deltas``,
+    shape ``(n, k)``: the test losses evaluated at the stepped parameters, one forward pass per step."""
+    with torch.no_grad():
+        base = fmodel.per_sample_objective(fmodel.params, x, y)
+        changes = torch.empty(len(base), len(deltas), dtype=base.dtype, device=base.device)
+        for column, delta in enumerate(deltas):
+            pieces = fmodel.layout.unflatten(delta)
+            shifted = {name: value + pieces[name] for name, value in fmodel.params.items()}
+            changes[:, column] = fmodel.per_sample_objective(shifted, x, y) - base
+    return changes
 
 
 class RemovalSteps:

@@ -43,9 +43,12 @@ def ridge():
     Z_test = np.hstack([X_test, np.ones((5, 1))])
     test_gradients = 2 * Z_test * (Z_test @ theta - y_test)
 
-    def change(rows_kept):
-        """The test losses' change along the exact refit, to first order in the test loss."""
-        return test_gradients @ (refit(rows_kept) - theta)[:, 0]
+    def change(rows_kept, exact=False):
+        """The test losses' change at the exact refit: to first order in the test loss, or exactly."""
+        refitted = refit(rows_kept)
+        if exact:
+            return ((Z_test @ refitted - y_test) ** 2 - (Z_test @ theta - y_test) ** 2)[:, 0]
+        return test_gradients @ (refitted - theta)[:, 0]
 
     return model, X, y, X_test, y_test, lam, change
 
@@ -86,6 +89,26 @@ def test_newton_removal_of_groups_is_the_exact_refit_for_least_squares(ridge, so
                                rtol=1e-12, atol=1e-15)
     # A fifth of the data: first order misses a visible part of the effect.
     assert np.abs(first - exact).max() > 0.02 * np.abs(exact).max()
+
+
+@pytest.mark.parametrize("solver", ["woodbury", "cg"])
+def test_exact_test_loss_after_the_newton_step_is_the_refit_loss_for_least_squares(ridge, solver):
+    """test_loss='exact' evaluates each test loss at the stepped parameters: for least squares, the test loss of
+    the exact refit, points and groups; the linear change differs by the test loss's curvature."""
+    model, X, y, X_test, y_test, lam, change = ridge
+    n = len(X)
+    est = DirectInfluence(model, loss="mse", regularization=lam, batch_size=7).fit(X, y)
+    groups = np.arange(n) % 3
+    exact_points = np.stack([change(np.delete(np.arange(n), j), exact=True) for j in range(n)], axis=1)
+    exact_groups = np.stack([change(np.flatnonzero(groups != g), exact=True) for g in range(3)], axis=1)
+
+    points = est.removal_effects(X_test, y_test, order="newton", solver=solver, test_loss="exact")
+    by_group = est.removal_effects(X_test, y_test, groups=groups, order="newton", solver=solver, test_loss="exact")
+
+    np.testing.assert_allclose(points, exact_points, rtol=1e-7, atol=1e-11)
+    np.testing.assert_allclose(by_group, exact_groups, rtol=1e-7, atol=1e-11)
+    linear = est.removal_effects(X_test, y_test, groups=groups, order="newton")
+    assert np.abs(linear - exact_groups).max() > 1e-3 * np.abs(exact_groups).max()
 
 
 def test_removal_of_groups_keeps_unpenalized_parameters_out_of_the_penalty():
@@ -264,6 +287,12 @@ def test_removal_effects_errors(network):
         est.removal_effects(X[:2], y[:2], groups=np.full(len(X), np.nan))
     with pytest.raises(ValueError, match="y was given without X"):
         est.removal_effects(X[:2], y[:2], y=y)
+    with pytest.raises(ValueError, match="test_loss must be"):
+        est.removal_effects(X[:2], y[:2], order="newton", test_loss="quadratic")
+    with pytest.raises(ValueError, match="use order='newton'"):
+        est.removal_effects(X[:2], y[:2], test_loss="exact")
+    with pytest.raises(ValueError, match="needs their targets"):
+        est.removal_effects(X[:2], order="newton", test_loss="exact")
 
 
 def test_removal_that_leaves_the_curvature_indefinite_warns(network):
