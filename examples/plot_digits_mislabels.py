@@ -3,19 +3,21 @@ Finding mislabelled digits with influence functions
 ===================================================
 
 A small neural network is trained on scikit-learn's handwritten digits after
-5% of the training labels have been replaced by wrong ones. An influence
+10% of the training labels have been replaced by wrong ones. An influence
 estimator then explains individual test predictions (which training points
 helped, which hurt) and ranks the training points by self-influence, which
-brings most of the corrupted labels to the top of the list. The estimator's
-``regularization`` is chosen with an ordinary ``GridSearchCV`` (the curvature
-matrix is built once per fold and cached), and the fitted estimator is saved
-and reloaded safely, as tensors and JSON.
+brings most of the corrupted labels to the top of the list. The training
+points most harmful to a validation set are then removed and the network
+retrained, which recovers much of the accuracy the wrong labels cost. The
+estimator's ``regularization`` is chosen with an ordinary ``GridSearchCV``
+(the curvature matrix is built once per fold and cached), and the fitted
+estimator is saved and reloaded safely, as tensors and JSON.
 
-It runs on a laptop CPU in seconds, or on a GPU when one is available. The
-two figures (the most helpful and harmful training images of a few test
-digits, and the flipped labels found against the data inspected) are shown
-in a window, or saved as PNG files, whose paths are printed, when there is
-no display.
+It runs on a laptop CPU in well under a minute, or on a GPU when one is
+available. The three figures (the most helpful and harmful training images
+of a few test digits, the flipped labels found against the data inspected,
+and the accuracy after cleaning) are shown in a window, or saved as PNG
+files, whose paths are printed, when there is no display.
 """
 
 # %%
@@ -37,6 +39,8 @@ from sklearn.model_selection import GridSearchCV, train_test_split
 import skinfl
 from skinfl import DirectInfluence
 from skinfl.display import InfluenceDisplay, MislabelDisplay
+from skinfl.metrics import data_cleaning
+from skinfl.retraining import TorchRetrainer
 
 try:
     import matplotlib
@@ -54,7 +58,7 @@ device = "cuda" if torch.cuda.is_available() else "cpu"
 # Data with corrupted labels
 # --------------------------
 # The 8x8 digit images hold pixel intensities from 0 to 16; dividing by 16
-# puts them in [0, 1]. A fixed 5% of the training labels are moved to another
+# puts them in [0, 1]. A fixed 10% of the training labels are moved to another
 # class, chosen at random, and we remember which ones so that we can check
 # later how well influence finds them. The test labels stay clean.
 
@@ -66,7 +70,7 @@ X_train, X_test, y_train_clean, y_test = train_test_split(
 
 n_train = len(X_train)
 flipped = np.zeros(n_train, dtype=bool)
-flipped[rng.choice(n_train, size=round(0.05 * n_train), replace=False)] = True
+flipped[rng.choice(n_train, size=round(0.10 * n_train), replace=False)] = True
 y_train = y_train_clean.copy()
 # Adding 1..9 modulo 10 always lands on a different class.
 y_train[flipped] = (y_train[flipped] + rng.integers(1, 10, size=flipped.sum())) % 10
@@ -191,6 +195,32 @@ for i in range(n_show):
         print("    " + describe(j, value))
 
 # %%
+# Relative influence: what is specific to this test point
+# -------------------------------------------------------
+# Raw influence grows with the size of the training point's gradient. A
+# memorised wrong label has a large gradient, so the same few of them show up
+# among the "most helpful" and "most harmful" points of almost every test
+# point: the ranking measures how loud a point is more than how relevant.
+# ``normalize="relatif"`` (RelatIF) divides each training point's influence
+# by the square root of its self-influence, and ranks the points that matter
+# to this test point in particular. Below: the top-3 helpful points of every
+# test digit, raw and relative. Use the raw ranking to find the points with
+# the largest effect on a prediction; use RelatIF to explain it with the
+# training points most like it.
+
+raw_top = estimator.top_influences(X_test, y_test, k=3)[0]
+relatif_top = estimator.top_influences(X_test, y_test, k=3, normalize="relatif")[0]
+print(f"\nmost helpful 3 training points of each of the {len(X_test)} test digits:")
+print("                 distinct points   wrong labels among them   same digit as the test point")
+for name, top_indices in (("raw influence", raw_top), ("RelatIF", relatif_top)):
+    same_digit = (y_train_clean[top_indices] == y_test[:, None]).mean()
+    print(f"  {name:<14s} {len(np.unique(top_indices)):>13d}   {flipped[top_indices].mean():>23.0%}   "
+          f"{same_digit:>27.0%}")
+for i in range(n_show):
+    print(f"  test point {i} (label {y_test[i]}): raw #{', #'.join(map(str, raw_top[i]))}; "
+          f"RelatIF #{', #'.join(map(str, relatif_top[i]))}")
+
+# %%
 # The same as pictures: :class:`~skinfl.display.InfluenceDisplay` draws each
 # test digit, its most helpful training images (green titles) and its most
 # harmful ones (red titles), with their labels and influences.
@@ -229,6 +259,73 @@ if plt is not None:
     display = MislabelDisplay.from_estimator(estimator, X_train, y_train, flipped)
     figures["mislabels"] = display.figure_
     print(f"  ROC AUC of the training loss: {display.roc_auc_['training loss']:.3f}")
+
+# %%
+# Clean the training set
+# ----------------------
+# Finding wrong labels is a means; the end is a better model. So remove the
+# training points that hurt held-out data most, retrain, and measure the
+# accuracy. :func:`skinfl.metrics.data_cleaning` ranks the training points by
+# their influence summed over a *validation* set, most harmful (most
+# negative) first, removes the first 5%, 10% or 20%, and retrains each time.
+# Two rankings that need no influence are the baselines: the training loss
+# under the network, highest first, and random orders. Accuracy is measured
+# on a separate *test* set: the validation set chose the points removed, so
+# its own accuracy would overstate the gain. Half of the 360 held-out digits
+# validate, the other half test.
+#
+# Retraining follows the recipe above with :class:`~skinfl.retraining.TorchRetrainer`:
+# the same seed, hence the same initial weights, and the same 800 full-batch
+# Adam steps, so the network retrained on every point is the one above.
+# That is 3 fractions x (influence, loss, 3 random orders) + 1 = 16 trainings.
+
+X_val, y_val, X_held, y_held = X_test[::2], y_test[::2], X_test[1::2], y_test[1::2]
+retrain = TorchRetrainer(model, loss="cross_entropy", learning_rate=2e-2, epochs=800, weight_decay=1e-4,
+                         random_state=SEED)
+cleaning = data_cleaning(estimator, retrain, X_val, y_val, X_held, y_held, fractions=(0.05, 0.1, 0.2),
+                         n_random=3, random_state=SEED)
+
+print(f"\ndata cleaning: accuracy on {len(X_held)} test digits after removing the training points most harmful "
+      f"to {len(X_val)} validation digits")
+print(f"  this network: {accuracy(X_held, y_held):.3f}; retrained on every point: {cleaning.baseline_accuracy:.3f}")
+print("  removed       influence   training loss   random (mean of 3)   flipped among those removed")
+for k, (fraction, count) in enumerate(zip(cleaning.fractions, cleaning.n_removed)):
+    found = [flipped[cleaning.removed[name][:count]].mean() for name in ("influence", "loss")]
+    print(f"  {fraction:4.0%} ({count:3d})   {cleaning.accuracy['influence'][k]:9.3f}   "
+          f"{cleaning.accuracy['loss'][k]:13.3f}   {cleaning.accuracy['random'][k]:9.3f} +- "
+          f"{cleaning.accuracy_std['random'][k]:.3f}      {found[0]:.0%} (influence), {found[1]:.0%} (loss)")
+
+# %%
+# Removing the points that influence marks as harmful recovers a good part
+# of the accuracy the wrong labels cost, while removing as many points at
+# random changes little. On this kind of noise (labels replaced uniformly at
+# random, then memorised) the training loss is a strong competitor, and here
+# the stronger ranking; the last column shows why: the points it removes are
+# more often flipped labels. (The ROC AUC of the training
+# loss above is close to that of self-influence, too.) The loss ranking costs
+# nothing: compare with it before relying on influence for cleaning.
+#
+# The same as bars: test accuracy after each removal, against the network
+# retrained on everything (the dashed line).
+
+if plt is not None:
+    figure, ax = plt.subplots(figsize=(8, 3.5), layout="constrained")
+    width = 0.27
+    positions = np.arange(len(cleaning.fractions))
+    for offset, (name, label) in enumerate([("influence", "harm to the validation loss"),
+                                            ("loss", "highest training loss"), ("random", "random (mean of 3)")]):
+        error = cleaning.accuracy_std.get(name)
+        ax.bar(positions + (offset - 1) * width, cleaning.accuracy[name], width, yerr=error, capsize=3,
+               label=label)
+    ax.axhline(cleaning.baseline_accuracy, color="black", linestyle="--", linewidth=1, label="no point removed")
+    ax.set_xticks(positions, [f"{fraction:.0%}" for fraction in cleaning.fractions])
+    ax.set_xlabel("training points removed")
+    ax.set_ylabel("test accuracy")
+    low = min(cleaning.baseline_accuracy, *(values.min() for values in cleaning.accuracy.values()))
+    ax.set_ylim(max(0.0, low - 0.05), 1.0)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1), fontsize="small", title="removed first by")
+    ax.set_title("test accuracy after removing training points")
+    figures["cleaning"] = figure
 
 # %%
 # Save and reload the estimator

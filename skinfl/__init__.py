@@ -6,8 +6,9 @@ from ._solvers import *  # noqa: E402,F401,F403  (every estimator, listed once i
 from ._solvers import __all__ as _ESTIMATORS  # noqa: E402
 from ._solvers import InverseHarmonicMeanInfluence  # noqa: E402,F401  (deprecated alias, not in __all__)
 from .base import BaseInfluence, registered_estimators  # noqa: E402
+from .ensemble import InfluenceEnsemble  # noqa: E402
 from ._persistence import load, save  # noqa: E402
 from . import display, metrics, retraining  # noqa: E402  (submodules: skinfl.display, .metrics, .retraining)
 
-__all__ = [*_ESTIMATORS, "BaseInfluence", "display", "load", "metrics", "registered_estimators", "retraining", "save",
-           "__version__"]
+__all__ = [*_ESTIMATORS, "BaseInfluence", "InfluenceEnsemble", "display", "load", "metrics", "registered_estimators",
+           "retraining", "save", "__version__"]

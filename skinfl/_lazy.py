@@ -28,8 +28,8 @@ import torch
 from sklearn import get_config
 
 from ._dask import RowBlocks, import_dask, is_dask, tree_reduce
-from ._gradients import iter_gradients
-from ._removal import RemovalSteps, group_codes, rows_by_group
+from ._gradients import index_batches, iter_gradients
+from ._removal import RemovalSteps, group_codes, loss_changes, rows_by_group
 from ._results import RunningTopK, write
 
 
@@ -119,23 +119,29 @@ def _group_influence_block(shipped, factors, x, y, codes, n_groups):
     return sums.cpu().numpy()
 
 
-def _point_steps_block(shipped, x, y, order, solver):
-    """Parameter changes of removing each training row of ``(x, y)`` (see :mod:`skinfl._removal`)."""
+def _point_steps_block(shipped, x, y, solver):
+    """Newton steps of removing each training row of ``(x, y)`` (see :mod:`skinfl._removal`)."""
     estimator = shipped.get()
     data = estimator._check_data(x, y)
-    steps = RemovalSteps(estimator, data, order, solver)
+    steps = RemovalSteps(estimator, data, solver)
     deltas = steps.of_points(slice(0, len(data)))
     steps.warn_indefinite("training points")
     return deltas.cpu()
 
 
-def _removal_block(shipped, deltas, x, y):
-    """``<g_test, delta>`` for the test rows ``(x, y)`` and the parameter changes ``deltas``."""
+def _removal_block(shipped, deltas, x, y, exact=False):
+    """``<g_test, delta>`` (or, ``exact``, the test losses' change at ``theta + delta``) for the test rows
+    ``(x, y)`` and the parameter changes ``deltas``."""
     estimator = shipped.get()
     data = estimator._check_data(x, y, names=("X_test", "y_test"))
     deltas = deltas.to(estimator.device_)
+    fmodel = estimator._functional_model()
     result = np.empty((len(data), len(deltas)), dtype=numpy_dtype(deltas.dtype))
-    for position, gradients in iter_gradients(estimator._functional_model(), data, estimator.batch_size):
+    if exact:
+        for position, index in index_batches(slice(0, len(data)), estimator.batch_size):
+            write(result, position, loss_changes(fmodel, deltas, *data.batch(index)))
+        return result
+    for position, gradients in iter_gradients(fmodel, data, estimator.batch_size):
         write(result, position, gradients @ deltas.T)
     return result
 
@@ -261,7 +267,7 @@ def lazy_top_influences(estimator, X_test, y_test, X, y, k, orders, normalize=No
     return da.concatenate(indices, axis=0), da.concatenate(values, axis=0)
 
 
-def lazy_removal_effects(estimator, X_test, y_test, X, y, groups, order, solver):
+def lazy_removal_effects(estimator, X_test, y_test, X, y, groups, order, solver, exact=False):
     """``removal_effects`` as a dask array of shape ``(n_test, n_train)`` or ``(n_test, n_groups)``.
 
     - Single points, first order: :func:`lazy_influences` divided by ``n``.
@@ -285,16 +291,16 @@ def lazy_removal_effects(estimator, X_test, y_test, X, y, groups, order, solver)
     worker = _shipped(estimator)
     dtype = numpy_dtype(estimator._dtype())
     if groups is None:
-        steps = RemovalSteps(estimator, None, order, solver)
+        steps = RemovalSteps(estimator, None, solver)
         if steps._uses_cg(steps.rows_per_point):
             raise ValueError(
                 f"order='newton' for single points with {steps.rows_per_point} output values per sample solves each "
                 "point's system by conjugate gradient over the fitted data, which is not run on dask arrays. Pass "
                 "numpy arrays or tensors, or remove groups of points (groups=...)."
             )
-        deltas = [_task(_point_steps_block)(worker, x, t, order, solver) for x, t in zip(train.inputs, train.targets)]
+        deltas = [_task(_point_steps_block)(worker, x, t, solver) for x, t in zip(train.inputs, train.targets)]
         return da.concatenate([
-            da.concatenate([da.from_delayed(_task(_removal_block)(worker, delta, x, t), shape=(test_size, size),
+            da.concatenate([da.from_delayed(_task(_removal_block)(worker, delta, x, t, exact), shape=(test_size, size),
                                             dtype=dtype)
                             for delta, size in zip(deltas, train.sizes)], axis=1)
             for x, t, test_size in zip(test.inputs, test.targets, test.sizes)], axis=0)
@@ -311,14 +317,14 @@ def lazy_removal_effects(estimator, X_test, y_test, X, y, groups, order, solver)
                         / n)
         return da.concatenate(rows, axis=0)
     data = estimator._training_data(X, y)
-    steps = RemovalSteps(estimator, data, order, solver)
+    steps = RemovalSteps(estimator, data, solver)
     members = rows_by_group(codes, len(labels))
     columns = []
     for chunk in estimator._held_chunks(len(labels)):
         deltas = dask.delayed(steps.of_groups(members[chunk]).cpu(), pure=True)
         size = chunk.stop - chunk.start
         columns.append(da.concatenate([
-            da.from_delayed(_task(_removal_block)(worker, deltas, x, t), shape=(test_size, size), dtype=dtype)
+            da.from_delayed(_task(_removal_block)(worker, deltas, x, t, exact), shape=(test_size, size), dtype=dtype)
             for x, t, test_size in zip(test.inputs, test.targets, test.sizes)], axis=0))
     steps.warn_indefinite("groups")
     return da.concatenate(columns, axis=1)

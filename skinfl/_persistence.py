@@ -8,6 +8,11 @@ architecture, comes from the caller of :func:`load`: the saved weights are
 loaded into a copy of the model it passes. Nothing is unpickled, so a file
 from an untrusted source cannot run code; a file that was modified after it
 was written is refused (its SHA-256 digest no longer matches).
+
+An :class:`~skinfl.InfluenceEnsemble` is one such file: each member's
+tensors under the prefix ``members.<i>.``, its metadata in a list, the
+training data once (top-level ``data.``) when every member holds the same
+arrays, and the ensemble's weights in JSON.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ from ._threads import thread_module
 from ._validation import validate_estimator_params
 from ._warnings import warn
 from .base import BaseInfluence, estimator_class, model_dtype, registered_name
+from .ensemble import InfluenceEnsemble
 
 FORMAT_VERSION = 1
 _FITTED = ("n_params_", "n_samples_fit_", "n_features_in_", "input_shape_", "output_shape_", "trainable_parameters_",
@@ -53,8 +59,10 @@ def save(estimator, path, include_data=True):
 
     Parameters
     ----------
-    estimator : BaseInfluence
-        A fitted skinfl estimator.
+    estimator : BaseInfluence or InfluenceEnsemble
+        A fitted skinfl estimator, or an ensemble of them (fitted, or of
+        fitted members): each member is saved as an estimator is, and the
+        training data once when the members share it.
     path : str or os.PathLike
         Where to write; the file appears there once complete. The suffix
         ``.skinfl`` is customary; the file is also a valid safetensors file.
@@ -88,9 +96,20 @@ def save(estimator, path, include_data=True):
     >>> torch.equal(loaded.influences(X[:2], y[:2]), est.influences(X[:2], y[:2]))
     True
     """
-    if not isinstance(estimator, BaseInfluence):
-        raise TypeError(f"save takes a skinfl influence estimator, got {type(estimator).__name__}.")
-    check_is_fitted(estimator)
+    if isinstance(estimator, InfluenceEnsemble):
+        tensors, metadata = _ensemble_contents(estimator, include_data)
+    elif isinstance(estimator, BaseInfluence):
+        check_is_fitted(estimator)
+        tensors, metadata = _contents(estimator, include_data)
+    else:
+        raise TypeError(f"save takes a skinfl influence estimator or an InfluenceEnsemble, got "
+                        f"{type(estimator).__name__}.")
+    write(path, tensors, metadata)
+    return Path(path)
+
+
+def _contents(estimator, include_data):
+    """The tensors and the JSON metadata of a fitted estimator's file."""
     tensors = {f"model.{name}": tensor.detach().cpu()
                for name, tensor in thread_module(estimator.model_).state_dict().items()}
     tensors.update({f"factors.{name}": tensor.detach().cpu() for name, tensor in estimator._factors.items()})
@@ -124,8 +143,63 @@ def save(estimator, path, include_data=True):
         "data": {"included": bool(saved_data), "input_dtype": str(estimator._input_dtype),
                  "keys": list(data.X) if saved_data and isinstance(data.X, dict) else None},
     }
-    write(path, tensors, metadata)
-    return Path(path)
+    return tensors, metadata
+
+
+def _ensemble_contents(ensemble, include_data):
+    """The tensors and metadata of an ensemble's file: each member's under ``members.<i>.``, the training data
+    once (top-level ``data.``) when every member holds the same arrays, and the weights in JSON."""
+    check_is_fitted(ensemble)
+    fitted = hasattr(ensemble, "estimators_")
+    members = ensemble._members()
+    contents = [_contents(member, include_data) for member in members]
+    shared = include_data and all(member._fit_data is not None for member in members) and all(
+        _same_data(member._fit_data, members[0]._fit_data) for member in members[1:])
+    tensors = {}
+    for index, (member_tensors, _) in enumerate(contents):
+        for name, tensor in member_tensors.items():
+            if not (shared and name.startswith("data.")):
+                tensors[f"members.{index}.{name}"] = tensor
+            elif index == 0:
+                tensors[name] = tensor
+    weights = ensemble.weights
+    metadata = {
+        "format_version": FORMAT_VERSION,
+        "skinfl_version": __version__,
+        "estimator": "InfluenceEnsemble",
+        "params": {"weights": None if weights is None else [float(w) for w in np.asarray(weights, dtype=float)],
+                   "n_jobs": _jsonable(ensemble.n_jobs)},
+        "fitted": fitted,
+        "shared_data": bool(shared),
+        "members": [member_metadata for _, member_metadata in contents],
+    }
+    return tensors, metadata
+
+
+def _same_data(first, second):
+    """Whether two fitted data sources hold the same arrays (the same objects, or views of the same memory or
+    file region), so that an ensemble's file holds them once."""
+    return _same_array(first.X, second.X) and _same_array(first.y, second.y)
+
+
+def _same_array(first, second):
+    if first is second:
+        return True
+    if isinstance(first, dict) or isinstance(second, dict):
+        return (isinstance(first, dict) and isinstance(second, dict) and first.keys() == second.keys()
+                and all(_same_array(first[key], second[key]) for key in first))
+    if isinstance(first, torch.Tensor) and isinstance(second, torch.Tensor):
+        return (first.device == second.device and first.dtype == second.dtype and first.shape == second.shape
+                and first.stride() == second.stride() and first.data_ptr() == second.data_ptr())
+    if isinstance(first, np.ndarray) and isinstance(second, np.ndarray):
+        if first.dtype != second.dtype or first.shape != second.shape or first.strides != second.strides:
+            return False
+        if first.__array_interface__["data"][0] == second.__array_interface__["data"][0]:
+            return True
+        files = [getattr(array, "filename", None) for array in (first, second)]  # two maps of one file region
+        return (files[0] is not None and files[0] == files[1]
+                and getattr(first, "offset", None) == getattr(second, "offset", None))
+    return False
 
 
 def _savable(data, name):
@@ -195,21 +269,24 @@ def load(path, model, loss=None):
     ----------
     path : str or os.PathLike
         The saved file.
-    model : torch.nn.Module, skorch net or scikit-learn model
+    model : torch.nn.Module, skorch net, scikit-learn model or list of them
         A model of the saved architecture (its weights do not matter): the
         saved weights are loaded into a copy of it, which becomes the
         estimator's ``model``. A model whose parameters do not match raises
         a ``ValueError``. For a skorch net or a scikit-learn model, pass the
         fitted model again: the estimator's ``model`` is that model, and its
-        module gets the saved weights.
-    loss : str, torch.nn.Module or callable, default=None
+        module gets the saved weights. For an :class:`InfluenceEnsemble`, a
+        list of one model per member, in the members' order (one torch
+        module also serves as the architecture of every member).
+    loss : str, torch.nn.Module, callable or list of them, default=None
         The training loss. Built-in losses and torch loss modules are saved
         and rebuilt; a custom callable is not saved and must be passed
-        again. A loss given here is used instead of the saved one.
+        again. A loss given here is used instead of the saved one. For an
+        ensemble, one loss for every member or a list of one per member.
 
     Returns
     -------
-    estimator : BaseInfluence
+    estimator : BaseInfluence or InfluenceEnsemble
         The fitted estimator, on the device it was fitted on when that
         exists here (else the first GPU, else the CPU, with a warning).
 
@@ -217,12 +294,17 @@ def load(path, model, loss=None):
     --------
     save : Write an estimator.
     """
-    if not (isinstance(model, nn.Module) or is_skorch_net(model) or is_sklearn_model(model)):
-        raise TypeError(f"load needs the model (a torch.nn.Module of the saved architecture, or the fitted skorch "
-                        f"net or scikit-learn model), got {type(model).__name__}.")
+    for one in model if isinstance(model, (list, tuple)) else [model]:
+        if not (isinstance(one, nn.Module) or is_skorch_net(one) or is_sklearn_model(one)):
+            raise TypeError(f"load needs the model (a torch.nn.Module of the saved architecture, or the fitted "
+                            f"skorch net or scikit-learn model), got {type(one).__name__}.")
     file = TensorFile(path).verify()
     meta = file.metadata
     try:
+        if meta.get("estimator") == "InfluenceEnsemble":
+            return _restore_ensemble(file, meta, model, loss)
+        if isinstance(model, (list, tuple)):
+            raise ValueError(f"{path} holds one {meta.get('estimator')}, not an InfluenceEnsemble: pass one model.")
         return _restore(file, meta, model, loss)
     except (KeyError, TypeError, AttributeError, RuntimeError) as error:
         raise ValueError(f"{path} is not a valid skinfl file: its metadata is invalid ({error!r}).") from error
@@ -290,6 +372,68 @@ def _restore(file, meta, model, loss):
         estimator._seed = int(np.random.randint(2**31 - 1))
     estimator._build_inverse()
     return estimator
+
+
+class _MemberFile:
+    """One member of a saved ensemble, read as the file of a single estimator: its tensors under their own
+    names (``members.<i>.model.weight`` as ``model.weight``), and the ensemble's shared training data."""
+
+    def __init__(self, file, index, shared_data):
+        prefix = f"members.{index}."
+        self.path = file.path
+        self._file = file
+        self._names = {name[len(prefix):]: name for name in file.table if name.startswith(prefix)}
+        if shared_data:
+            self._names.update({name: name for name in file.table if name.startswith("data.")})
+        self.table = {name: file.table[stored_as] for name, stored_as in self._names.items()}
+
+    def names(self):
+        return list(self._names)
+
+    def tensor(self, name, device="cpu"):
+        return self._file.tensor(self._names[name], device)
+
+    def memmap(self, name):
+        return self._file.memmap(self._names[name])
+
+
+def _per_member(value, n_members, what):
+    """``value`` for each of ``n_members``: a list or tuple of one per member, or one value for all."""
+    if isinstance(value, (list, tuple)):
+        if len(value) != n_members:
+            raise ValueError(f"The file holds an InfluenceEnsemble of {n_members} members, and {len(value)} "
+                             f"{what} were passed; pass one per member.")
+        return list(value)
+    return [value] * n_members
+
+
+def _restore_ensemble(file, meta, model, loss):
+    """An :class:`InfluenceEnsemble` from its file: each member restored as a single estimator is."""
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise ValueError(
+            f"{file.path} uses skinfl file format {meta.get('format_version')!r}; this skinfl "
+            f"({__version__}) reads format {FORMAT_VERSION}."
+        )
+    members_meta = meta["members"]
+    if not isinstance(model, (list, tuple, nn.Module)):
+        raise ValueError(
+            f"{file.path} holds an InfluenceEnsemble of {len(members_meta)} members: pass their models as a "
+            "list (one torch module also serves as the architecture of every member; skorch nets and "
+            "scikit-learn models are passed one per member)."
+        )
+    models = _per_member(model, len(members_meta), "models")
+    losses = _per_member(loss, len(members_meta), "losses")
+    shared = bool(meta["shared_data"])
+    members = [_restore(_MemberFile(file, index, shared), member_meta, member_model, member_loss)
+               for index, (member_meta, member_model, member_loss) in enumerate(zip(members_meta, models, losses))]
+    params = meta["params"]
+    ensemble = InfluenceEnsemble(members, weights=params["weights"], n_jobs=params["n_jobs"])
+    validate_estimator_params(ensemble)
+    if meta["fitted"]:
+        ensemble._set_fitted(list(members))
+    else:
+        ensemble._members()  # the checks of an ensemble of fitted members
+    return ensemble
 
 
 def _model_with_saved_weights(file, meta, model, trainable):

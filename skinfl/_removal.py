@@ -53,6 +53,7 @@ from .exceptions import CgConvergenceWarning, NotPositiveDefiniteWarning
 
 ORDERS = ("first", "newton")
 SOLVERS = ("auto", "woodbury", "cg")
+TEST_LOSSES = ("linear", "exact")
 # A group whose Woodbury rows (points x output values) exceed this many is solved by conjugate gradient under
 # solver="auto": Woodbury factorizes a square matrix of that size and holds two of (rows x n_params).
 MAX_WOODBURY_ROWS = 4096
@@ -99,8 +100,22 @@ def gauss_newton_rows(fmodel, x, y):
     return torch.stack(columns, dim=1)
 
 
+def loss_changes(fmodel, deltas, x, y):
+    """``l(x, y; theta + delta) - l(x, y; theta)`` for each sample of a batch and each row of ``deltas``,
+    shape ``(n, k)``: the test losses evaluated at the stepped parameters, one forward pass per step."""
+    with torch.no_grad():
+        base = fmodel.per_sample_objective(fmodel.params, x, y)
+        changes = torch.empty(len(base), len(deltas), dtype=base.dtype, device=base.device)
+        for column, delta in enumerate(deltas):
+            pieces = fmodel.layout.unflatten(delta)
+            shifted = {name: value + pieces[name] for name, value in fmodel.params.items()}
+            changes[:, column] = fmodel.per_sample_objective(shifted, x, y) - base
+    return changes
+
+
 class RemovalSteps:
-    """The parameter changes ``delta`` of removing training points or groups (see the module docstring).
+    """The parameter changes ``delta`` of removing training points or groups by one Newton step (see the module
+    docstring; first-order effects are influences / n, computed as influences are).
 
     Parameters
     ----------
@@ -108,17 +123,15 @@ class RemovalSteps:
         A fitted estimator: its inverse, model and number of fitted samples.
     data : DataSource
         The training points whose removal is predicted.
-    order : {"first", "newton"}
     solver : {"auto", "woodbury", "cg"}
         How Newton steps of groups are solved; single points always use
         Woodbury unless ``"cg"``.
     """
 
-    def __init__(self, estimator, data, order, solver):
+    def __init__(self, estimator, data, solver):
         self.estimator = estimator
         self.fmodel = estimator._functional_model()
         self.data = data
-        self.order = order
         self.solver = solver
         self.n = estimator.n_samples_fit_
         self.dtype = self.fmodel.dtype
@@ -132,10 +145,6 @@ class RemovalSteps:
         """``delta`` of removing each training point of ``rows`` (a slice), ``(n_rows, n_params)``."""
         deltas = torch.empty(rows.stop - rows.start, self.fmodel.n_params, dtype=self.dtype,
                              device=self.estimator.device_)
-        if self.order == "first":
-            for position, _, solved in self.estimator._solved_batches(self.data, rows):
-                deltas[position] = solved / self.n
-            return deltas
         if self._uses_cg(self.rows_per_point):
             for offset, row in enumerate(range(rows.start, rows.stop)):
                 deltas[offset] = self._newton_cg(np.array([row]))
@@ -183,9 +192,7 @@ class RemovalSteps:
         """``delta`` of removing each group, given as a list of row arrays: ``(n_groups, n_params)``."""
         deltas = torch.empty(len(groups), self.fmodel.n_params, dtype=self.dtype, device=self.estimator.device_)
         for position, rows in enumerate(groups):
-            if self.order == "first":
-                deltas[position] = self.estimator._apply_inverse(self._gradient_sum(rows)[None])[0] / self.n
-            elif self._uses_cg(len(rows) * self.rows_per_point):
+            if self._uses_cg(len(rows) * self.rows_per_point):
                 deltas[position] = self._newton_cg(rows)
             else:
                 deltas[position] = self._newton_woodbury(rows)

@@ -53,7 +53,7 @@ from ._dask import is_dask
 from ._data import DataSource, TargetSpec
 from ._deprecation import renamed_attribute, resolve_renamed_parameters
 from ._devices import available_device, first_device, moved
-from ._gradients import batch_slices, gradients_of, iter_gradients, perturbation_batch
+from ._gradients import batch_slices, gradients_of, index_batches, iter_gradients, perturbation_batch
 from ._lazy import (
     lazy_influences,
     lazy_removal_effects,
@@ -71,7 +71,7 @@ from ._model import (
 )
 from ._model_source import loss_on_device, model_source
 from ._progress import progress
-from ._removal import ORDERS, SOLVERS, RemovalSteps, group_codes, rows_by_group
+from ._removal import ORDERS, SOLVERS, TEST_LOSSES, RemovalSteps, group_codes, loss_changes, rows_by_group
 from ._reporting import SolveReporting, reporting_solves
 from ._results import DEFAULT_MAX_RESULT_BYTES, RunningTopK, allocate, write
 from ._shards import ShardedCurvature
@@ -479,7 +479,7 @@ class BaseInfluence(FactorCache, SolveReporting, TransformerMixin, BaseEstimator
 
     @reporting_solves
     def removal_effects(self, X_test, y_test=None, X=None, y=None, *, groups=None, order="first", solver="auto",
-                        out=None, max_result_bytes=DEFAULT_MAX_RESULT_BYTES):
+                        test_loss="linear", out=None, max_result_bytes=DEFAULT_MAX_RESULT_BYTES):
         """Predicted change of each test loss when a training point, or a group of them, is removed.
 
         The training objective is taken in sum form, ``sum_i l_i(theta) +
@@ -537,6 +537,14 @@ class BaseInfluence(FactorCache, SolveReporting, TransformerMixin, BaseEstimator
             How Newton steps are solved: ``"auto"`` takes Woodbury and
             conjugate gradient for groups too large for it; the others force
             one (``"cg"`` needs the fitted data).
+        test_loss : {"linear", "exact"}, default="linear"
+            With ``order="newton"``: ``"linear"`` is the change of the test
+            loss to first order along the step, ``<g_test, delta_G>``;
+            ``"exact"`` evaluates each test loss at the stepped parameters,
+            ``l(test; theta + delta_G) - l(test; theta)`` (one forward pass
+            of the test points per point or group). A large group moves the
+            parameters far enough for the test loss to curve: there the
+            exact loss is much closer to refitting. Needs ``y_test``.
         out : ndarray, torch.Tensor or zarr array, default=None
             Array of the result's shape to write into and return (see
             :meth:`influences`).
@@ -554,9 +562,16 @@ class BaseInfluence(FactorCache, SolveReporting, TransformerMixin, BaseEstimator
             raise ValueError(f"order must be 'first' or 'newton', got {order!r}.")
         if solver not in SOLVERS:
             raise ValueError(f"solver must be 'auto', 'woodbury' or 'cg', got {solver!r}.")
+        if test_loss not in TEST_LOSSES:
+            raise ValueError(f"test_loss must be 'linear' or 'exact', got {test_loss!r}.")
+        exact = test_loss == "exact"
+        if exact and order != "newton":
+            raise ValueError("test_loss='exact' evaluates the test losses after the Newton step: use order='newton'.")
+        if exact and y_test is None:
+            raise ValueError("test_loss='exact' evaluates the test losses, which needs their targets y_test.")
         if self._is_lazy(X_test, y_test, X, y):
             self._check_lazy_data(X_test, y_test, X, y)
-            result = lazy_removal_effects(self, X_test, y_test, X, y, groups, order, solver)
+            result = lazy_removal_effects(self, X_test, y_test, X, y, groups, order, solver, exact)
             return result if out is None else store(result, out)
         test = self._check_data(X_test, y_test, names=("X_test", "y_test"))
         train = self._training_data(X, y)
@@ -572,14 +587,14 @@ class BaseInfluence(FactorCache, SolveReporting, TransformerMixin, BaseEstimator
         elif order == "first":
             self._write_group_influences(test, train, result, codes, n_columns)
         else:
-            steps = RemovalSteps(self, train, order, solver)
+            steps = RemovalSteps(self, train, solver)
             if groups is None:
                 chunks = [(rows, functools.partial(steps.of_points, rows)) for rows in self._held_chunks(len(train))]
             else:
                 members = rows_by_group(codes, n_columns)
                 chunks = [(rows, functools.partial(steps.of_groups, members[rows]))
                           for rows in self._held_chunks(n_columns)]
-            self._write_removal_steps(test, result, chunks)
+            self._write_removal_steps(test, result, chunks, exact)
             steps.warn_indefinite("groups" if groups is not None else "training points")
         return result
 
@@ -875,14 +890,19 @@ class BaseInfluence(FactorCache, SolveReporting, TransformerMixin, BaseEstimator
                 sums.index_add_(1, codes[position], inverse_gradients @ gradients.T)
             write(result, held, sums / self.n_samples_fit_)
 
-    def _write_removal_steps(self, test, result, chunks):
-        """Fill the columns of ``result`` with ``<g_test, delta>``, for ``chunks`` of ``(columns, steps())``:
-        the parameter changes of a chunk's removals, computed once and held while the test gradients pass."""
+    def _write_removal_steps(self, test, result, chunks, exact=False):
+        """Fill the columns of ``result`` with ``<g_test, delta>`` (or, ``exact``, the test losses' change at
+        ``theta + delta``), for ``chunks`` of ``(columns, steps())``: the parameter changes of a chunk's
+        removals, computed once and held while the test points pass."""
         fmodel = self._functional_model()
         test_chunks = self._held_chunks(len(test))
         held_gradients = None
         for columns, steps in chunks:
             deltas = steps()
+            if exact:
+                for position, index in index_batches(slice(0, len(test)), self.batch_size):
+                    write(result, (position, columns), loss_changes(fmodel, deltas, *test.batch(index)))
+                continue
             if len(test_chunks) == 1:  # the test gradients fit in working_memory: computed once
                 if held_gradients is None:
                     held_gradients = gradients_of(fmodel, test, self.batch_size, test_chunks[0])

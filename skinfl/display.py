@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from sklearn.metrics import roc_auc_score
 
-from ._gradients import batch_slices
+from .metrics._ground_truth import training_losses
 from .metrics._scores import flipped_mask
 
 __all__ = ["InfluenceDisplay", "MislabelDisplay"]
@@ -346,7 +346,7 @@ class MislabelDisplay:
             The display, drawn.
         """
         self_influence = _numpy(estimator.self_influence(X, y)).astype(np.float64)
-        scores = {"self-influence": self_influence, "training loss": _training_losses(estimator, X, y)}
+        scores = {"self-influence": self_influence, "training loss": training_losses(estimator, X, y)}
         return cls(flipped_mask(flipped, len(self_influence)), scores).plot(ax=ax)
 
     @classmethod
@@ -418,20 +418,3 @@ class MislabelDisplay:
         self.ax_ = ax
         self.figure_ = ax.figure
         return self
-
-
-def _training_losses(estimator, X, y):
-    """Each point's training loss under the fitted model (the baseline ranking).
-
-    Streamed through the estimator's data source in ``batch_size`` rows, as
-    the training set may be large; :func:`skinfl.metrics.query_losses`
-    converts its whole input at once, which suits query points only.
-    """
-    data = estimator._check_data(X, y)
-    fmodel = estimator._functional_model()
-    losses = np.empty(len(data))
-    with torch.no_grad():
-        for rows in batch_slices(len(data), estimator.batch_size):
-            x, target = data.batch(rows)
-            losses[rows] = fmodel.per_sample_objective(fmodel.params, x, target).double().cpu().numpy()
-    return losses

@@ -153,6 +153,9 @@ class LogisticRegressionRetrainer(BaseEstimator):
         y = y[:, 0]
         solver = self._solver_for(X, y)
         solver.fit(X, y)
+        # The next call starts from this solution. Set only once the fit is done, so that calls running in
+        # other threads start from a finished one.
+        self._solver = solver
         classes = solver.classes_
         if not np.array_equal(classes, np.arange(len(classes))):
             raise ValueError(
@@ -189,7 +192,6 @@ class LogisticRegressionRetrainer(BaseEstimator):
         if previous is not None:
             solver.coef_ = previous.coef_.copy()
             solver.intercept_ = np.copy(previous.intercept_)
-        self._solver = solver
         return solver
 
 

@@ -124,7 +124,9 @@ def test_lazy_removal_effects_and_normalized_influences_equal_the_eager_ones(cli
              ({"order": "newton"}, sharded, (X_test, y_test)),
              ({"groups": groups}, sharded, (Xd_test, yd_test)),
              ({"groups": groups, "order": "newton"}, est, (Xd_test, yd_test)),
-             ({"groups": groups, "order": "newton", "solver": "cg"}, sharded, (X_test, y_test))]
+             ({"groups": groups, "order": "newton", "solver": "cg"}, sharded, (X_test, y_test)),
+             ({"order": "newton", "test_loss": "exact"}, est, (Xd_test, yd_test)),
+             ({"groups": groups, "order": "newton", "test_loss": "exact"}, est, (Xd_test, yd_test))]
     for kwargs, estimator, test in cases:
         lazy = estimator.removal_effects(*test, **kwargs)
         assert isinstance(lazy, da.Array), kwargs

@@ -54,6 +54,7 @@ def public_objects():
     rules (warnings, result containers) are checked as functions are.
     """
     classes = [(f"skinfl.{name}", cls) for name, cls in registered_estimators().items()]
+    classes.append(("skinfl.InfluenceEnsemble", skinfl.InfluenceEnsemble))
     for module in (metrics, retraining, exceptions, display):
         for name in module.__all__:
             obj = getattr(module, name)
@@ -85,7 +86,7 @@ def test_every_public_estimator_method_is_checked():
 
 
 def test_estimators_document_every_parameter():
-    for cls in registered_estimators().values():
+    for cls in [*registered_estimators().values(), skinfl.InfluenceEnsemble]:
         documented = inspect.getdoc(cls)
         for parameter in inspect.signature(cls).parameters:
             assert f"{parameter} :" in documented, f"{cls.__name__} does not document {parameter}"

@@ -29,9 +29,21 @@ def test_digits_mislabel_demo():
     assert found > 3 * 0.1 * flipped  # far better than inspecting 10% at random
     auc = float(re.search(r"ROC AUC of self-influence for detecting flips: ([0-9.]+)", out).group(1))
     assert auc > 0.8
-    # No display here: both figures are saved, and the demo says where.
+    # RelatIF: the most helpful points are far less often wrong labels, far more often the test point's digit.
+    ranks = {name: (int(points), float(wrong), float(same)) for name, points, wrong, same in re.findall(
+        r"^\s+(raw influence|RelatIF)\s+(\d+)\s+(\d+)%\s+(\d+)%", out, flags=re.MULTILINE)}
+    assert ranks["RelatIF"][1] < ranks["raw influence"][1] / 3
+    assert ranks["RelatIF"][2] > ranks["raw influence"][2] + 30
+    # Cleaning: removing the points most harmful to the validation digits beats removing random ones.
+    baseline = float(re.search(r"retrained on every point: ([0-9.]+)", out).group(1))
+    rows = re.findall(r"^\s+(\d+)% \(\s*\d+\)\s+([0-9.]+)\s+([0-9.]+)\s+([0-9.]+) \+- ", out, flags=re.MULTILINE)
+    assert [int(row[0]) for row in rows] == [5, 10, 20]
+    for _, by_influence, by_loss, at_random in rows:
+        assert float(by_influence) > baseline and float(by_influence) > float(at_random)
+        assert float(by_loss) > float(at_random)
+    # No display here: the figures are saved, and the demo says where.
     saved = [Path(path) for path in re.findall(r"figure saved: (\S+\.png)", out)]
-    assert [path.name for path in saved] == ["digits_influences.png", "digits_mislabels.png"]
+    assert [path.name for path in saved] == ["digits_influences.png", "digits_mislabels.png", "digits_cleaning.png"]
     assert all(path.stat().st_size > 10_000 for path in saved)
 
 

@@ -43,9 +43,12 @@ def ridge():
     Z_test = np.hstack([X_test, np.ones((5, 1))])
     test_gradients = 2 * Z_test * (Z_test @ theta - y_test)
 
-    def change(rows_kept):
-        """The test losses' change along the exact refit, to first order in the test loss."""
-        return test_gradients @ (refit(rows_kept) - theta)[:, 0]
+    def change(rows_kept, exact=False):
+        """The test losses' change at the exact refit: to first order in the test loss, or exactly."""
+        refitted = refit(rows_kept)
+        if exact:
+            return ((Z_test @ refitted - y_test) ** 2 - (Z_test @ theta - y_test) ** 2)[:, 0]
+        return test_gradients @ (refitted - theta)[:, 0]
 
     return model, X, y, X_test, y_test, lam, change
 
@@ -86,6 +89,26 @@ def test_newton_removal_of_groups_is_the_exact_refit_for_least_squares(ridge, so
                                rtol=1e-12, atol=1e-15)
     # A fifth of the data: first order misses a visible part of the effect.
     assert np.abs(first - exact).max() > 0.02 * np.abs(exact).max()
+
+
+@pytest.mark.parametrize("solver", ["woodbury", "cg"])
+def test_exact_test_loss_after_the_newton_step_is_the_refit_loss_for_least_squares(ridge, solver):
+    """test_loss='exact' evaluates each test loss at the stepped parameters: for least squares, the test loss of
+    the exact refit, points and groups; the linear change differs by the test loss's curvature."""
+    model, X, y, X_test, y_test, lam, change = ridge
+    n = len(X)
+    est = DirectInfluence(model, loss="mse", regularization=lam, batch_size=7).fit(X, y)
+    groups = np.arange(n) % 3
+    exact_points = np.stack([change(np.delete(np.arange(n), j), exact=True) for j in range(n)], axis=1)
+    exact_groups = np.stack([change(np.flatnonzero(groups != g), exact=True) for g in range(3)], axis=1)
+
+    points = est.removal_effects(X_test, y_test, order="newton", solver=solver, test_loss="exact")
+    by_group = est.removal_effects(X_test, y_test, groups=groups, order="newton", solver=solver, test_loss="exact")
+
+    np.testing.assert_allclose(points, exact_points, rtol=1e-7, atol=1e-11)
+    np.testing.assert_allclose(by_group, exact_groups, rtol=1e-7, atol=1e-11)
+    linear = est.removal_effects(X_test, y_test, groups=groups, order="newton")
+    assert np.abs(linear - exact_groups).max() > 1e-3 * np.abs(exact_groups).max()
 
 
 def test_removal_of_groups_keeps_unpenalized_parameters_out_of_the_penalty():
@@ -171,8 +194,9 @@ def test_newton_removal_equals_the_explicit_inverse_on_a_network(network, cls, s
     terms = gauss_newton_terms(model, X, y, F.cross_entropy)
     X_test, y_test = X[:3] + 0.2, y[:3]
     G_test = reference_gradients(model, X_test, y_test, F.cross_entropy)
+    # One batch: every point's Woodbury rows in one solve (iterative solvers run once per call).
     est = exact_estimator(cls, model, loss="cross_entropy", regularization=regularization,
-                          second_order=second_order, batch_size=5, random_state=0).fit(X, y)
+                          second_order=second_order, batch_size=len(X), random_state=0).fit(X, y)
     singles = [[j] for j in range(len(X))]
     groups = np.array([0, 1, 2, 3] * 6)
     group_rows = [list(np.flatnonzero(groups == g)) for g in range(4)]
@@ -263,6 +287,12 @@ def test_removal_effects_errors(network):
         est.removal_effects(X[:2], y[:2], groups=np.full(len(X), np.nan))
     with pytest.raises(ValueError, match="y was given without X"):
         est.removal_effects(X[:2], y[:2], y=y)
+    with pytest.raises(ValueError, match="test_loss must be"):
+        est.removal_effects(X[:2], y[:2], order="newton", test_loss="quadratic")
+    with pytest.raises(ValueError, match="use order='newton'"):
+        est.removal_effects(X[:2], y[:2], test_loss="exact")
+    with pytest.raises(ValueError, match="needs their targets"):
+        est.removal_effects(X[:2], order="newton", test_loss="exact")
 
 
 def test_removal_that_leaves_the_curvature_indefinite_warns(network):
@@ -334,3 +364,42 @@ def test_normalize_errors(network):
         est.top_influences(X[:2], y[:2], k=2, normalize="l2")
     with pytest.raises(ValueError, match="mode='up' only"):
         est.influences(X[:2], y[:2], mode="perturbation", normalize="cosine")
+
+
+# ------------------------------------------------------------------ every model kind
+@pytest.mark.parametrize("kind", ["dict inputs", "token targets", "parameter subset"])
+def test_newton_removal_for_keyword_inputs_token_targets_and_a_parameter_subset(kind):
+    """A two-input model called as model(**X); a tagger whose sample loss sums its tokens' (some ignored),
+    20 Woodbury rows per point; influence over a chosen subset of parameters. Against ``(n A - C_G)^-1`` built
+    from the explicit per-sample Gauss-Newton terms of tests/references.py."""
+    from references import Reference, rows, token_cross_entropy
+    from test_sequences import cross_entropy_per_sample, tagger_problem, two_input_problem
+
+    names = None
+    if kind == "dict inputs":
+        model, X, y = two_input_problem()
+        loss = cross_entropy_per_sample
+    else:
+        model, X, y = tagger_problem()
+        loss = token_cross_entropy()
+        if kind == "parameter subset":
+            names = ["hidden.weight", "head.weight", "head.bias"]
+    reference = Reference(model, loss, names)
+    n = len(y)
+    inverse = reference.inverse(X, y, 0.5)
+    G = reference.gradients(X, y)
+    terms = torch.stack([reference.gauss_newton(rows(X, slice(j, j + 1)), y[j:j + 1]) for j in range(n)])
+    X_test, y_test = rows(X, slice(0, 3)), y[:3]
+    G_test = G[:3]
+    est = DirectInfluence(model, parameters=["hidden.weight", "head.*"] if names else None, regularization=0.5,
+                          second_order="gauss_newton", batch_size=4).fit(X, y)
+    groups = np.arange(n) % 3
+    group_rows = [list(np.flatnonzero(groups == g)) for g in range(3)]
+
+    torch.testing.assert_close(est.removal_effects(X_test, y_test, order="newton"),
+                               newton_reference(inverse, terms, G, G_test, [[j] for j in range(n)]),
+                               rtol=1e-8, atol=1e-11)
+    expected = newton_reference(inverse, terms, G, G_test, group_rows)
+    for solver in ("woodbury", "cg"):
+        torch.testing.assert_close(est.removal_effects(X_test, y_test, groups=groups, order="newton", solver=solver),
+                                   expected, rtol=1e-7, atol=1e-10)

@@ -16,7 +16,7 @@ from sklearn.utils.estimator_checks import parametrize_with_checks
 from conftest import exact_params
 from registry import check_of
 
-from skinfl import CgInfluence, DirectInfluence, registered_estimators
+from skinfl import CgInfluence, DirectInfluence, InfluenceEnsemble, registered_estimators
 from skinfl.exceptions import NotFittedError
 
 # Checks that cannot apply to an estimator of a fixed, pre-trained model.
@@ -80,6 +80,21 @@ def expected_failed_checks(estimator):
 
 @parametrize_with_checks(list(lazy_linear_estimators()), expected_failed_checks=expected_failed_checks)
 def test_sklearn_compatible_estimator(estimator, check):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        check(estimator)
+
+
+def lazy_linear_ensemble():
+    """An ensemble of two members on lazily sized linear models, one exact and one iterative."""
+    return InfluenceEnsemble([DirectInfluence(SeededLazyLinear(1, dtype=torch.float64), loss="mse", regularization=0.1),
+                              CgInfluence(SeededLazyLinear(1, dtype=torch.float64), loss="mse", regularization=0.3)],
+                             weights=[1, 2])
+
+
+@parametrize_with_checks([lazy_linear_ensemble()], expected_failed_checks=lambda estimator: {
+    "check_estimators_dtypes": EXPECTED_FAILED_CHECKS["check_estimators_dtypes"]})
+def test_sklearn_compatible_ensemble(estimator, check):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         check(estimator)

@@ -18,9 +18,16 @@ Scores on arrays:
 Scorers ``scorer(estimator, X_query, y_query) -> float``:
 
 - :class:`LeaveOneOutScorer`, :class:`LdsScorer`, :class:`MislabelScorer`,
-  :class:`ReferenceAgreementScorer`.
+  :class:`ReferenceAgreementScorer`, :class:`DataCleaningScorer`.
+
+Data cleaning, the use influence is for:
+
+- :func:`data_cleaning` removes the training points most harmful to a
+  validation loss (by influence, by training loss, at random), retrains,
+  and measures accuracy on separate test points.
 """
 
+from ._cleaning import DataCleaningScorer, data_cleaning
 from ._ground_truth import (
     DatamodelTruth,
     LeaveOneOutTruth,
@@ -38,12 +45,14 @@ from ._scores import (
 )
 
 __all__ = [
+    "DataCleaningScorer",
     "DatamodelTruth",
     "LdsScorer",
     "LeaveOneOutScorer",
     "LeaveOneOutTruth",
     "MislabelScorer",
     "ReferenceAgreementScorer",
+    "data_cleaning",
     "datamodel_truth",
     "leave_one_out_agreement",
     "leave_one_out_truth",

@@ -20,6 +20,7 @@ from sklearn.utils import check_random_state
 from torch import nn
 
 from .._data import encoded_labels
+from .._gradients import batch_slices
 from .._model import LossSpec
 from .._model_source import loss_on_device, model_source
 from .._sklearn_models import is_sklearn_model
@@ -144,6 +145,23 @@ def query_losses(model, loss, X_query, y_query):
             rows = slice(start, start + _EVALUATION_CHUNK)
             values.append(spec.per_sample(model(X_t[rows]), y_t[rows]))
     return torch.cat(values).double().cpu().numpy()
+
+
+def training_losses(estimator, X, y):
+    """Each training point's loss under a fitted estimator's model (the ranking influence is compared with).
+
+    Streamed through the estimator's data source in ``batch_size`` rows, as
+    the training set may be large; :func:`query_losses` converts its whole
+    input at once, which suits query points only.
+    """
+    data = estimator._check_data(X, y)
+    fmodel = estimator._functional_model()
+    losses = np.empty(len(data))
+    with torch.no_grad():
+        for rows in batch_slices(len(data), estimator.batch_size):
+            x, target = data.batch(rows)
+            losses[rows] = fmodel.per_sample_objective(fmodel.params, x, target).double().cpu().numpy()
+    return losses
 
 
 def _row_indexable(data):

@@ -25,6 +25,7 @@ from sklearn.utils.validation import check_is_fitted
 from .._cache import directory_of, stored, token
 from .._warnings import warn
 from ..base import BaseInfluence
+from ..ensemble import InfluenceEnsemble
 from ._ground_truth import (
     DatamodelTruth,
     LeaveOneOutTruth,
@@ -48,10 +49,17 @@ def _check_metric(metric, allowed):
 
 
 def _fitted_influence_estimator(estimator, scorer):
-    if not isinstance(estimator, BaseInfluence):
-        raise TypeError(f"{scorer} scores skinfl influence estimators, got {type(estimator).__name__}.")
+    if not isinstance(estimator, (BaseInfluence, InfluenceEnsemble)):
+        raise TypeError(f"{scorer} scores skinfl influence estimators and InfluenceEnsemble, got "
+                        f"{type(estimator).__name__}.")
     check_is_fitted(estimator)
     return estimator
+
+
+def _data_holder(estimator):
+    """The estimator whose training data, size and loss a scorer reads: itself, or an ensemble's first
+    member (the members of an ensemble are fitted on the same data, with the same loss)."""
+    return estimator._members()[0] if isinstance(estimator, InfluenceEnsemble) else estimator
 
 
 def _as_numpy(data):
@@ -62,6 +70,7 @@ def _as_numpy(data):
 
 def _fitted_data(estimator):
     """The data the estimator was fitted on, as it keeps them (arrays, tensors, memmaps)."""
+    estimator = _data_holder(estimator)
     if estimator._fit_data is None:
         raise ValueError(
             f"This {type(estimator).__name__} was saved without its training data (include_data=False); "
@@ -181,7 +190,7 @@ class _RetrainingScorer(_CachingScorer):
         retrain_function(self.retrain)  # fail early on a bad retrain
         # An integer seed draws the same points every time; any other random_state is drawn once per cache entry.
         seed = self.random_state if isinstance(self.random_state, (int, np.integer)) else None
-        loss = estimator.loss_
+        loss = _data_holder(estimator).loss_
         parts = (type(self).__name__, X, y, X_query, y_query, loss.kind, loss.function, loss.normalizer,
                  loss.takes_probabilities, *settings, seed)
         return self._cached(parts, self.retrain, lambda: compute_from(X, y))
@@ -261,8 +270,8 @@ class LeaveOneOutScorer(_RetrainingScorer):
 
         Parameters
         ----------
-        estimator : BaseInfluence
-            A fitted influence estimator; its training data are used.
+        estimator : BaseInfluence or InfluenceEnsemble
+            A fitted influence estimator (or an ensemble of them); its training data are used.
         X_query, y_query : array-like or torch.Tensor
             Query points.
 
@@ -271,7 +280,7 @@ class LeaveOneOutScorer(_RetrainingScorer):
         truth : LeaveOneOutTruth
             Removed indices, baseline query losses and their changes.
         """
-        n_train = estimator.n_samples_fit_
+        n_train = _data_holder(estimator).n_samples_fit_
         if self.n_removals is not None and not 0 < self.n_removals <= n_train:
             raise ValueError(f"n_removals={self.n_removals} must be in [1, {n_train}] (the training set size).")
 
@@ -281,7 +290,8 @@ class LeaveOneOutScorer(_RetrainingScorer):
                 rng = check_random_state(self.random_state)
                 removed = np.sort(rng.choice(len(X), size=self.n_removals, replace=False))
             return leave_one_out_truth(
-                self.retrain, X, y, X_query, y_query, loss=estimator.loss_, removed=removed, n_jobs=self.n_jobs
+                self.retrain, X, y, X_query, y_query, loss=_data_holder(estimator).loss_, removed=removed,
+                n_jobs=self.n_jobs
             )
 
         return self._retrained_truth(estimator, X_query, y_query, (self.n_removals,), compute_from)
@@ -291,8 +301,8 @@ class LeaveOneOutScorer(_RetrainingScorer):
 
         Parameters
         ----------
-        estimator : BaseInfluence
-            A fitted influence estimator.
+        estimator : BaseInfluence or InfluenceEnsemble
+            A fitted influence estimator, or an ensemble of them.
         X, y : array-like or torch.Tensor
             Query points.
 
@@ -368,8 +378,8 @@ class LdsScorer(_RetrainingScorer):
 
         Parameters
         ----------
-        estimator : BaseInfluence
-            A fitted influence estimator; its training data are used.
+        estimator : BaseInfluence or InfluenceEnsemble
+            A fitted influence estimator (or an ensemble of them); its training data are used.
         X_query, y_query : array-like or torch.Tensor
             Query points.
 
@@ -385,7 +395,8 @@ class LdsScorer(_RetrainingScorer):
 
         def compute_from(X, y):
             masks = random_subsets(len(X), self.alpha, int(self.n_subsets), self.random_state)
-            return datamodel_truth(self.retrain, X, y, X_query, y_query, loss=estimator.loss_, masks=masks, n_jobs=self.n_jobs)
+            return datamodel_truth(self.retrain, X, y, X_query, y_query, loss=_data_holder(estimator).loss_,
+                                   masks=masks, n_jobs=self.n_jobs)
 
         return self._retrained_truth(estimator, X_query, y_query, (self.alpha, self.n_subsets), compute_from)
 
@@ -394,8 +405,8 @@ class LdsScorer(_RetrainingScorer):
 
         Parameters
         ----------
-        estimator : BaseInfluence
-            A fitted influence estimator.
+        estimator : BaseInfluence or InfluenceEnsemble
+            A fitted influence estimator, or an ensemble of them.
         X, y : array-like or torch.Tensor
             Query points.
 
@@ -462,8 +473,8 @@ class MislabelScorer:
 
         Parameters
         ----------
-        estimator : BaseInfluence
-            A fitted influence estimator.
+        estimator : BaseInfluence or InfluenceEnsemble
+            A fitted influence estimator, or an ensemble of them.
         X, y : object, default=None
             Ignored (accepted for the scorer signature).
 
@@ -474,7 +485,7 @@ class MislabelScorer:
         """
         _check_metric(self.metric, {"roc_auc", "fraction_found"})
         estimator = _fitted_influence_estimator(estimator, type(self).__name__)
-        mask = flipped_mask(self.flipped, estimator.n_samples_fit_)
+        mask = flipped_mask(self.flipped, _data_holder(estimator).n_samples_fit_)
         values = _as_numpy(estimator.self_influence(*_fitted_data(estimator)))
         return mislabel_detection(values, mask, top_fraction=self.top_fraction)[self.metric]
 
@@ -534,8 +545,8 @@ class ReferenceAgreementScorer(_CachingScorer):
 
         Parameters
         ----------
-        estimator : BaseInfluence
-            A fitted influence estimator; its training data are used.
+        estimator : BaseInfluence or InfluenceEnsemble
+            A fitted influence estimator (or an ensemble of them); its training data are used.
         X_query, y_query : array-like or torch.Tensor
             Query points.
 
@@ -560,8 +571,8 @@ class ReferenceAgreementScorer(_CachingScorer):
 
         Parameters
         ----------
-        estimator : BaseInfluence
-            A fitted influence estimator.
+        estimator : BaseInfluence or InfluenceEnsemble
+            A fitted influence estimator, or an ensemble of them.
         X, y : array-like or torch.Tensor
             Query points; ``y=None`` compares influences on the prediction
             measurement.
