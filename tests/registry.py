@@ -104,10 +104,11 @@ def output_hessian_root(loss_fn, output, target):
     return vectors * values.clamp_min(0).sqrt()
 
 
-def reference_gauss_newton(model, X, y, loss_fn):
-    """``1/n sum_i J_i^T H_i J_i`` with ``J_i`` from jacrev and ``H_i`` the loss's Hessian in the output."""
+def reference_gauss_newton_terms(model, X, y, loss_fn):
+    """Per-sample ``J_i^T H_i J_i``, shape ``(n, p, p)``, with ``J_i`` from jacrev and ``H_i`` the loss's Hessian
+    in the output."""
     params = {name: p.detach() for name, p in model.named_parameters()}
-    total = 0.0
+    terms = []
     for x, target in zip(X, y):
         def output(p, x=x):
             return functional_call(model, p, (x[None],))[0].reshape(-1)
@@ -115,8 +116,13 @@ def reference_gauss_newton(model, X, y, loss_fn):
         jac = jacrev(output)(params)
         J = torch.cat([jac[name].reshape(jac[name].shape[0], -1) for name in params], dim=1)
         root = output_hessian_root(loss_fn, output(params), target)
-        total = total + J.T @ root @ root.T @ J
-    return total / len(X)
+        terms.append(J.T @ root @ root.T @ J)
+    return torch.stack(terms)
+
+
+def reference_gauss_newton(model, X, y, loss_fn):
+    """``1/n sum_i J_i^T H_i J_i`` (see :func:`reference_gauss_newton_terms`)."""
+    return reference_gauss_newton_terms(model, X, y, loss_fn).mean(dim=0)
 
 
 def reference_curvature(model, X, y, loss_fn, second_order):

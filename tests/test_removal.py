@@ -12,9 +12,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import exact_cases, exact_estimator, mlp, train
-from registry import check_of, exact_inverse, output_hessian_root, reference_gradients
+from registry import check_of, exact_inverse, reference_gauss_newton_terms, reference_gradients
 from torch import nn
-from torch.func import functional_call, jacrev
 
 from skinfl import CgInfluence, DirectInfluence, EkfacInfluence, NystroemInfluence
 from skinfl.exceptions import NotPositiveDefiniteWarning
@@ -146,21 +145,6 @@ def test_removal_of_groups_keeps_unpenalized_parameters_out_of_the_penalty():
 
 
 # ------------------------------------------------------------------ explicit references on networks
-def gauss_newton_terms(model, X, y, loss_fn):
-    """Per-sample Gauss-Newton terms ``J_i^T H_i J_i``, shape ``(n, p, p)``, from jacrev and eigh."""
-    params = {name: p.detach() for name, p in model.named_parameters()}
-    terms = []
-    for x, target in zip(X, y):
-        def output(p, x=x):
-            return functional_call(model, p, (x[None],))[0].reshape(-1)
-
-        jac = jacrev(output)(params)
-        J = torch.cat([jac[name].reshape(jac[name].shape[0], -1) for name in params], dim=1)
-        root = output_hessian_root(loss_fn, output(params), target)
-        terms.append(J.T @ root @ root.T @ J)
-    return torch.stack(terms)
-
-
 def newton_reference(inverse, terms, train_gradients, test_gradients, groups):
     """``g_test^T (n A - C_G)^-1 g_G`` for each group, with ``A = inverse^-1`` explicit."""
     n = len(train_gradients)
@@ -191,7 +175,7 @@ def test_newton_removal_equals_the_explicit_inverse_on_a_network(network, cls, s
                if check_of(cls).inverse is None
                else check_of(cls).inverse(model, X, y, F.cross_entropy, second_order, regularization))
     G = reference_gradients(model, X, y, F.cross_entropy)
-    terms = gauss_newton_terms(model, X, y, F.cross_entropy)
+    terms = reference_gauss_newton_terms(model, X, y, F.cross_entropy)
     X_test, y_test = X[:3] + 0.2, y[:3]
     G_test = reference_gradients(model, X_test, y_test, F.cross_entropy)
     # One batch: every point's Woodbury rows in one solve (iterative solvers run once per call).
